@@ -1,0 +1,576 @@
+"""Byte-level DNS: the parts of RFC 1035/6891 the proxy needs, with no parsing library.
+
+Everything here is a pure function over ``bytes``: the question walk and cache key for
+incoming queries, the bounded walk of upstream replies (TTL offsets, minimum TTL, SOA,
+OPT removal), rendering a stored reply for one client (ID and question splice, TTL aging,
+OPT rebuilt, truncation) and the small synthesized messages (errors, upstream queries).
+No sockets, no clocks: ``now`` is always an argument.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+HEADER_LEN = 12
+
+# Response codes.
+NOERROR = 0
+FORMERR = 1
+SERVFAIL = 2
+NXDOMAIN = 3
+NOTIMP = 4
+REFUSED = 5
+BADVERS = 16
+
+# Record types the proxy treats specially.
+TYPE_SOA = 6
+TYPE_OPT = 41
+TYPE_IXFR = 251
+TYPE_AXFR = 252
+
+CLASS_IN = 1
+
+# Header flag bits (byte 2 and byte 3 of the header).
+_QR = 0x80
+_AA = 0x04
+_TC = 0x02
+_RD = 0x01
+_RA = 0x80
+_AD = 0x20
+_CD = 0x10
+
+MAX_NAME_LEN = 255
+MIN_UDP_PAYLOAD = 512
+TTL_MAX = 0x7FFFFFFF
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
+_pack_u32_into = _U32.pack_into
+_unpack_rr = _RR_FIXED.unpack_from
+
+# Cache-key suffix bytes, indexed by (DO | CD << 1).
+_KEY_FLAGS = (b"\x00", b"\x01", b"\x02", b"\x03")
+
+
+class WireError(ValueError):
+    """A message that cannot be walked safely (truncated, bad label, bad pointer)."""
+
+
+class BadQuery(Exception):
+    """A query that gets an error reply (``rcode``) or, when ``rcode`` is None, no reply.
+
+    ``qend`` is the end of the question when it could be read (so the reply can echo
+    it), else 0. ``edns`` follows the encoding of :func:`parse_query`. ``reason`` names
+    the drop counter when the packet is dropped or answered with FORMERR.
+    """
+
+    def __init__(self, rcode: int | None, reason: str, qend: int = 0, edns: int = -1) -> None:
+        super().__init__(reason)
+        self.rcode = rcode
+        self.reason = reason
+        self.qend = qend
+        self.edns = edns
+
+
+# --------------------------------------------------------------------------------------
+# Names and questions
+
+
+def name_end(data: bytes, off: int) -> int:
+    """Offset just past the (possibly compressed) name at ``off``.
+
+    Pointers are not followed, so a pointer loop cannot make this spin; the pointer's
+    target is checked to lie before the pointer itself (RFC 1035 §4.1.4: pointers refer
+    to a prior occurrence).
+    """
+    n = len(data)
+    start = off
+    while True:
+        if off >= n:
+            raise WireError("name runs past the end of the message")
+        length = data[off]
+        if length == 0:
+            return off + 1
+        kind = length & 0xC0
+        if kind == 0xC0:
+            if off + 2 > n:
+                raise WireError("truncated compression pointer")
+            target = ((length & 0x3F) << 8) | data[off + 1]
+            if target >= start:
+                raise WireError("compression pointer does not point backwards")
+            return off + 2
+        if kind:
+            raise WireError("unsupported label type")
+        off += length + 1
+        if off - start > MAX_NAME_LEN:
+            raise WireError("name longer than 255 octets")
+
+
+def read_name(data: bytes, off: int) -> str:
+    """Decode the name at ``off`` to text (following pointers, with a jump limit).
+
+    Off the hot path: used for logs and zone selection of configured names.
+    """
+    labels: list[str] = []
+    jumps = 0
+    total = 0
+    n = len(data)
+    while True:
+        if off >= n:
+            raise WireError("name runs past the end of the message")
+        length = data[off]
+        if length == 0:
+            break
+        if length & 0xC0 == 0xC0:
+            if off + 2 > n:
+                raise WireError("truncated compression pointer")
+            jumps += 1
+            if jumps > 64:
+                raise WireError("compression pointer loop")
+            off = ((length & 0x3F) << 8) | data[off + 1]
+            continue
+        if length & 0xC0:
+            raise WireError("unsupported label type")
+        label = data[off + 1 : off + 1 + length]
+        if len(label) != length:
+            raise WireError("label runs past the end of the message")
+        total += length + 1
+        if total > MAX_NAME_LEN:
+            raise WireError("name longer than 255 octets")
+        labels.append(_label_text(label))
+        off += length + 1
+    return ".".join(labels) + "." if labels else "."
+
+
+def _label_text(label: bytes) -> str:
+    out = []
+    for b in label:
+        if b in (0x2E, 0x5C):  # '.' and '\\' are escaped, as in master files
+            out.append("\\" + chr(b))
+        elif 0x21 <= b <= 0x7E:
+            out.append(chr(b))
+        else:
+            out.append(f"\\{b:03d}")
+    return "".join(out)
+
+
+def name_to_wire(name: str) -> bytes:
+    """Text name (``"cluster.local"``, ``"."``) to lowercased uncompressed wire form."""
+    name = name.strip()
+    if name in ("", "."):
+        return b"\x00"
+    if name.endswith("."):
+        name = name[:-1]
+    out = bytearray()
+    for label in name.split("."):
+        raw = label.lower().encode("ascii")
+        if not raw or len(raw) > 63:
+            raise ValueError(f"invalid label {label!r} in {name!r}")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > MAX_NAME_LEN:
+        raise ValueError(f"name {name!r} longer than 255 octets")
+    return bytes(out)
+
+
+def question_end(data: bytes, off: int = HEADER_LEN) -> int:
+    """End of the uncompressed question (name, type, class) starting at ``off``."""
+    n = len(data)
+    i = off
+    while True:
+        if i >= n:
+            raise WireError("question name runs past the end of the message")
+        length = data[i]
+        if length == 0:
+            break
+        if length > 63:
+            raise WireError("bad label in question name")
+        i += length + 1
+    if i + 1 - off > MAX_NAME_LEN:
+        raise WireError("question name longer than 255 octets")
+    end = i + 5
+    if end > n:
+        raise WireError("question runs past the end of the message")
+    return end
+
+
+def label_suffixes(qname: bytes) -> list[bytes]:
+    """Every suffix of an uncompressed wire name that starts on a label, longest first."""
+    out = []
+    i = 0
+    while True:
+        out.append(qname[i:])
+        length = qname[i]
+        if length == 0:
+            return out
+        i += length + 1
+
+
+# --------------------------------------------------------------------------------------
+# Queries
+
+
+def parse_query(data: bytes) -> tuple[bytes, int, int]:
+    """Validate a client query and return ``(key, qend, edns)``.
+
+    ``key`` is the cache key: lowercased qname wire, qtype, qclass, one byte of DO | CD<<1.
+    ``qend`` is the offset just past the question. ``edns`` is -1 when the client sent
+    no OPT, else its UDP payload size (at least 512) with the DO bit at ``1 << 16``.
+
+    Raises :class:`BadQuery` for anything that must not be looked up.
+    """
+    n = len(data)
+    if n < HEADER_LEN:
+        raise BadQuery(None, "short")
+    b2 = data[2]
+    if b2 & _QR:
+        raise BadQuery(None, "not_a_query")
+    i = HEADER_LEN
+    if data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return _parse_query_slow(data)
+    try:
+        while True:
+            length = data[i]
+            if length == 0:
+                break
+            if length > 63:
+                raise BadQuery(FORMERR, "bad_name")
+            i += length + 1
+    except IndexError:
+        raise BadQuery(FORMERR, "truncated") from None
+    qend = i + 5
+    if qend > n:
+        raise BadQuery(FORMERR, "truncated")
+    if i + 1 - HEADER_LEN > MAX_NAME_LEN:
+        raise BadQuery(FORMERR, "bad_name")
+    if b2 & 0x78:
+        raise BadQuery(NOTIMP, "opcode", qend)
+    if data[10] or data[11]:
+        edns = _parse_query_additional(data, qend, (data[10] << 8) | data[11])
+        flags = ((edns >> 16) & 1) | ((data[3] & _CD) >> 3)
+    else:
+        edns = -1
+        flags = (data[3] & _CD) >> 3
+    return data[HEADER_LEN : i + 1].lower() + data[i + 1 : qend] + _KEY_FLAGS[flags], qend, edns
+
+
+def _parse_query_slow(data: bytes) -> tuple[bytes, int, int]:
+    """Queries with QDCOUNT != 1 or records in the answer/authority sections."""
+    qdcount = _U16.unpack_from(data, 4)[0]
+    opcode_bad = bool(data[2] & 0x78)
+    if qdcount != 1:
+        qend = 0
+        if qdcount > 1:
+            try:
+                qend = question_end(data)
+            except WireError:
+                qend = 0
+        if opcode_bad:
+            raise BadQuery(NOTIMP, "opcode", qend)
+        raise BadQuery(FORMERR, "qdcount", 0)
+    try:
+        qend = question_end(data)
+    except WireError:
+        raise BadQuery(FORMERR, "truncated") from None
+    if opcode_bad:
+        raise BadQuery(NOTIMP, "opcode", qend)
+    off = qend
+    try:
+        for _ in range(_U16.unpack_from(data, 6)[0] + _U16.unpack_from(data, 8)[0]):
+            off = _skip_rr(data, off)
+    except WireError:
+        raise BadQuery(FORMERR, "truncated", qend) from None
+    arcount = _U16.unpack_from(data, 10)[0]
+    edns = _parse_query_additional(data, qend, arcount, off) if arcount else -1
+    qname_end = qend - 4
+    flags = ((edns >> 16) & 1 if edns >= 0 else 0) | ((data[3] & _CD) >> 3)
+    key = data[HEADER_LEN:qname_end].lower() + data[qname_end:qend] + _KEY_FLAGS[flags]
+    return key, qend, edns
+
+
+def _skip_rr(data: bytes, off: int) -> int:
+    off = name_end(data, off)
+    if off + 10 > len(data):
+        raise WireError("record header runs past the end of the message")
+    rdlen = (data[off + 8] << 8) | data[off + 9]
+    off += 10 + rdlen
+    if off > len(data):
+        raise WireError("record data runs past the end of the message")
+    return off
+
+
+def _parse_query_additional(data: bytes, qend: int, arcount: int, off: int = -1) -> int:
+    """Find the client's OPT record; return the ``edns`` value (-1 without OPT)."""
+    if off < 0:
+        off = qend
+    edns = -1
+    n = len(data)
+    for _ in range(arcount):
+        start = off
+        try:
+            off = name_end(data, off)
+        except WireError:
+            raise BadQuery(FORMERR, "truncated", qend, edns) from None
+        if off + 10 > n:
+            raise BadQuery(FORMERR, "truncated", qend, edns)
+        rtype, rclass, ttl, rdlen = _unpack_rr(data, off)
+        off += 10 + rdlen
+        if off > n:
+            raise BadQuery(FORMERR, "truncated", qend, edns)
+        if rtype != TYPE_OPT:
+            continue
+        if edns >= 0:
+            raise BadQuery(FORMERR, "multiple_opt", qend, edns)
+        if data[start] != 0:
+            raise BadQuery(FORMERR, "bad_opt", qend)
+        size = rclass if rclass >= MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD
+        edns = size | ((ttl >> 15) & 1) << 16
+        if (ttl >> 16) & 0xFF:
+            raise BadQuery(BADVERS, "badvers", qend, edns)
+    return edns
+
+
+# --------------------------------------------------------------------------------------
+# Replies from upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseInfo:
+    """What the cache needs to know about an upstream reply, from one bounded walk.
+
+    ``body`` is the reply with any OPT record removed (ARCOUNT adjusted) and AA cleared;
+    ``ttl_offsets``/``ttls`` list every TTL field in ``body`` and its value (top-bit
+    values read as 0), ``answer_count`` of them belong to the answer section and
+    ``authority_end`` marks where the authority section's ones end.
+    """
+
+    body: bytes
+    rcode: int
+    truncated: bool
+    ancount: int
+    ttl_offsets: tuple[int, ...]
+    ttls: tuple[int, ...]
+    authority_end: int
+    soa_index: int  # index into ttl_offsets of the first authority SOA, or -1
+    soa_minimum: int
+
+
+def inspect_response(data: bytes) -> ResponseInfo:
+    """Walk an upstream reply once; raise :class:`WireError` when it is malformed."""
+    n = len(data)
+    if n < HEADER_LEN:
+        raise WireError("reply shorter than a header")
+    qdcount, ancount, nscount, arcount = struct.unpack_from(">HHHH", data, 4)
+    off = HEADER_LEN
+    for _ in range(qdcount):
+        off = name_end(data, off) + 4
+        if off > n:
+            raise WireError("question runs past the end of the message")
+    offsets: list[int] = []
+    ttls: list[int] = []
+    soa_index = -1
+    soa_minimum = 0
+    opt_start = opt_end = -1
+    authority_end = 0
+    total = ancount + nscount + arcount
+    for index in range(total):
+        start = off
+        off = name_end(data, off)
+        if off + 10 > n:
+            raise WireError("record header runs past the end of the message")
+        rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
+        rdata = off + 10
+        end = rdata + rdlen
+        if end > n:
+            raise WireError("record data runs past the end of the message")
+        if rtype == TYPE_OPT:
+            if index < ancount + nscount or opt_start >= 0 or data[start] != 0:
+                raise WireError("misplaced or repeated OPT record")
+            opt_start, opt_end = start, end
+        else:
+            if ttl > TTL_MAX:
+                ttl = 0
+            if (
+                rtype == TYPE_SOA
+                and soa_index < 0
+                and ancount <= index < ancount + nscount
+                and rdlen >= 22
+            ):
+                p = name_end(data, rdata)
+                p = name_end(data, p)
+                if p + 20 != end:
+                    raise WireError("malformed SOA record")
+                soa_index = len(offsets)
+                soa_minimum = _U32.unpack_from(data, p + 16)[0]
+                if soa_minimum > TTL_MAX:
+                    soa_minimum = 0
+            offsets.append(off + 4)
+            ttls.append(ttl)
+        if index + 1 == ancount + nscount:
+            authority_end = len(offsets)
+        off = end
+    if ancount + nscount == 0:
+        authority_end = 0
+    body = bytearray(data)
+    if opt_start >= 0:
+        cut = opt_end - opt_start
+        del body[opt_start:opt_end]
+        _U16.pack_into(body, 10, arcount - 1)
+        offsets = [o - cut if o > opt_start else o for o in offsets]
+    body[2] &= ~_AA & 0xFF
+    return ResponseInfo(
+        body=bytes(body),
+        rcode=data[3] & 0x0F,
+        truncated=bool(data[2] & _TC),
+        ancount=ancount,
+        ttl_offsets=tuple(offsets),
+        ttls=tuple(ttls),
+        authority_end=authority_end,
+        soa_index=soa_index,
+        soa_minimum=soa_minimum,
+    )
+
+
+def with_ttls(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...]) -> bytes:
+    """``body`` with the TTL at each offset replaced by the matching value."""
+    buf = bytearray(body)
+    for off, ttl in zip(offsets, ttls, strict=True):
+        _pack_u32_into(buf, off, ttl)
+    return bytes(buf)
+
+
+def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
+    """RFC 5452 acceptance: QR set, our ID, exactly our question (case-insensitive)."""
+    if len(reply) < HEADER_LEN + len(question) or not reply[2] & _QR:
+        return False
+    if reply[0:2] != query_id or reply[4:6] != b"\x00\x01":
+        return False
+    return reply[HEADER_LEN : HEADER_LEN + len(question)].lower() == question.lower()
+
+
+# --------------------------------------------------------------------------------------
+# Rendering for a client
+
+# OPT record we append to every reply to an EDNS client: root name, type 41, our payload
+# size, extended rcode 0, version 0, DO echoed, no options.
+_OPT_SIZE = 1232
+
+
+def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:
+    return (
+        b"\x00\x00\x29"
+        + _U16.pack(udp_size)
+        + _U32.pack((ext_rcode << 24) | (0x8000 if do else 0))
+        + b"\x00\x00"
+    )
+
+
+_OPT_PLAIN = opt_record(_OPT_SIZE, False)
+_OPT_DO = opt_record(_OPT_SIZE, True)
+
+
+def render(
+    body: bytes,
+    offsets: tuple[int, ...],
+    ttls: tuple[int, ...],
+    age: int,
+    query: bytes,
+    qend: int,
+    edns: int,
+    limit: int,
+) -> bytes:
+    """Stored reply ``body`` answered to ``query``.
+
+    Splices the client's ID, question bytes (0x20 case) and RD bit; ages every TTL by
+    ``age`` seconds (never below 0); appends our OPT when the client sent one; clears AD
+    for clients that set neither AD nor DO. ``limit`` > 0 is the client's UDP payload
+    limit: a longer reply goes out truncated with TC=1.
+    """
+    buf = bytearray(body)
+    buf[0:2] = query[0:2]
+    buf[HEADER_LEN:qend] = query[HEADER_LEN:qend]
+    buf[2] = (buf[2] & 0xFE) | (query[2] & _RD)
+    if age > 0:
+        for off, ttl in zip(offsets, ttls):
+            ttl -= age
+            _pack_u32_into(buf, off, ttl if ttl > 0 else 0)
+    if edns >= 0:
+        buf += _OPT_DO if edns & 0x10000 else _OPT_PLAIN
+        arcount = ((buf[10] << 8) | buf[11]) + 1
+        buf[10] = arcount >> 8
+        buf[11] = arcount & 0xFF
+    elif not query[3] & _AD:
+        buf[3] &= ~_AD & 0xFF
+    if limit and len(buf) > limit:
+        return truncated(bytes(buf), qend, edns)
+    return bytes(buf)
+
+
+def truncated(reply: bytes, qend: int, edns: int) -> bytes:
+    """Header and question of ``reply`` with TC=1 and no records (plus OPT for EDNS)."""
+    head = bytearray(reply[:qend])
+    head[2] |= _TC
+    head[4:12] = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+    if edns >= 0:
+        head[11] = 1
+        head += _OPT_DO if edns & 0x10000 else _OPT_PLAIN
+    return bytes(head)
+
+
+def udp_limit(edns: int, max_udp: int) -> int:
+    """Largest UDP reply the client accepts: 512 without EDNS, else its size capped."""
+    if edns < 0:
+        return MIN_UDP_PAYLOAD
+    size = edns & 0xFFFF
+    return size if size < max_udp else max_udp
+
+
+def error_reply(query: bytes, rcode: int, qend: int, edns: int) -> bytes:
+    """Reply with ``rcode`` to ``query``, echoing the question when ``qend`` is known."""
+    head = bytearray(query[:HEADER_LEN])
+    head[2] = _QR | (query[2] & 0x79)  # keep opcode and RD
+    head[3] = _RA | (query[3] & _CD) | (rcode & 0x0F)
+    if qend:
+        head[4:12] = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+        head += query[HEADER_LEN:qend]
+    else:
+        head[4:12] = b"\x00\x00\x00\x00\x00\x00\x00\x00"
+    if edns >= 0 or rcode > 15:
+        head[11] = 1
+        head += opt_record(_OPT_SIZE, bool(edns >= 0 and edns & 0x10000), rcode >> 4)
+    return bytes(head)
+
+
+def synth_body(question: bytes, rcode: int, cd: bool) -> bytes:
+    """A stored-form reply (ID 0, no OPT) with ``rcode`` and only the question."""
+    flags = (_QR | _RD) << 8 | _RA | (_CD if cd else 0) | rcode
+    return b"\x00\x00" + _U16.pack(flags) + b"\x00\x01\x00\x00\x00\x00\x00\x00" + question
+
+
+def upstream_query(question: bytes, cd: bool, do: bool, udp_size: int = _OPT_SIZE) -> bytes:
+    """The query sent upstream for a cache key: ID 0, RD, CD as asked, our OPT."""
+    flags = _RD << 8 | (_CD if cd else 0)
+    return (
+        b"\x00\x00"
+        + _U16.pack(flags)
+        + b"\x00\x01\x00\x00\x00\x00\x00\x01"
+        + question
+        + opt_record(udp_size, do)
+    )
+
+
+def key_flags(key: bytes) -> tuple[bool, bool]:
+    """``(do, cd)`` from a cache key."""
+    b = key[-1]
+    return bool(b & 1), bool(b & 2)
+
+
+def key_qtype(key: bytes) -> int:
+    return (key[-5] << 8) | key[-4]
+
+
+def key_qname(key: bytes) -> bytes:
+    return key[:-5]
