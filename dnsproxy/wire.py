@@ -494,7 +494,7 @@ def render(
     buf[HEADER_LEN:qend] = query[HEADER_LEN:qend]
     buf[2] = (buf[2] & 0xFE) | (query[2] & _RD)
     if age > 0:
-        for off, ttl in zip(offsets, ttls):
+        for off, ttl in zip(offsets, ttls, strict=False):
             ttl -= age
             _pack_u32_into(buf, off, ttl if ttl > 0 else 0)
     if edns >= 0:

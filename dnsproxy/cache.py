@@ -1,0 +1,184 @@
+"""Packet cache: stored replies keyed by question, with TTL policy and a bounded size.
+
+Sans-IO: every method that needs the time takes ``now`` (seconds, monotonic). Entries
+hold the reply in stored form (no OPT, ID 0, TTLs already clamped) together with the
+offsets of its TTL fields, so a hit is answered by :func:`dnsproxy.wire.render` without
+parsing. The store is a ``cachetools.LRUCache`` bounded by entry count; evictions are
+counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cachetools
+
+from dnsproxy import wire
+from dnsproxy.config import CachePolicy
+
+POSITIVE = 0
+NEGATIVE = 1
+SERVFAIL = 2
+KIND_NAMES = ("success", "denial", "servfail")
+
+
+class Entry:
+    """One cached reply. Immutable by convention once stored."""
+
+    __slots__ = ("body", "expires_at", "kind", "offsets", "rcode", "stored_at", "ttls")
+
+    def __init__(
+        self,
+        body: bytes,
+        offsets: tuple[int, ...],
+        ttls: tuple[int, ...],
+        stored_at: float,
+        ttl_s: int,
+        kind: int,
+        rcode: int,
+    ) -> None:
+        self.body = body
+        self.offsets = offsets
+        self.ttls = ttls
+        self.stored_at = stored_at
+        self.expires_at = stored_at + ttl_s
+        self.kind = kind
+        self.rcode = rcode
+
+    def render(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
+        """This entry answered to ``query`` (see :func:`wire.render`)."""
+        return wire.render(
+            self.body,
+            self.offsets,
+            self.ttls,
+            int(now - self.stored_at),
+            query,
+            qend,
+            edns,
+            limit,
+        )
+
+
+def _clamp(ttl: int, low: int, high: int) -> int:
+    return low if ttl < low else high if ttl > high else ttl
+
+
+def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tuple[Entry, bool]:
+    """Build the entry for an upstream reply; the flag says whether it may be cached.
+
+    An uncacheable reply (TC set, TTL 0, negative without SOA, an rcode we do not cache)
+    still gets an entry so every waiting client is answered from the same code path.
+    """
+    rcode = info.rcode
+    ttls = info.ttls
+    span = ttls[: info.authority_end]
+    if rcode == wire.NOERROR and info.ancount:
+        kind = POSITIVE
+        raw_min = min(span) if span else 0
+        base = tuple(_clamp(t, policy.min_ttl_s, policy.max_ttl_s) for t in ttls)
+        cacheable = raw_min > 0
+    elif (rcode == wire.NXDOMAIN or rcode == wire.NOERROR) and info.soa_index >= 0:
+        # RFC 2308 §5: the negative TTL is min(SOA TTL, SOA MINIMUM).
+        kind = NEGATIVE
+        neg = min(ttls[info.soa_index], info.soa_minimum, policy.denial_max_ttl_s)
+        cacheable = neg > 0
+        neg = max(neg, min(policy.min_ttl_s, policy.denial_max_ttl_s))
+        base = tuple(min(t, neg) for t in ttls)
+        base = (*base[: info.soa_index], neg, *base[info.soa_index + 1 :])
+    elif rcode == wire.SERVFAIL:
+        return servfail_entry(info.body, info.ttl_offsets, ttls, policy, now), (
+            policy.servfail_ttl_s > 0 and not info.truncated
+        )
+    else:
+        kind = NEGATIVE if rcode in (wire.NOERROR, wire.NXDOMAIN) else SERVFAIL
+        base = ttls
+        cacheable = False
+    if info.truncated:
+        cacheable = False
+    base_span = base[: info.authority_end]
+    ttl_s = min(base_span) if base_span else 0
+    body = wire.with_ttls(info.body, info.ttl_offsets, base)
+    return Entry(body, info.ttl_offsets, base, now, ttl_s, kind, rcode), cacheable and ttl_s > 0
+
+
+def servfail_entry(
+    body: bytes,
+    offsets: tuple[int, ...],
+    ttls: tuple[int, ...],
+    policy: CachePolicy,
+    now: float,
+) -> Entry:
+    return Entry(body, offsets, ttls, now, policy.servfail_ttl_s, SERVFAIL, wire.SERVFAIL)
+
+
+def nxdomain_key(key: bytes) -> bytes:
+    """Key under which an NXDOMAIN answers every type of the name (RFC 2308 §5).
+
+    Name + class + marker + flags: one byte shorter than a question key of the same
+    name, so the two key spaces cannot collide.
+    """
+    return key[:-5] + key[-3:-1] + b"N" + key[-1:]
+
+
+class _Store(cachetools.LRUCache[bytes, Entry]):
+    def __init__(self, maxsize: int, owner: Cache) -> None:
+        super().__init__(maxsize)
+        self._owner = owner
+
+    def popitem(self) -> tuple[bytes, Entry]:
+        key, entry = super().popitem()
+        self._owner._evicted(entry)
+        return key, entry
+
+
+class Cache:
+    """Bounded LRU packet cache with per-kind entry counts and eviction counting."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.store: _Store = _Store(max_entries, self)
+        self.evictions = 0
+        self.by_kind = [0, 0, 0]
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def max_entries(self) -> int:
+        return int(self.store.maxsize)
+
+    def _evicted(self, entry: Entry) -> None:
+        self.evictions += 1
+        self.by_kind[entry.kind] -= 1
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        """The live entry for ``key`` (touching its LRU position), or None."""
+        try:
+            entry = self.store[key]
+        except KeyError:
+            return None
+        return entry if entry.expires_at > now else None
+
+    def get_nxdomain(self, key: bytes, now: float) -> Entry | None:
+        return self.get(nxdomain_key(key), now)
+
+    def put(self, key: bytes, entry: Entry, now: float) -> bool:
+        """Store ``entry``; a SERVFAIL never replaces a live answer. True if stored."""
+        old: Any = self.store.get(key)
+        if old is not None:
+            if entry.kind == SERVFAIL and old.kind != SERVFAIL and old.expires_at > now:
+                return False
+            self.by_kind[old.kind] -= 1
+        self.store[key] = entry
+        self.by_kind[entry.kind] += 1
+        if entry.rcode == wire.NXDOMAIN:
+            nx = nxdomain_key(key)
+            old = self.store.get(nx)
+            if old is not None:
+                self.by_kind[old.kind] -= 1
+            self.store[nx] = entry
+            self.by_kind[entry.kind] += 1
+        return True
+
+    def clear(self) -> None:
+        self.store.clear()
+        self.by_kind = [0, 0, 0]

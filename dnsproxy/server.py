@@ -1,0 +1,414 @@
+"""Client side: UDP and TCP listeners, framing, ACL, limits and the cache-hit fast path.
+
+A cache hit is answered inside ``datagram_received``/``data_received``: the question is
+walked with byte operations, the stored reply is rendered for this client and sent, with
+no task, no await, no lock and no log. Only misses go to the forwarder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from functools import partial
+from typing import Any, cast
+
+from dnsproxy import wire
+from dnsproxy.cache import Cache, Entry
+from dnsproxy.config import Config, HostPort, IPNetwork
+from dnsproxy.forwarder import Forwarder
+
+log = logging.getLogger(__name__)
+qlog = logging.getLogger("dnsproxy.query")
+
+_TCP_MAX_REPLY = 65535
+_UDP_RCVBUF = 4 * 1024 * 1024
+_ACL_MEMO_MAX = 4096
+
+
+class ServerStats:
+    """Plain counters written on the hot path and read by the metrics collector."""
+
+    __slots__ = (
+        "dropped",
+        "hits",
+        "invalid",
+        "misses",
+        "qtypes",
+        "rcodes",
+        "refused_acl",
+        "tcp_clients",
+        "tcp_requests",
+        "udp_requests",
+    )
+
+    def __init__(self) -> None:
+        self.udp_requests = 0
+        self.tcp_requests = 0
+        self.hits = 0
+        self.misses = 0
+        self.refused_acl = 0
+        self.tcp_clients = 0
+        self.qtypes = [0] * 65536
+        self.rcodes = [0] * 4096
+        # Packets we did not answer, and queries answered with FORMERR/NOTIMP/BADVERS,
+        # by reason. Keys come from a fixed set of reasons, so both stay small.
+        self.dropped: dict[str, int] = {}
+        self.invalid: dict[str, int] = {}
+
+
+class Acl:
+    """Source-address allow list with a bounded memo (lookups are per packet)."""
+
+    def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
+        self._networks = networks
+        self._memo: dict[str, bool] = {}
+
+    def __call__(self, host: str) -> bool:
+        ok = self._memo.get(host)
+        if ok is None:
+            ok = self._check(host)
+            if len(self._memo) >= _ACL_MEMO_MAX:
+                self._memo.clear()
+            self._memo[host] = ok
+        return ok
+
+    def _check(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._networks)
+
+
+def _count(table: dict[str, int], reason: str) -> None:
+    table[reason] = table.get(reason, 0) + 1
+
+
+class _Handler:
+    """State shared by the UDP and TCP protocols of one server."""
+
+    def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
+        self.config = config
+        self.cache = cache
+        self.forwarder = forwarder
+        self.stats = ServerStats()
+        self.acl: Acl | None = Acl(config.allow) if config.allow else None
+        self.max_udp = config.limits.udp_payload_size
+        self.log_queries = config.log.queries
+        self.closing = False
+
+    def bad_query(self, data: bytes, exc: wire.BadQuery) -> bytes | None:
+        """Error reply for a query that failed validation, or None to drop it."""
+        if exc.rcode is None:
+            _count(self.stats.dropped, exc.reason)
+            return None
+        _count(self.stats.invalid, exc.reason)
+        self.stats.rcodes[exc.rcode] += 1
+        return wire.error_reply(data, exc.rcode, exc.qend, exc.edns)
+
+    def refuse(self, data: bytes, qend: int, edns: int) -> bytes:
+        self.stats.refused_acl += 1
+        self.stats.rcodes[wire.REFUSED] += 1
+        return wire.error_reply(data, wire.REFUSED, qend, edns)
+
+    def log_query(self, peer: Any, proto: str, key: bytes, rcode: int, source: str) -> None:
+        try:
+            name = wire.read_name(key, 0)
+        except wire.WireError:
+            name = "?"
+        qlog.info(
+            "%s %s %s type=%d rcode=%d %s",
+            peer[0] if isinstance(peer, tuple) else peer,
+            proto,
+            name,
+            wire.key_qtype(key),
+            rcode,
+            source,
+        )
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, handler: _Handler) -> None:
+        self.h = handler
+        self.stats = handler.stats
+        self.cache_store = handler.cache.store
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The stock loop's UDP transport does not subclass DatagramTransport (3.11).
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+            except OSError:
+                pass
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        stats = self.stats
+        h = self.h
+        if h.closing:
+            _count(stats.dropped, "shutting_down")
+            return
+        try:
+            key, qend, edns = wire.parse_query(data)
+        except wire.BadQuery as exc:
+            reply = h.bad_query(data, exc)
+            if reply is not None and self.transport is not None:
+                self.transport.sendto(reply, addr)
+            return
+        stats.udp_requests += 1
+        stats.qtypes[(key[-5] << 8) | key[-4]] += 1
+        transport = self.transport
+        assert transport is not None
+        if h.acl is not None and not h.acl(addr[0]):
+            transport.sendto(h.refuse(data, qend, edns), addr)
+            return
+        now = time.monotonic()
+        try:
+            entry = self.cache_store[key]
+        except KeyError:
+            entry = None
+        if entry is not None and entry.expires_at > now:
+            stats.hits += 1
+            stats.rcodes[entry.rcode] += 1
+            limit = 512 if edns < 0 else min(edns & 0xFFFF, h.max_udp)
+            transport.sendto(
+                wire.render(
+                    entry.body,
+                    entry.offsets,
+                    entry.ttls,
+                    int(now - entry.stored_at),
+                    data,
+                    qend,
+                    edns,
+                    limit,
+                ),
+                addr,
+            )
+            if h.log_queries:
+                h.log_query(addr, "udp", key, entry.rcode, "cache")
+            return
+        stats.misses += 1
+        if wire.key_qtype(key) in (wire.TYPE_AXFR, wire.TYPE_IXFR):
+            stats.rcodes[wire.REFUSED] += 1
+            transport.sendto(wire.error_reply(data, wire.REFUSED, qend, edns), addr)
+            return
+        h.forwarder.submit(key, data, qend, partial(self._deliver, key, data, qend, edns, addr))
+
+    def _deliver(
+        self, key: bytes, data: bytes, qend: int, edns: int, addr: Any, entry: Entry
+    ) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            _count(self.stats.dropped, "listener_closed")
+            return
+        self.stats.rcodes[entry.rcode] += 1
+        limit = 512 if edns < 0 else min(edns & 0xFFFF, self.h.max_udp)
+        transport.sendto(entry.render(data, qend, edns, time.monotonic(), limit), addr)
+        if self.h.log_queries:
+            self.h.log_query(addr, "udp", key, entry.rcode, "upstream")
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client went away); nothing to do but count.
+        _count(self.stats.dropped, "udp_send_error")
+
+
+class _TcpConnection(asyncio.Protocol):
+    def __init__(self, handler: _Handler, server: DnsServer) -> None:
+        self.h = handler
+        self.server = server
+        self.stats = handler.stats
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending = 0
+        self.paused = False
+        self.closed = False
+        self.last_activity = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self.peer: Any = None
+        self.max_pipelined = handler.config.limits.max_pipelined_per_client
+        self.idle_s = handler.config.limits.tcp_idle_timeout_s
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        stats = self.stats
+        if stats.tcp_clients >= self.h.config.limits.max_tcp_clients or self.h.closing:
+            _count(stats.dropped, "tcp_client_limit" if not self.h.closing else "shutting_down")
+            self.closed = True
+            transport.abort()
+            return
+        stats.tcp_clients += 1
+        self.server.connections.add(self)
+        self.timer = asyncio.get_running_loop().call_later(self.idle_s, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None and self in self.server.connections:
+            self.server.connections.discard(self)
+            self.stats.tcp_clients -= 1
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _idle_check(self) -> None:
+        idle = time.monotonic() - self.last_activity
+        if self.pending == 0 and idle >= self.idle_s:
+            self.close()
+            return
+        delay = self.idle_s - idle if self.pending == 0 else self.idle_s
+        self.timer = asyncio.get_running_loop().call_later(max(delay, 0.05), self._idle_check)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_activity = time.monotonic()
+        buf = self.buf
+        buf += data
+        while len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if size < wire.HEADER_LEN:
+                _count(self.stats.dropped, "tcp_bad_frame")
+                self.close()
+                return
+            if len(buf) < size + 2:
+                break
+            msg = bytes(buf[2 : size + 2])
+            del buf[: size + 2]
+            self._handle(msg)
+            if self.closed:
+                return
+        if self.pending >= self.max_pipelined and not self.paused and self.transport:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _send(self, reply: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(len(reply).to_bytes(2, "big") + reply)
+
+    def _handle(self, data: bytes) -> None:
+        stats = self.stats
+        h = self.h
+        try:
+            key, qend, edns = wire.parse_query(data)
+        except wire.BadQuery as exc:
+            reply = h.bad_query(data, exc)
+            if reply is not None:
+                self._send(reply)
+            return
+        stats.tcp_requests += 1
+        stats.qtypes[(key[-5] << 8) | key[-4]] += 1
+        if h.acl is not None and not h.acl(self.peer[0]):
+            self._send(h.refuse(data, qend, edns))
+            return
+        now = time.monotonic()
+        entry = h.cache.get(key, now)
+        if entry is not None:
+            stats.hits += 1
+            stats.rcodes[entry.rcode] += 1
+            self._send(entry.render(data, qend, edns, now, _TCP_MAX_REPLY))
+            if h.log_queries:
+                h.log_query(self.peer, "tcp", key, entry.rcode, "cache")
+            return
+        stats.misses += 1
+        if wire.key_qtype(key) == wire.TYPE_IXFR or wire.key_qtype(key) == wire.TYPE_AXFR:
+            stats.rcodes[wire.REFUSED] += 1
+            self._send(wire.error_reply(data, wire.REFUSED, qend, edns))
+            return
+        self.pending += 1
+        h.forwarder.submit(key, data, qend, partial(self._deliver, key, data, qend, edns))
+
+    def _deliver(self, key: bytes, data: bytes, qend: int, edns: int, entry: Entry) -> None:
+        self.pending -= 1
+        if self.closed:
+            _count(self.stats.dropped, "tcp_client_gone")
+            return
+        self.stats.rcodes[entry.rcode] += 1
+        self.last_activity = time.monotonic()
+        self._send(entry.render(data, qend, edns, self.last_activity, _TCP_MAX_REPLY))
+        if self.paused and self.pending < self.max_pipelined and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.h.log_queries:
+            self.h.log_query(self.peer, "tcp", key, entry.rcode, "upstream")
+
+
+class DnsServer:
+    """Every listener of one process; start binds them all or none."""
+
+    def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
+        self.handler = _Handler(config, cache, forwarder)
+        self.stats = self.handler.stats
+        self.connections: set[_TcpConnection] = set()
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.Server] = []
+        self.bound: list[HostPort] = []
+
+    async def start(self) -> list[HostPort]:
+        loop = asyncio.get_running_loop()
+        try:
+            for hp in self.handler.config.listen:
+                self.bound.append(await self._bind(loop, hp))
+        except BaseException:
+            await self.close()
+            raise
+        return self.bound
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop, hp: HostPort) -> HostPort:
+        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+        # Port 0 (tests): take the kernel's UDP port and bind TCP to the same number.
+        for _ in range(20):
+            transport, _proto = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self.handler), local_addr=(hp.host, hp.port), family=family
+            )
+            port = transport.get_extra_info("sockname")[1]
+            try:
+                server = await loop.create_server(
+                    lambda: _TcpConnection(self.handler, self),
+                    hp.host,
+                    port,
+                    family=family,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+            except OSError:
+                transport.close()
+                if hp.port:
+                    raise
+                continue
+            self._udp.append(transport)
+            self._tcp.append(server)
+            log.info("listening on %s (udp, tcp)", HostPort(hp.host, port))
+            return HostPort(hp.host, port)
+        raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+
+    def stop_listening(self) -> None:
+        """Refuse new queries and connections; replies still in flight go out."""
+        self.handler.closing = True
+        for server in self._tcp:
+            server.close()
+
+    async def close(self) -> None:
+        self.handler.closing = True
+        for server in self._tcp:
+            server.close()
+        for conn in list(self.connections):
+            conn.close()
+        for transport in self._udp:
+            transport.close()
+        for server in self._tcp:
+            await server.wait_closed()
+        self._udp.clear()
+        self._tcp.clear()

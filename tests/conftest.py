@@ -1,0 +1,92 @@
+"""Shared fixtures: a dnsproxy App in-process on loopback port 0, in front of a fake upstream."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakeupstream import FakeUpstream, Handler, zone_handler
+
+from dnsproxy.app import App
+from dnsproxy.config import (
+    CachePolicy,
+    Config,
+    HostPort,
+    ServerLimits,
+    UpstreamConfig,
+    ZoneConfig,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RECORDS: dict[tuple[str, str], list[str]] = {
+    ("www.example.", "A"): ["169.254.1.1"],
+    ("www.example.", "AAAA"): ["2001:db8::1"],
+    ("example.", "MX"): ["10 mail.example."],
+    ("example.", "TXT"): ['"v=spf1 -all"', '"hello world"'],
+    ("_http._tcp.example.", "SRV"): ["0 5 80 www.example."],
+    ("1.1.254.169.in-addr.arpa.", "PTR"): ["www.example."],
+    ("alias.example.", "CNAME"): ["www.example."],
+    ("big.example.", "A"): [f"169.254.2.{i}" for i in range(1, 61)],
+    ("mail.example.", "A"): ["169.254.1.2"],
+}
+
+
+def make_config(
+    upstream_port: int,
+    *,
+    transport: str = "tcp",
+    cache: CachePolicy | None = None,
+    deadline_s: float = 2.0,
+    try_timeout_s: float = 1.0,
+    extra_upstreams: tuple[UpstreamConfig, ...] = (),
+    limits: ServerLimits | None = None,
+    http: bool = False,
+    **overrides: Any,
+) -> Config:
+    policy = cache or CachePolicy()
+    zone = ZoneConfig(
+        zone=".",
+        upstreams=(UpstreamConfig(transport, "127.0.0.1", upstream_port), *extra_upstreams),  # type: ignore[arg-type]
+        try_timeout_s=try_timeout_s,
+        deadline_s=deadline_s,
+        cache=policy,
+    )
+    config = Config(
+        listen=(HostPort("127.0.0.1", 0),),
+        zones=(zone,),
+        http_listen=HostPort("127.0.0.1", 0) if http else None,
+        cache=policy,
+        limits=limits or ServerLimits(),
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[App]:
+    app = App(config)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@asynccontextmanager
+async def proxy_with(
+    handler: Handler | None = None, **config_args: Any
+) -> AsyncIterator[tuple[App, FakeUpstream]]:
+    """A fake upstream serving ``handler`` (default: the RECORDS zone) and a proxy before it."""
+    async with FakeUpstream(handler or zone_handler(RECORDS)) as fake:
+        config = make_config(fake.port, **config_args)
+        async with running(config) as app:
+            yield app, fake
+
+
+@pytest.fixture
+def records() -> dict[tuple[str, str], list[str]]:
+    return RECORDS
