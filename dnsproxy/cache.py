@@ -25,7 +25,17 @@ KIND_NAMES = ("success", "denial", "servfail")
 class Entry:
     """One cached reply. Immutable by convention once stored."""
 
-    __slots__ = ("body", "expires_at", "kind", "offsets", "rcode", "stored_at", "ttls")
+    __slots__ = (
+        "age",
+        "body",
+        "expires_at",
+        "kind",
+        "offsets",
+        "prepared",
+        "rcode",
+        "stored_at",
+        "ttls",
+    )
 
     def __init__(
         self,
@@ -44,19 +54,21 @@ class Entry:
         self.expires_at = stored_at + ttl_s
         self.kind = kind
         self.rcode = rcode
+        # The reply cut for splicing at ``age`` seconds old; redone once a second at
+        # most, so a popular entry costs each client only a splice.
+        self.age = -1
+        self.prepared: wire.Prepared = (b"", b"", b"", b"", b"")
 
-    def render(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """This entry answered to ``query`` (see :func:`wire.render`)."""
-        return wire.render(
-            self.body,
-            self.offsets,
-            self.ttls,
-            int(now - self.stored_at),
-            query,
-            qend,
-            edns,
-            limit,
-        )
+    def prepare(self, age: int, qend: int) -> wire.Prepared:
+        self.age = age
+        self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend)
+        return self.prepared
+
+    def answer(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
+        """This entry answered to ``query`` (see :func:`wire.splice`)."""
+        age = int(now - self.stored_at)
+        prepared = self.prepared if age == self.age else self.prepare(age, qend)
+        return wire.splice(prepared, query, qend, edns, limit)
 
 
 def _clamp(ttl: int, low: int, high: int) -> int:

@@ -257,6 +257,47 @@ def parse_query(data: bytes) -> tuple[bytes, int, int]:
     return data[HEADER_LEN : i + 1].lower() + data[i + 1 : qend] + _KEY_FLAGS[flags], qend, edns
 
 
+def fast_key(data: bytes) -> tuple[bytes, int, int] | None:
+    """``(key, qend, edns)`` like :func:`parse_query` for the common query shape, else None.
+
+    Finds the end of the name with ``bytes.find`` instead of walking labels, so the key
+    is only good for a cache lookup: a key that is found was built from a query that
+    passed :func:`parse_query` when its entry was stored, which proves this question is
+    well formed too (lowercasing never changes a label length octet). Anything not found
+    goes through :func:`parse_query`.
+    """
+    if len(data) < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    p = data.find(0, HEADER_LEN)
+    qend = p + 5
+    arcount = data[10:12]
+    if arcount == b"\x00\x00":
+        if p < 0 or qend > len(data):
+            return None
+        return (
+            data[HEADER_LEN : p + 1].lower()
+            + data[p + 1 : qend]
+            + _KEY_FLAGS[(data[3] & _CD) >> 3],
+            qend,
+            -1,
+        )
+    # One OPT right after the question, version 0, its length matching the packet.
+    if (
+        p < 0
+        or arcount != b"\x00\x01"
+        or len(data) < qend + 11
+        or data[qend : qend + 3] != b"\x00\x00\x29"
+        or len(data) != qend + 11 + ((data[qend + 9] << 8) | data[qend + 10])
+        or data[qend + 6]
+    ):
+        return None
+    size = (data[qend + 3] << 8) | data[qend + 4]
+    do = data[qend + 7] >> 7
+    edns = (size if size > MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD) | do << 16
+    flags = do | ((data[3] & _CD) >> 3)
+    return data[HEADER_LEN : p + 1].lower() + data[p + 1 : qend] + _KEY_FLAGS[flags], qend, edns
+
+
 def _parse_query_slow(data: bytes) -> tuple[bytes, int, int]:
     """Queries with QDCOUNT != 1 or records in the answer/authority sections."""
     qdcount = _U16.unpack_from(data, 4)[0]
@@ -472,6 +513,63 @@ _OPT_PLAIN = opt_record(_OPT_SIZE, False)
 _OPT_DO = opt_record(_OPT_SIZE, True)
 
 
+def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int) -> bytes:
+    """``body`` with every TTL lowered by ``age`` seconds, never below 0."""
+    if age <= 0:
+        return body
+    buf = bytearray(body)
+    for off, ttl in zip(offsets, ttls, strict=False):
+        ttl -= age
+        _pack_u32_into(buf, off, ttl if ttl > 0 else 0)
+    return bytes(buf)
+
+
+# A stored reply cut for splicing: header bytes 2..12 without and with our OPT counted,
+# and everything after the question without OPT, with our OPT, with our OPT and DO.
+Prepared = tuple[bytes, bytes, bytes, bytes, bytes]
+
+
+def prepare(body: bytes, qend: int) -> Prepared:
+    """Cut an (aged) stored reply once so each client costs only a splice."""
+    head = body[2:HEADER_LEN]
+    arcount = ((head[8] << 8) | head[9]) + 1
+    head_opt = head[:8] + bytes((arcount >> 8, arcount & 0xFF))
+    tail = body[qend:]
+    return head, head_opt, tail, tail + _OPT_PLAIN, tail + _OPT_DO
+
+
+def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -> bytes:
+    """A prepared reply answered to ``query``.
+
+    Takes the client's ID, question bytes (so 0x20 case is echoed) and RD bit; appends
+    our OPT (DO echoed) when the client sent one; clears AD for a client that set
+    neither AD nor DO (RFC 6840 §5.8). ``limit`` > 0 is the largest reply the client
+    takes (its UDP payload size): a longer reply goes out truncated with TC=1.
+    """
+    if edns < 0:
+        head = prepared[0]
+        tail = prepared[2]
+        keep_ad = query[3] & _AD
+    elif edns & 0x10000:
+        head = prepared[1]
+        tail = prepared[4]
+        keep_ad = 1
+    else:
+        head = prepared[1]
+        tail = prepared[3]
+        keep_ad = query[3] & _AD
+    if not query[2] & _RD or (head[1] & _AD and not keep_ad):
+        fixed = bytearray(head)
+        fixed[0] = (fixed[0] & 0xFE) | (query[2] & _RD)
+        if not keep_ad:
+            fixed[1] &= ~_AD & 0xFF
+        head = bytes(fixed)
+    out = query[:2] + head + query[HEADER_LEN:qend] + tail
+    if limit and len(out) > limit:
+        return truncated(out, qend, edns)
+    return out
+
+
 def render(
     body: bytes,
     offsets: tuple[int, ...],
@@ -482,31 +580,12 @@ def render(
     edns: int,
     limit: int,
 ) -> bytes:
-    """Stored reply ``body`` answered to ``query``.
+    """Stored reply ``body`` aged by ``age`` seconds and answered to ``query`` in one go.
 
-    Splices the client's ID, question bytes (0x20 case) and RD bit; ages every TTL by
-    ``age`` seconds (never below 0); appends our OPT when the client sent one; clears AD
-    for clients that set neither AD nor DO. ``limit`` > 0 is the client's UDP payload
-    limit: a longer reply goes out truncated with TC=1.
+    The cache keeps the result of :func:`prepare` per entry and second instead; this is
+    the same transformation for one-off replies.
     """
-    buf = bytearray(body)
-    buf[0:2] = query[0:2]
-    buf[HEADER_LEN:qend] = query[HEADER_LEN:qend]
-    buf[2] = (buf[2] & 0xFE) | (query[2] & _RD)
-    if age > 0:
-        for off, ttl in zip(offsets, ttls, strict=False):
-            ttl -= age
-            _pack_u32_into(buf, off, ttl if ttl > 0 else 0)
-    if edns >= 0:
-        buf += _OPT_DO if edns & 0x10000 else _OPT_PLAIN
-        arcount = ((buf[10] << 8) | buf[11]) + 1
-        buf[10] = arcount >> 8
-        buf[11] = arcount & 0xFF
-    elif not query[3] & _AD:
-        buf[3] &= ~_AD & 0xFF
-    if limit and len(buf) > limit:
-        return truncated(bytes(buf), qend, edns)
-    return bytes(buf)
+    return splice(prepare(aged(body, offsets, ttls, age), qend), query, qend, edns, limit)
 
 
 def truncated(reply: bytes, qend: int, edns: int) -> bytes:

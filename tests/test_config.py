@@ -1,0 +1,855 @@
+"""Configuration parsing and validation: every form, every error path with its key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dnsproxy.config import (
+    CachePolicy,
+    Config,
+    ConfigError,
+    HostPort,
+    LogConfig,
+    Overrides,
+    ServerLimits,
+    UpstreamConfig,
+    UpstreamPoolConfig,
+    load_config,
+    parse_config,
+    parse_resolv_conf,
+    parse_upstream,
+)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "config" / "dnsproxy.yaml"
+UPSTREAM = "127.0.0.1:5300"
+
+
+def base_doc() -> dict[str, Any]:
+    """A small valid document that tests mutate; upstreams never depend on the host."""
+    return {
+        "listen": ["127.0.0.1:5353"],
+        "zones": [{"zone": ".", "upstreams": [UPSTREAM]}],
+    }
+
+
+def parse(doc: object, env: dict[str, str] | None = None, **kw: Any) -> Config:
+    return parse_config(doc, env=env or {}, **kw)
+
+
+def problems(doc: object, env: dict[str, str] | None = None, **kw: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(doc, env, **kw)
+    return info.value.problems
+
+
+def tcp(host: str, port: int = 53) -> UpstreamConfig:
+    return UpstreamConfig("tcp", host, port)
+
+
+# --- upstream forms ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1", tcp("127.0.0.1")),
+        ("127.0.0.1:5300", tcp("127.0.0.1", 5300)),
+        ("  127.0.0.1:5300  ", tcp("127.0.0.1", 5300)),
+        ("tcp://127.0.0.1:5300", tcp("127.0.0.1", 5300)),
+        ("tcp://127.0.0.1", tcp("127.0.0.1")),
+        ("udp://127.0.0.1:5300", UpstreamConfig("udp", "127.0.0.1", 5300)),
+        ("UDP://169.254.20.10", UpstreamConfig("udp", "169.254.20.10", 53)),
+        ("[2001:db8::1]:53", tcp("2001:db8::1")),
+        ("[2001:db8::1]:5300", tcp("2001:db8::1", 5300)),
+        ("[::1]", tcp("::1")),
+        ("tcp://[::1]:5300", tcp("::1", 5300)),
+        ("udp://[2001:db8::53]:5300", UpstreamConfig("udp", "2001:db8::53", 5300)),
+        ("2001:db8::1", tcp("2001:db8::1")),
+        ("2001:DB8:0:0::1", tcp("2001:db8::1")),
+        ("127.0.0.1:65535", tcp("127.0.0.1", 65535)),
+        ("127.0.0.1:1", tcp("127.0.0.1", 1)),
+    ],
+)
+def test_upstream_forms(text: str, expected: UpstreamConfig) -> None:
+    assert parse_upstream(text, "zones[0].upstreams[0]") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("127.0.0.1:70000", "port 70000 out of range"),
+        ("127.0.0.1:0", "port 0 out of range"),
+        ("127.0.0.1:dns", "port 'dns' is not a number"),
+        ("127.0.0.1:", "port '' is not a number"),
+        ("kube-dns.kube-system.svc.cluster.local", "is a hostname; an IP address is required"),
+        ("tcp://localhost:53", "'localhost' is a hostname"),
+        ("127.0.0.256", "'127.0.0.256' is not a valid IP address"),
+        ("tls://127.0.0.1:853", "unsupported scheme 'tls://'"),
+        ("[::1:53", "missing the closing ']'"),
+        ("[::1]53", "not of the form [ADDR]:PORT"),
+        ("[127.0.0.1]:53", "brackets are only for IPv6"),
+        ("", "empty upstream"),
+        ("udp://", "missing IP address"),
+        ("resolv.conf:", "needs a file name"),
+    ],
+)
+def test_upstream_errors_name_the_path(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_upstream(text, "zones[1].upstreams[0]")
+    [problem] = info.value.problems
+    assert problem.startswith("zones[1].upstreams[0]: ")
+    assert reason in problem
+
+
+RESOLV_CONF = """\
+# written by a DHCP client
+search svc.cluster.local cluster.local
+options ndots:5 timeout:1
+nameserver 127.0.0.53   # systemd-resolved
+;nameserver 169.254.0.99
+nameserver ::1
+nameserver 2001:db8::53%eth0
+nameserver not-an-address
+nameserver 127.0.0.53
+nameserver
+  nameserver 169.254.20.10
+"""
+
+
+def test_parse_resolv_conf_keeps_order_skips_comments_and_zones() -> None:
+    assert parse_resolv_conf(RESOLV_CONF) == [
+        "127.0.0.53",
+        "::1",
+        "2001:db8::53",
+        "169.254.20.10",
+    ]
+
+
+def test_parse_resolv_conf_without_nameservers() -> None:
+    assert parse_resolv_conf("search example.org\noptions ndots:1\n# nameserver 127.0.0.1\n") == []
+
+
+def test_upstream_resolv_conf_file_gives_one_tcp_upstream_per_nameserver(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text(RESOLV_CONF)
+    assert parse_upstream(f"resolv.conf:{path}", "x") == [
+        tcp("127.0.0.53"),
+        tcp("::1"),
+        tcp("2001:db8::53"),
+        tcp("169.254.20.10"),
+    ]
+
+
+def test_upstream_resolv_conf_without_nameservers_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("search example.org\n")
+    with pytest.raises(ConfigError) as info:
+        parse_upstream(f"resolv.conf:{path}", "zones[0].upstreams[0]")
+    assert info.value.problems == [
+        f"zones[0].upstreams[0]: {path} has no nameserver lines with an IP address"
+    ]
+
+
+def test_upstream_resolv_conf_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.conf"
+    with pytest.raises(ConfigError) as info:
+        parse_upstream(f"resolv.conf:{path}", "zones[0].upstreams[2]")
+    [problem] = info.value.problems
+    assert problem.startswith(f"zones[0].upstreams[2]: cannot read {path}")
+
+
+def test_relative_resolv_conf_is_read_next_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "upstream.conf").write_text("nameserver 127.0.0.2\n")
+    cfg = tmp_path / "dnsproxy.yaml"
+    cfg.write_text("zones:\n  - zone: .\n    upstreams: ['resolv.conf:upstream.conf']\n")
+    config = load_config(str(cfg), env={})
+    assert config.zones[0].upstreams == (tcp("127.0.0.2"),)
+
+
+def test_default_resolv_conf_is_etc_resolv_conf() -> None:
+    # Whatever this host has, the built-in "." zone must mirror /etc/resolv.conf exactly.
+    try:
+        expected = parse_resolv_conf(Path("/etc/resolv.conf").read_text())
+    except OSError:
+        expected = []
+    if expected:
+        config = load_config(None, env={})
+        assert [u.host for u in config.zones[0].upstreams] == expected
+        assert {u.transport for u in config.zones[0].upstreams} == {"tcp"}
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env={})
+        assert "/etc/resolv.conf" in str(info.value)
+
+
+# --- environment expansion --------------------------------------------------------------
+
+
+def test_env_variable_is_expanded_in_strings() -> None:
+    doc = base_doc()
+    doc["zones"].append(
+        {
+            "zone": "${CLUSTER_DOMAIN}",
+            "upstreams": ["${KUBE_DNS_UPSTREAM_SERVICE_HOST}:${KUBE_DNS_UPSTREAM_SERVICE_PORT}"],
+        }
+    )
+    doc["listen"] = ["${NODE_IP}:53"]
+    env = {
+        "CLUSTER_DOMAIN": "cluster.local",
+        "KUBE_DNS_UPSTREAM_SERVICE_HOST": "169.254.0.10",
+        "KUBE_DNS_UPSTREAM_SERVICE_PORT": "5353",
+        "NODE_IP": "169.254.20.10",
+    }
+    config = parse(doc, env)
+    assert config.listen == (HostPort("169.254.20.10", 53),)
+    assert config.zones[1].zone == "cluster.local."
+    assert config.zones[1].upstreams == (tcp("169.254.0.10", 5353),)
+
+
+def test_env_default_applies_when_unset_or_empty_and_loses_to_a_value() -> None:
+    doc = base_doc()
+    doc["listen"] = ["${ADDR:-127.0.0.1}:${PORT:-5353}", "${ADDR6:-[::1]}:5353"]
+    assert parse(doc, {}).listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
+    assert parse(doc, {"PORT": "", "ADDR6": "[::1]"}).listen[0] == HostPort("127.0.0.1", 5353)
+    assert parse(doc, {"ADDR": "127.0.0.9", "PORT": "53"}).listen[0] == HostPort("127.0.0.9", 53)
+
+
+def test_unset_env_variable_is_reported_with_key_path() -> None:
+    doc = base_doc()
+    doc["zones"][0]["upstreams"] = [UPSTREAM, "${KUBE_DNS_UPSTREAM_SERVICE_HOST}"]
+    assert problems(doc) == [
+        "zones[0].upstreams[1]: environment variable KUBE_DNS_UPSTREAM_SERVICE_HOST is not set"
+    ]
+
+
+def test_numbers_and_booleans_may_come_from_env() -> None:
+    doc = base_doc()
+    doc["cache"] = {"max_entries": "${CACHE_SIZE:-500}", "max_ttl_s": "${MAX_TTL}"}
+    doc["upstream"] = {"connect_timeout_s": "${CONNECT_S}"}
+    doc["log"] = {"queries": "${LOG_QUERIES}"}
+    config = parse(doc, {"MAX_TTL": "600", "CONNECT_S": "0.5", "LOG_QUERIES": "true"})
+    assert config.cache_max_entries == 500
+    assert config.cache.max_ttl_s == 600
+    assert config.upstream.connect_timeout_s == 0.5
+    assert config.log.queries is True
+
+
+def test_env_number_is_still_range_checked() -> None:
+    doc = base_doc()
+    doc["cache"] = {"max_ttl_s": "${MAX_TTL}"}
+    assert problems(doc, {"MAX_TTL": "lots"}) == [
+        "cache.max_ttl_s: must be an integer >= 0 and <= 604800 (got 'lots')"
+    ]
+
+
+def test_quoted_number_written_in_the_file_is_a_type_error() -> None:
+    doc = base_doc()
+    doc["cache"] = {"max_entries": "500"}
+    assert problems(doc) == ["cache.max_entries: must be an integer >= 1 (got '500')"]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("${1BAD}", "invalid variable reference '${1BAD}'"),
+        ("${}", "invalid variable reference '${}'"),
+        ("${ADDR", "unterminated '${'"),
+    ],
+)
+def test_malformed_env_reference(text: str, reason: str) -> None:
+    doc = base_doc()
+    doc["listen"] = [text]
+    [problem] = problems(doc, {"ADDR": "127.0.0.1:53"})
+    assert problem.startswith(f"listen[0]: {reason}")
+
+
+# --- every error path names its key ------------------------------------------------------
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _set(path: str, value: object) -> Mutation:
+    """A mutation setting ``a.b[0].c`` style ``path`` in the base document."""
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+
+    def mutate(doc: dict[str, Any]) -> None:
+        node: Any = doc
+        for part, following in zip(parts, [*parts[1:], None], strict=True):
+            key: Any = int(part[1:-1]) if part.startswith("[") else part
+            if following is None:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}
+                node = node[key]
+
+    return mutate
+
+
+def _delete(key: str) -> Mutation:
+    return lambda doc: doc.pop(key)
+
+
+def _zone(**entry: object) -> Mutation:
+    return lambda doc: doc["zones"].append(entry)
+
+
+ERROR_CASES: list[tuple[Mutation, str]] = [
+    # top level
+    (_set("zone", []), "zone: unknown key (did you mean 'zones'?)"),
+    (_set("workers", 2), "workers: unknown key"),
+    # listen
+    (_set("listen", ["127.0.0.1"]), "listen[0]: '127.0.0.1' needs a port (ADDR:PORT)"),
+    (_set("listen", ["::1"]), "listen[0]: '::1' needs a port ([ADDR]:PORT)"),
+    (_set("listen", ["127.0.0.1:53", "[::1]"]), "listen[1]: '[::1]' needs a port ([ADDR]:PORT)"),
+    (_set("listen", ["localhost:53"]), "listen[0]: 'localhost' is a hostname"),
+    (_set("listen", ["127.0.0.1:65536"]), "listen[0]: port 65536 out of range (0-65535)"),
+    (_set("listen", "127.0.0.1:53"), "listen: must be a list of strings"),
+    (_set("listen", []), "listen: at least one ADDR:PORT is required"),
+    (_set("listen", [5353]), "listen[0]: must be a string (got 5353)"),
+    (
+        _set("listen", ["127.0.0.1:53", "127.0.0.1:53"]),
+        "listen[1]: 127.0.0.1:53 is listed twice (also listen[0])",
+    ),
+    # http_listen
+    (_set("http_listen", "127.0.0.1"), "http_listen: '127.0.0.1' needs a port"),
+    (_set("http_listen", 9253), "http_listen: must be ADDR:PORT or null (got 9253)"),
+    # acl
+    (_set("acl", []), "acl: must be a mapping (got a list)"),
+    (_set("acl.allow", ["loopback"]), "acl.allow[0]: 'loopback' is not an IP address or CIDR"),
+    (
+        _set("acl.allow", ["::1/128", "127.0.0.1/8"]),
+        "acl.allow[1]: '127.0.0.1/8' has host bits set (did you mean 127.0.0.0/8?)",
+    ),
+    (_set("acl.allow", "127.0.0.0/8"), "acl.allow: must be a list of strings"),
+    (_set("acl.deny", []), "acl.deny: unknown key"),
+    # cache
+    (_set("cache.max_ttl_s", -1), "cache.max_ttl_s: must be an integer >= 0"),
+    (_set("cache.max_ttl_s", 604801), "cache.max_ttl_s: must be an integer >= 0 and <= 604800"),
+    (_set("cache.max_ttl_s", 1.5), "cache.max_ttl_s: must be an integer >= 0"),
+    (_set("cache.max_ttl_s", True), "cache.max_ttl_s: must be an integer >= 0"),
+    (_set("cache.max_tll_s", 5), "cache.max_tll_s: unknown key (did you mean 'max_ttl_s'?)"),
+    (_set("cache.min_ttl_s", None), "cache.min_ttl_s: must be an integer >= 0 and <= 604800"),
+    (_set("cache.denial_max_ttl_s", -5), "cache.denial_max_ttl_s: must be an integer >= 0"),
+    (_set("cache.servfail_ttl_s", 301), "cache.servfail_ttl_s: must be an integer >= 0 and <= 300"),
+    (_set("cache.max_entries", 0), "cache.max_entries: must be an integer >= 1 (got 0)"),
+    (_set("cache", [1]), "cache: must be a mapping"),
+    # upstream pool
+    (_set("upstream.tcp_connections", 0), "upstream.tcp_connections: must be an integer >= 1"),
+    (
+        _set("upstream.max_inflight_per_connection", 65536),
+        "upstream.max_inflight_per_connection: must be an integer >= 1 and <= 65535",
+    ),
+    (_set("upstream.connect_timeout_s", 0), "upstream.connect_timeout_s: must be a number"),
+    (_set("upstream.connect_timeout_s", -1.0), "upstream.connect_timeout_s: must be a number"),
+    (_set("upstream.connect_timeout_s", "fast"), "upstream.connect_timeout_s: must be a number"),
+    (_set("upstream.connect_timeout_s", float("inf")), "upstream.connect_timeout_s: must be"),
+    (_set("upstream.connection_max_age_s", False), "upstream.connection_max_age_s: must be"),
+    (
+        _set("upstream.idle_timeout_s", 0),
+        "upstream.idle_timeout_s: must be a number of seconds > 0",
+    ),
+    (_set("upstream.tcp_conections", 2), "upstream.tcp_conections: unknown key"),
+    # limits
+    (_set("limits.udp_payload_size", 511), "limits.udp_payload_size: must be an integer >= 512"),
+    (_set("limits.udp_payload_size", 4097), "limits.udp_payload_size: must be an integer >= 512"),
+    (_set("limits.max_tcp_clients", 0), "limits.max_tcp_clients: must be an integer >= 1"),
+    (_set("limits.tcp_idle_timeout_s", 0), "limits.tcp_idle_timeout_s: must be a number"),
+    (_set("limits.max_pipelined_per_client", 0), "limits.max_pipelined_per_client: must be an"),
+    (_set("limits.max_inflight", -1), "limits.max_inflight: must be an integer >= 1"),
+    (_set("limits.max_waiters_per_query", 0), "limits.max_waiters_per_query: must be an integer"),
+    # zones
+    (_delete("zones"), "zones: at least one zone is required"),
+    (_set("zones", []), "zones: at least one zone is required"),
+    (_set("zones", {"zone": "."}), "zones: must be a list of zones (got a mapping)"),
+    (_set("zones[0]", "."), "zones[0]: must be a mapping with zone and upstreams"),
+    (_set("zones[0]", {"upstreams": [UPSTREAM]}), "zones[0].zone: required"),
+    (_set("zones[0].zone", "bad..name"), "zones[0].zone: 'bad..name' is not a valid domain name"),
+    (_set("zones[0].zone", "-bad.org"), "zones[0].zone: '-bad.org' is not a valid domain name"),
+    (_set("zones[0].zone", ""), "zones[0].zone: empty zone name"),
+    (_set("zones[0].zone", "a" * 64 + ".org"), "zones[0].zone: '" + "a" * 64),
+    (_set("zones[0].zone", 5), "zones[0].zone: must be a domain name string (got 5)"),
+    (_set("zones[0].upstreams", []), "zones[0].upstreams: at least one upstream is required"),
+    (_set("zones[0]", {"zone": "."}), "zones[0].upstreams: at least one upstream is required"),
+    (_set("zones[0].upstreams", UPSTREAM), "zones[0].upstreams: must be a list of strings"),
+    (_set("zones[0].upstreams[0]", "127.0.0.1:70000"), "zones[0].upstreams[0]: port 70000 out"),
+    (_set("zones[0].upstreams[0]", 53), "zones[0].upstreams[0]: must be a string (got 53)"),
+    (_set("zones[0].policy", "fastest"), "zones[0].policy: must be one of sequential, random"),
+    (_set("zones[0].try_timeout_s", 0), "zones[0].try_timeout_s: must be a number of seconds > 0"),
+    (_set("zones[0].try_timeout_s", 3), "zones[0].try_timeout_s: try_timeout_s (3) must be <="),
+    (_set("zones[0].deadline_s", 0.5), "zones[0].deadline_s: try_timeout_s (1) must be <="),
+    (_set("zones[0].deadline_s", "soon"), "zones[0].deadline_s: must be a number"),
+    (_set("zones[0].cache.max_entries", 5), "zones[0].cache.max_entries: unknown key"),
+    (_set("zones[0].cache.servfail_ttl_s", 301), "zones[0].cache.servfail_ttl_s: must be an"),
+    (
+        _set("zones[0].cache.min_ttl_s", 90000),
+        "zones[0].cache.min_ttl_s: min_ttl_s (90000) must be <= max_ttl_s (86400)",
+    ),
+    (_set("zones[0].cache", "none"), "zones[0].cache: must be a mapping"),
+    (_set("zones[0].upstream", [UPSTREAM]), "zones[0].upstream: unknown key (did you mean"),
+    (
+        _zone(zone=".", upstreams=["127.0.0.2"]),
+        "zones[1].zone: duplicate zone '.' (also zones[0])",
+    ),
+    (
+        _set("zones[0].upstreams", [UPSTREAM, "tcp://" + UPSTREAM]),
+        "zones[0].upstreams[1]: tcp://127.0.0.1:5300 is listed twice (also zones[0].upstreams[0])",
+    ),
+    (
+        _set("zones[0].upstreams", ["127.0.0.1:5353"]),
+        "zones[0].upstreams[0]: tcp://127.0.0.1:5353 is this proxy's own listen address",
+    ),
+    # log and shutdown
+    (_set("log.level", "loud"), "log.level: must be one of debug, info, warning, error"),
+    (_set("log.format", "xml"), "log.format: must be one of text, json (got 'xml')"),
+    (_set("log.queries", "yes"), "log.queries: must be true or false (got 'yes')"),
+    (_set("shutdown.grace_s", -1), "shutdown.grace_s: must be a number of seconds >= 0"),
+    (_set("shutdown.grace", 1), "shutdown.grace: unknown key (did you mean 'grace_s'?)"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), ERROR_CASES)
+def test_every_error_names_its_key_path(mutate: Mutation, expected: str) -> None:
+    doc = base_doc()
+    mutate(doc)
+    found = problems(doc)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found
+
+
+def test_duplicate_zone_after_normalization() -> None:
+    doc = base_doc()
+    doc["zones"] += [
+        {"zone": "cluster.local.", "upstreams": ["127.0.0.2"]},
+        {"zone": "Cluster.Local", "upstreams": ["127.0.0.3"]},
+    ]
+    assert problems(doc) == ["zones[2].zone: duplicate zone 'cluster.local.' (also zones[1])"]
+
+
+def test_wildcard_listen_loops_to_loopback_upstream() -> None:
+    doc = base_doc()
+    doc["listen"] = ["[::]:5353"]
+    doc["zones"][0]["upstreams"] = ["[::1]:5353"]
+    assert problems(doc) == [
+        "zones[0].upstreams[0]: tcp://[::1]:5353 is this proxy's own listen address "
+        "[::]:5353 (queries would loop)"
+    ]
+
+
+def test_document_that_is_not_a_mapping() -> None:
+    assert problems(["listen"]) == ["(top level): must be a mapping of keys (got a list)"]
+
+
+def test_many_problems_are_reported_together() -> None:
+    doc = base_doc()
+    doc["listen"] = ["127.0.0.1"]
+    doc["cache"] = {"max_tll_s": 60, "servfail_ttl_s": 600}
+    doc["zones"].append({"zone": "cluster.local", "upstreams": ["127.0.0.1:70000", "kube-dns"]})
+    doc["log"] = {"level": "verbose"}
+    assert problems(doc, {}) == [
+        "listen[0]: '127.0.0.1' needs a port (ADDR:PORT)",
+        "cache.max_tll_s: unknown key (did you mean 'max_ttl_s'?)",
+        "cache.servfail_ttl_s: must be an integer >= 0 and <= 300 (got 600)",
+        "zones[1].upstreams[0]: port 70000 out of range (1-65535)",
+        "zones[1].upstreams[1]: 'kube-dns' is a hostname; an IP address is required here",
+        "log.level: must be one of debug, info, warning, error (got 'verbose')",
+    ]
+
+
+def test_config_error_message_names_the_source() -> None:
+    doc = base_doc()
+    doc["listen"] = ["127.0.0.1"]
+    with pytest.raises(ConfigError) as info:
+        parse(doc, base="site.yaml", overrides=Overrides(upstreams=("127.0.0.1:70000",)))
+    assert info.value.source == "site.yaml"
+    assert info.value.lines() == [
+        "site.yaml: listen[0]: '127.0.0.1' needs a port (ADDR:PORT)",
+        "--upstream[0]: port 70000 out of range (1-65535)",
+    ]
+    assert str(info.value) == "\n".join(info.value.lines())
+
+
+# --- values and defaults ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "normalized"),
+    [
+        (".", "."),
+        ("cluster.local", "cluster.local."),
+        ("cluster.local.", "cluster.local."),
+        ("Cluster.LOCAL", "cluster.local."),
+        (" example.org ", "example.org."),
+        ("254.169.in-addr.arpa", "254.169.in-addr.arpa."),
+        ("_tcp.example.org", "_tcp.example.org."),
+    ],
+)
+def test_zone_names_are_normalized(written: str, normalized: str) -> None:
+    doc = base_doc()
+    doc["zones"][0]["zone"] = written
+    assert parse(doc).zones[0].zone == normalized
+
+
+def test_minimal_document_takes_every_default() -> None:
+    config = parse({"zones": [{"zone": ".", "upstreams": [UPSTREAM]}]})
+    assert config.listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
+    assert config.http_listen == HostPort("127.0.0.1", 9253)
+    assert config.allow == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert config.cache_max_entries == 10000
+    assert config.cache == CachePolicy()
+    assert config.upstream == UpstreamPoolConfig()
+    assert config.limits == ServerLimits()
+    assert config.log == LogConfig()
+    assert config.shutdown_grace_s == 5.0
+    [zone] = config.zones
+    assert (zone.policy, zone.try_timeout_s, zone.deadline_s) == ("sequential", 1.0, 2.0)
+    assert zone.upstreams == (tcp("127.0.0.1", 5300),)
+
+
+def test_empty_sections_mean_defaults() -> None:
+    doc = base_doc()
+    doc.update(cache=None, upstream={}, limits=None, log={}, shutdown={})
+    doc["zones"][0]["cache"] = {}
+    config = parse(doc)
+    assert config.cache == CachePolicy()
+    assert config.zones[0].cache == CachePolicy()
+
+
+def test_every_value_is_read() -> None:
+    doc = base_doc()
+    doc.update(
+        listen=["169.254.20.10:53", "[2001:db8::10]:53", "127.0.0.1:0"],
+        http_listen="[::1]:9300",
+        acl={"allow": ["169.254.0.0/16", "2001:db8::/32", "127.0.0.1", "::1"]},
+        cache={
+            "max_entries": 50,
+            "min_ttl_s": 5,
+            "max_ttl_s": 600,
+            "denial_max_ttl_s": 60,
+            "servfail_ttl_s": 0,
+        },
+        upstream={
+            "tcp_connections": 4,
+            "max_inflight_per_connection": 500,
+            "connect_timeout_s": 0.25,
+            "connection_max_age_s": 120,
+            "idle_timeout_s": 15,
+        },
+        limits={
+            "max_tcp_clients": 10,
+            "tcp_idle_timeout_s": 2.5,
+            "max_pipelined_per_client": 7,
+            "max_inflight": 99,
+            "max_waiters_per_query": 3,
+            "udp_payload_size": 512,
+        },
+        log={"level": "WARNING", "format": "json", "queries": True},
+        shutdown={"grace_s": 0},
+    )
+    doc["zones"][0].update(policy="round_robin", try_timeout_s=0.5, deadline_s=1.5)
+    config = parse(doc)
+    assert config.listen == (
+        HostPort("169.254.20.10", 53),
+        HostPort("2001:db8::10", 53),
+        HostPort("127.0.0.1", 0),
+    )
+    assert config.http_listen == HostPort("::1", 9300)
+    assert [str(n) for n in config.allow] == [
+        "169.254.0.0/16",
+        "2001:db8::/32",
+        "127.0.0.1/32",
+        "::1/128",
+    ]
+    assert config.cache_max_entries == 50
+    assert config.cache == CachePolicy(5, 600, 60, 0)
+    assert config.upstream == UpstreamPoolConfig(4, 500, 0.25, 120.0, 15.0)
+    assert config.limits == ServerLimits(10, 2.5, 7, 99, 3, 512)
+    assert config.log == LogConfig("warning", "json", True)
+    assert config.shutdown_grace_s == 0.0
+    zone = config.zones[0]
+    assert (zone.policy, zone.try_timeout_s, zone.deadline_s) == ("round_robin", 0.5, 1.5)
+    assert isinstance(config.upstream.connection_max_age_s, float)
+
+
+def test_empty_allow_list_allows_everyone() -> None:
+    doc = base_doc()
+    doc["acl"] = {"allow": []}
+    assert parse(doc).allow == ()
+
+
+@pytest.mark.parametrize("value", [None, "none", "NONE", "${METRICS:-none}"])
+def test_http_listen_can_be_disabled(value: object) -> None:
+    doc = base_doc()
+    doc["http_listen"] = value
+    assert parse(doc).http_listen is None
+
+
+def test_zone_cache_overrides_merge_over_the_global_section() -> None:
+    doc = base_doc()
+    doc["cache"] = {"max_ttl_s": 600, "servfail_ttl_s": 2}
+    doc["zones"].append(
+        {"zone": "cluster.local", "upstreams": ["127.0.0.2"], "cache": {"min_ttl_s": 30}}
+    )
+    config = parse(doc)
+    assert config.cache == CachePolicy(min_ttl_s=0, max_ttl_s=600, servfail_ttl_s=2)
+    assert config.zones[0].cache == config.cache
+    assert config.zones[1].cache == CachePolicy(min_ttl_s=30, max_ttl_s=600, servfail_ttl_s=2)
+
+
+def test_zones_without_root_are_allowed() -> None:
+    config = parse({"zones": [{"zone": "cluster.local", "upstreams": ["127.0.0.2"]}]})
+    assert [z.zone for z in config.zones] == ["cluster.local."]
+
+
+def test_same_server_may_serve_two_zones_and_both_transports() -> None:
+    doc = base_doc()
+    doc["zones"][0]["upstreams"] = [UPSTREAM, "udp://" + UPSTREAM]
+    doc["zones"].append({"zone": "cluster.local", "upstreams": [UPSTREAM]})
+    config = parse(doc)
+    assert config.zones[0].upstreams == (
+        tcp("127.0.0.1", 5300),
+        UpstreamConfig("udp", "127.0.0.1", 5300),
+    )
+    assert config.zones[1].upstreams == (tcp("127.0.0.1", 5300),)
+
+
+# --- overrides --------------------------------------------------------------------------
+
+
+def file_doc() -> dict[str, Any]:
+    doc = base_doc()
+    doc["listen"] = ["127.0.0.1:5353", "[::1]:5353"]
+    doc["zones"].append(
+        {
+            "zone": "cluster.local",
+            "upstreams": ["127.0.0.10:5300"],
+            "policy": "random",
+            "deadline_s": 1.5,
+        }
+    )
+    return doc
+
+
+def test_listen_flags_replace_the_file_list() -> None:
+    config = parse(file_doc(), overrides=Overrides(listen=("127.0.0.2:53",)))
+    assert config.listen == (HostPort("127.0.0.2", 53),)
+
+
+def test_listen_flags_replace_even_a_broken_file_list() -> None:
+    doc = file_doc()
+    doc["listen"] = ["${NODE_IP}:53"]
+    config = parse(doc, overrides=Overrides(listen=("127.0.0.2:53", "[::1]:53")))
+    assert config.listen == (HostPort("127.0.0.2", 53), HostPort("::1", 53))
+
+
+def test_upstream_flag_without_zone_replaces_root_only() -> None:
+    config = parse(file_doc(), overrides=Overrides(upstreams=("127.0.0.2", "udp://[::1]:5300")))
+    root, cluster = config.zones
+    assert root.zone == "."
+    assert root.upstreams == (tcp("127.0.0.2"), UpstreamConfig("udp", "::1", 5300))
+    assert cluster.upstreams == (tcp("127.0.0.10", 5300),)
+
+
+def test_upstream_flag_keeps_the_zone_settings_of_the_file() -> None:
+    doc = file_doc()
+    doc["zones"][1]["upstreams"] = ["${KUBE_DNS_UPSTREAM_SERVICE_HOST}"]  # unset: replaced
+    config = parse(doc, overrides=Overrides(upstreams=("Cluster.Local=127.0.0.3:5300",)))
+    cluster = config.zones[1]
+    assert cluster.zone == "cluster.local."
+    assert cluster.upstreams == (tcp("127.0.0.3", 5300),)
+    assert (cluster.policy, cluster.deadline_s) == ("random", 1.5)
+
+
+def test_upstream_flag_adds_a_missing_zone_with_defaults() -> None:
+    doc = file_doc()
+    doc["cache"] = {"max_ttl_s": 300}
+    flags = ("example.org.=127.0.0.4", "example.org=127.0.0.5:5300", "127.0.0.6")
+    config = parse(doc, overrides=Overrides(upstreams=flags))
+    assert [z.zone for z in config.zones] == [".", "cluster.local.", "example.org."]
+    added = config.zones[2]
+    assert added.upstreams == (tcp("127.0.0.4"), tcp("127.0.0.5", 5300))
+    assert (added.policy, added.try_timeout_s, added.deadline_s) == ("sequential", 1.0, 2.0)
+    assert added.cache == CachePolicy(max_ttl_s=300)
+    assert config.zones[0].upstreams == (tcp("127.0.0.6"),)
+
+
+def test_upstream_flags_supply_zones_to_a_file_without_any() -> None:
+    config = parse({}, overrides=Overrides(upstreams=("127.0.0.2",)))
+    assert [(z.zone, z.upstreams) for z in config.zones] == [(".", (tcp("127.0.0.2"),))]
+
+
+def test_other_flags_override_their_keys() -> None:
+    doc = file_doc()
+    doc["http_listen"] = "127.0.0.1:9253"
+    doc["log"] = {"level": "info", "format": "text", "queries": True}
+    config = parse(
+        doc,
+        overrides=Overrides(http_listen="[::1]:9300", log_level="DEBUG", log_format="json"),
+    )
+    assert config.http_listen == HostPort("::1", 9300)
+    assert config.log == LogConfig("debug", "json", True)
+    assert parse(doc, overrides=Overrides(http_listen="none")).http_listen is None
+
+
+def test_flag_errors_name_the_flag() -> None:
+    overrides = Overrides(
+        listen=("127.0.0.1:53", "127.0.0.1"),
+        upstreams=("127.0.0.2", "cluster..local=127.0.0.3", "cluster.local=kube-dns"),
+        http_listen="9253",
+        log_level="loud",
+        log_format="xml",
+    )
+    assert problems(file_doc(), overrides=overrides) == [
+        "--listen[1]: '127.0.0.1' needs a port (ADDR:PORT)",
+        "--http-listen: '9253' needs an address too (ADDR:PORT, e.g. 127.0.0.1:9253)",
+        "--upstream[1]: 'cluster..local' is not a valid domain name",
+        "--upstream[2]: 'kube-dns' is a hostname; an IP address is required here",
+        "--log-level: must be one of debug, info, warning, error (got 'loud')",
+        "--log-format: must be one of text, json (got 'xml')",
+    ]
+
+
+def test_built_in_defaults_with_an_upstream_flag() -> None:
+    config = load_config(None, Overrides(upstreams=("127.0.0.2:5300",)), env={})
+    assert config.listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
+    assert config.http_listen == HostPort("127.0.0.1", 9253)
+    assert [str(n) for n in config.allow] == ["127.0.0.0/8", "::1/128"]
+    assert [(z.zone, z.upstreams) for z in config.zones] == [(".", (tcp("127.0.0.2", 5300),))]
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def test_load_config_reads_yaml_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "dnsproxy.yaml"
+    path.write_text(
+        "listen: ['${ADDR}:5353']\n"
+        "zones:\n"
+        "  - zone: cluster.local\n"
+        "    upstreams: ['tcp://[::1]:5300']\n"
+    )
+    config = load_config(str(path), env={"ADDR": "127.0.0.1"})
+    assert config.listen == (HostPort("127.0.0.1", 5353),)
+    assert config.zones[0].upstreams == (tcp("::1", 5300),)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("listen: ['127.0.0.1:53']\nzones:\n  - zone: .\n   upstreams: [x]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    [line] = info.value.lines()
+    assert line.startswith(f"{path}: invalid YAML at line 4, column ")
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("cache:\n  max_ttl_s: 60\ncache:\n  min_ttl_s: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert info.value.lines() == [
+        f"{path}: invalid YAML at line 3, column 1: duplicate key 'cache' "
+        "(while reading a mapping at line 1)"
+    ]
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "zones:\n"
+        "  - &base {zone: ., upstreams: ['127.0.0.2'], deadline_s: 1.5}\n"
+        "  - <<: *base\n"
+        "    zone: cluster.local\n"
+    )
+    config = load_config(str(path), env={})
+    assert [(z.zone, z.deadline_s) for z in config.zones] == [(".", 1.5), ("cluster.local.", 1.5)]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert info.value.lines() == [f"{path}: cannot read: No such file or directory"]
+
+
+def test_empty_file_needs_zones(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert info.value.problems == [
+        "zones: at least one zone is required (usually '.' for all names)"
+    ]
+
+
+# --- the shipped configuration ----------------------------------------------------------
+
+
+def test_shipped_config_is_valid() -> None:
+    # "." reads this host's /etc/resolv.conf, which a test cannot rely on; the flag
+    # replaces exactly that and everything else in the file is still validated.
+    config = load_config(str(SHIPPED), Overrides(upstreams=("127.0.0.2",)), env={})
+    assert config.listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
+    assert config.http_listen == HostPort("127.0.0.1", 9253)
+    assert [str(n) for n in config.allow] == ["127.0.0.0/8", "::1/128"]
+    assert [z.zone for z in config.zones] == ["."]
+    raw = yaml.safe_load(SHIPPED.read_text())
+    assert raw["zones"][0]["upstreams"] == ["resolv.conf"]
+    # The file spells out every default, so its values are the defaults.
+    assert config.cache == CachePolicy()
+    assert config.cache_max_entries == Config.__dataclass_fields__["cache_max_entries"].default
+    assert config.upstream == UpstreamPoolConfig()
+    assert config.limits == ServerLimits()
+    assert config.log == LogConfig()
+    assert config.shutdown_grace_s == 5.0
+
+
+def test_shipped_config_lists_every_key() -> None:
+    raw = yaml.safe_load(SHIPPED.read_text())
+    assert set(raw) == {
+        "listen",
+        "http_listen",
+        "acl",
+        "cache",
+        "upstream",
+        "limits",
+        "zones",
+        "log",
+        "shutdown",
+    }
+    assert set(raw["acl"]) == {"allow"}
+    assert set(raw["cache"]) == {"max_entries", *(f.name for f in fields(CachePolicy))}
+    assert set(raw["upstream"]) == {f.name for f in fields(UpstreamPoolConfig)}
+    assert set(raw["limits"]) == {f.name for f in fields(ServerLimits)}
+    assert set(raw["log"]) == {f.name for f in fields(LogConfig)}
+    assert set(raw["shutdown"]) == {"grace_s"}
+    assert set(raw["zones"][0]) == {
+        "zone",
+        "upstreams",
+        "policy",
+        "try_timeout_s",
+        "deadline_s",
+        "cache",
+    }
+
+
+def test_shipped_config_comments_every_key() -> None:
+    lines = SHIPPED.read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        if re.match(r"\s*(- )?[a-z_]+:", line):
+            before = lines[i - 1].strip() if i else ""
+            if not before.startswith(("#", "- #")):
+                undocumented.append(line.strip())
+    assert undocumented == []
