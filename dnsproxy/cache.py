@@ -84,7 +84,7 @@ def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tupl
     rcode = info.rcode
     ttls = info.ttls
     span = ttls[: info.authority_end]
-    if rcode == wire.NOERROR and info.ancount:
+    if rcode == wire.NOERROR and info.ancount and (info.answers_qtype or info.soa_index < 0):
         kind = POSITIVE
         raw_min = min(span) if span else 0
         base = tuple(_clamp(t, policy.min_ttl_s, policy.max_ttl_s) for t in ttls)
@@ -182,7 +182,9 @@ class Cache:
             self.by_kind[old.kind] -= 1
         self.store[key] = entry
         self.by_kind[entry.kind] += 1
-        if entry.rcode == wire.NXDOMAIN:
+        if entry.rcode == wire.NXDOMAIN and entry.body[6:8] == b"\x00\x00":
+            # Only a bare NXDOMAIN is about the name itself; behind a CNAME it is
+            # about the chain's target.
             nx = nxdomain_key(key)
             old = self.store.get(nx)
             if old is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import dnslib
+
 HEADER_LEN = 12
 
 # Response codes.
@@ -250,7 +252,7 @@ def parse_query(data: bytes) -> tuple[bytes, int, int]:
         raise BadQuery(NOTIMP, "opcode", qend)
     if data[10] or data[11]:
         edns = _parse_query_additional(data, qend, (data[10] << 8) | data[11])
-        flags = ((edns >> 16) & 1) | ((data[3] & _CD) >> 3)
+        flags = (((edns >> 16) & 1) if edns >= 0 else 0) | ((data[3] & _CD) >> 3)
     else:
         edns = -1
         flags = (data[3] & _CD) >> 3
@@ -384,8 +386,8 @@ class ResponseInfo:
 
     ``body`` is the reply with any OPT record removed (ARCOUNT adjusted) and AA cleared;
     ``ttl_offsets``/``ttls`` list every TTL field in ``body`` and its value (top-bit
-    values read as 0), ``answer_count`` of them belong to the answer section and
-    ``authority_end`` marks where the authority section's ones end.
+    values read as 0); the first ``authority_end`` of them belong to the answer and
+    authority sections.
     """
 
     body: bytes
@@ -397,6 +399,50 @@ class ResponseInfo:
     authority_end: int
     soa_index: int  # index into ttl_offsets of the first authority SOA, or -1
     soa_minimum: int
+    # The answer section holds a record of the asked type (or the type is CNAME/ANY); a
+    # NOERROR reply with answers but not this is NODATA behind a CNAME (RFC 2308 §2.2).
+    answers_qtype: bool = True
+
+
+# Types whose RDATA starts (after a fixed prefix) with a domain name that may be
+# compressed: the walk checks those names too, so a reply that a client could not parse
+# is never cached. Value: bytes before the name.
+_RDATA_NAME_AT = {2: 0, 5: 0, 12: 0, 39: 0, 15: 2, 33: 6}
+TYPE_CNAME = 5
+TYPE_ANY = 255
+
+
+def _check_name(data: bytes, off: int) -> int:
+    """End of the name at ``off``, following compression pointers to check the whole name.
+
+    Every pointer must point strictly before itself, which makes loops impossible
+    whatever the bytes say, and the expanded name must fit in 255 octets.
+    """
+    n = len(data)
+    end = -1
+    total = 0
+    while True:
+        if off >= n:
+            raise WireError("name runs past the end of the message")
+        length = data[off]
+        if length == 0:
+            return end if end >= 0 else off + 1
+        if length >= 0xC0:
+            if off + 1 >= n:
+                raise WireError("truncated compression pointer")
+            target = ((length & 0x3F) << 8) | data[off + 1]
+            if target >= off:
+                raise WireError("compression pointer does not point backwards")
+            if end < 0:
+                end = off + 2
+            off = target
+            continue
+        if length & 0xC0:
+            raise WireError("unsupported label type")
+        total += length + 1
+        if total > MAX_NAME_LEN:
+            raise WireError("name longer than 255 octets")
+        off += length + 1
 
 
 def inspect_response(data: bytes) -> ResponseInfo:
@@ -406,10 +452,14 @@ def inspect_response(data: bytes) -> ResponseInfo:
         raise WireError("reply shorter than a header")
     qdcount, ancount, nscount, arcount = struct.unpack_from(">HHHH", data, 4)
     off = HEADER_LEN
+    qtype = -1
     for _ in range(qdcount):
-        off = name_end(data, off) + 4
+        off = _check_name(data, off) + 4
         if off > n:
             raise WireError("question runs past the end of the message")
+        if qtype < 0:
+            qtype = (data[off - 4] << 8) | data[off - 3]
+    answers_qtype = qtype in (TYPE_CNAME, TYPE_ANY) or ancount == 0
     offsets: list[int] = []
     ttls: list[int] = []
     soa_index = -1
@@ -419,7 +469,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
     total = ancount + nscount + arcount
     for index in range(total):
         start = off
-        off = name_end(data, off)
+        off = _check_name(data, off)
         if off + 10 > n:
             raise WireError("record header runs past the end of the message")
         rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
@@ -434,33 +484,34 @@ def inspect_response(data: bytes) -> ResponseInfo:
         else:
             if ttl > TTL_MAX:
                 ttl = 0
-            if (
-                rtype == TYPE_SOA
-                and soa_index < 0
-                and ancount <= index < ancount + nscount
-                and rdlen >= 22
-            ):
-                p = name_end(data, rdata)
-                p = name_end(data, p)
+            if index < ancount and rtype == qtype:
+                answers_qtype = True
+            if rtype == TYPE_SOA:
+                p = _check_name(data, _check_name(data, rdata))
                 if p + 20 != end:
                     raise WireError("malformed SOA record")
-                soa_index = len(offsets)
-                soa_minimum = _U32.unpack_from(data, p + 16)[0]
-                if soa_minimum > TTL_MAX:
-                    soa_minimum = 0
+                if soa_index < 0 and ancount <= index < ancount + nscount:
+                    soa_index = len(offsets)
+                    soa_minimum = _U32.unpack_from(data, p + 16)[0]
+                    if soa_minimum > TTL_MAX:
+                        soa_minimum = 0
+            else:
+                skip = _RDATA_NAME_AT.get(rtype)
+                if skip is not None and (rdlen <= skip or _check_name(data, rdata + skip) > end):
+                    raise WireError("malformed name in record data")
             offsets.append(off + 4)
             ttls.append(ttl)
         if index + 1 == ancount + nscount:
             authority_end = len(offsets)
         off = end
-    if ancount + nscount == 0:
-        authority_end = 0
-    body = bytearray(data)
+    if opt_start >= 0 and opt_end != n:
+        # OPT before other records: cutting it out would shift the targets of later
+        # compression pointers, so re-encode the message without it (rare; off the
+        # hot path).
+        return inspect_response(_without_opt(data))
+    body = bytearray(data[:opt_start] if opt_start >= 0 else data)
     if opt_start >= 0:
-        cut = opt_end - opt_start
-        del body[opt_start:opt_end]
         _U16.pack_into(body, 10, arcount - 1)
-        offsets = [o - cut if o > opt_start else o for o in offsets]
     body[2] &= ~_AA & 0xFF
     return ResponseInfo(
         body=bytes(body),
@@ -472,7 +523,20 @@ def inspect_response(data: bytes) -> ResponseInfo:
         authority_end=authority_end,
         soa_index=soa_index,
         soa_minimum=soa_minimum,
+        answers_qtype=answers_qtype,
     )
+
+
+def _without_opt(data: bytes) -> bytes:
+    try:
+        record = dnslib.DNSRecord.parse(data)
+    except Exception as exc:  # dnslib raises several types for bad input
+        raise WireError(f"unparseable reply: {exc}") from None
+    record.ar = [rr for rr in record.ar if rr.rtype != TYPE_OPT]
+    packed: bytes = record.pack()
+    if len(packed) >= len(data):
+        raise WireError("re-encoding the reply did not remove its OPT record")
+    return packed
 
 
 def with_ttls(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...]) -> bytes:
@@ -489,7 +553,11 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
         return False
     if reply[0:2] != query_id or reply[4:6] != b"\x00\x01":
         return False
-    return reply[HEADER_LEN : HEADER_LEN + len(question)].lower() == question.lower()
+    name_end_ = HEADER_LEN + len(question) - 4
+    return (
+        reply[HEADER_LEN:name_end_].lower() == question[:-4].lower()
+        and reply[name_end_ : name_end_ + 4] == question[-4:]
+    )
 
 
 # --------------------------------------------------------------------------------------

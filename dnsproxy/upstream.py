@@ -1,0 +1,614 @@
+"""Talking to one upstream DNS server: pipelined TCP connection pools and plain UDP.
+
+:class:`TcpUpstream` keeps a few long-lived connections to one server and multiplexes many
+queries over each (RFC 7766 pipelining). Every query gets a fresh random ID that is unique
+on its connection; replies may come back in any order and are accepted only when QR is set
+and the ID and the question match what was sent (RFC 5452); anything else is dropped and
+counted. Connections are rotated after a maximum age, so that the load behind a Service
+ClusterIP spreads over its pods, and closed when idle.
+
+:class:`UdpUpstream` sends each query from a fresh connected socket (OS-chosen random source
+port, random ID) and repeats a truncated answer over TCP.
+
+Both return the reply with the caller's ID restored and raise :class:`UpstreamTimeout` or
+:class:`UpstreamError`; they never return a reply that failed validation. Counters are plain
+integers in :class:`UpstreamStats`, read by the metrics collector at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+from dataclasses import dataclass, replace
+from typing import cast
+
+from .config import UpstreamConfig, UpstreamPoolConfig
+from .wire import HEADER_LEN, WireError, question_end, reply_matches
+
+__all__ = [
+    "TcpUpstream",
+    "UdpUpstream",
+    "Upstream",
+    "UpstreamError",
+    "UpstreamStats",
+    "UpstreamTimeout",
+    "make_upstream",
+]
+
+log = logging.getLogger(__name__)
+
+_LEN_ID = struct.Struct(">HH")  # TCP length prefix followed by the message ID
+_ID = struct.Struct(">H")
+_TC = 0x02
+_MAX_MESSAGE = 0xFFFF
+_MAX_IDS = 0xFFFF  # in-flight cap per connection: one fewer than the ID space, so a free ID exists
+
+# Over TCP the ID only demultiplexes (spoofing would need the TCP sequence numbers), so the
+# fast Mersenne Twister is enough. Over UDP the ID is half of the defence against forged
+# replies (RFC 5452), so it comes from the OS.
+_tcp_id = random.getrandbits
+_udp_id = random.SystemRandom().getrandbits
+
+
+class UpstreamError(Exception):
+    """The upstream could not answer: connect refused or reset, closed, pool full, etc."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No valid reply within the query's time budget."""
+
+
+class _ConnectionLost(UpstreamError):
+    """The peer closed (or garbled) a connection with the query in flight.
+
+    RFC 7766 §6.2.1: a client retries once when a reused connection was closed by the
+    server, which happens routinely when the server's idle timeout beats ours.
+    """
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """Counters of one upstream server; plain ints so the hot path only increments."""
+
+    queries: int = 0
+    replies: int = 0
+    timeouts: int = 0
+    failures: int = 0  # errors other than timeouts, pool_full included
+    bad_replies: int = 0  # dropped: wrong ID / question / not QR / malformed / unsolicited
+    connects: int = 0
+    connect_failures: int = 0
+    retries: int = 0
+    tc_fallbacks: int = 0
+    pool_full: int = 0  # every connection at max in-flight and the pool at its size
+    # Gauges, kept up to date as connections open and queries come and go.
+    open_connections: int = 0
+    inflight: int = 0
+
+
+class Upstream:
+    """One upstream server. Subclasses implement :meth:`query` and :meth:`close`."""
+
+    config: UpstreamConfig
+    label: str
+    stats: UpstreamStats
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.label = config.label
+        self.stats = UpstreamStats()
+
+    async def query(self, wire: bytes, timeout_s: float) -> bytes:
+        """Send the query ``wire``; return the validated reply carrying ``wire``'s ID."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close every socket and fail the queries in flight."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+
+def make_upstream(config: UpstreamConfig, pool: UpstreamPoolConfig) -> Upstream:
+    if config.transport == "tcp":
+        return TcpUpstream(config, pool)
+    if config.transport == "udp":
+        return UdpUpstream(config, pool)
+    raise ValueError(f"unsupported upstream transport {config.transport!r}")
+
+
+def _question(wire: bytes) -> bytes:
+    """The question bytes of a query we are asked to send, or UpstreamError."""
+    if len(wire) > _MAX_MESSAGE:
+        raise UpstreamError("query longer than 65535 octets")
+    try:
+        return wire[HEADER_LEN : question_end(wire)]
+    except WireError as exc:
+        raise UpstreamError(f"malformed query: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# TCP
+
+
+class _Pending:
+    __slots__ = ("future", "question", "replies_seen", "timer")
+
+    def __init__(
+        self,
+        future: asyncio.Future[bytes],
+        question: bytes,
+        timer: asyncio.TimerHandle,
+        replies_seen: int,
+    ) -> None:
+        self.future = future
+        self.question = question
+        self.timer = timer
+        self.replies_seen = replies_seen
+
+
+class TcpUpstream(Upstream):
+    """A pool of pipelined TCP connections to one server.
+
+    Connections open lazily: a query goes to the least-loaded connection, and a new one
+    is opened (and given the query, which is written as soon as it connects) while every
+    existing connection has something in flight and the pool is below its size. When every
+    connection is at ``max_inflight_per_connection`` the query fails at once with
+    :class:`UpstreamError`, counted in ``pool_full``: waiting would be a hidden queue, and
+    the forwarder can use another server or answer SERVFAIL instead.
+
+    Connections past ``connection_max_age_s``, or that let a query time out without
+    answering anything since it was sent (likely a dead peer), take no new queries and
+    close once drained; they do not count against the pool size meanwhile.
+
+    There is no reconnect backoff here: a refused connect fails its queries at once, and
+    the forwarder's health checks decide when the server is tried again.
+    """
+
+    def __init__(self, config: UpstreamConfig, pool: UpstreamPoolConfig) -> None:
+        super().__init__(config)
+        self.pool = pool
+        self._size = max(1, pool.tcp_connections)
+        self._max_inflight = min(max(1, pool.max_inflight_per_connection), _MAX_IDS)
+        self._active: list[_TcpConnection] = []  # take new queries; includes connecting ones
+        self._draining: set[_TcpConnection] = set()  # retired, waiting for their replies
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def query(self, wire: bytes, timeout_s: float) -> bytes:
+        stats = self.stats
+        stats.queries += 1
+        try:
+            question = _question(wire)
+        except UpstreamError:
+            stats.failures += 1
+            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        retried = False
+        while True:
+            if self._closed:
+                stats.failures += 1
+                raise UpstreamError(f"{self.label}: upstream closed")
+            conn = self._pick(loop)
+            if conn is None:
+                stats.pool_full += 1
+                stats.failures += 1
+                raise UpstreamError(f"{self.label}: every connection is at its in-flight limit")
+            try:
+                reply = await conn.request(wire, question, deadline)
+            except _ConnectionLost:
+                if retried or loop.time() >= deadline:
+                    stats.failures += 1
+                    raise
+                retried = True
+                stats.retries += 1
+                continue
+            except UpstreamTimeout:
+                stats.timeouts += 1
+                raise
+            except UpstreamError:
+                stats.failures += 1
+                raise
+            stats.replies += 1
+            return wire[:2] + reply[2:]
+
+    def _pick(self, loop: asyncio.AbstractEventLoop) -> _TcpConnection | None:
+        best = None
+        best_load = self._max_inflight
+        for conn in self._active:
+            load = len(conn.pending)
+            if load < best_load:
+                best = conn
+                best_load = load
+        if (best is None or best_load > 0) and len(self._active) < self._size:
+            return self._open(loop)
+        return best
+
+    def _open(self, loop: asyncio.AbstractEventLoop) -> _TcpConnection:
+        conn = _TcpConnection(self, loop)
+        self._active.append(conn)
+        task = loop.create_task(self._connect(conn))
+        conn.connect_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return conn
+
+    async def _connect(self, conn: _TcpConnection) -> None:
+        loop = conn.loop
+        try:
+            async with asyncio.timeout(self.pool.connect_timeout_s):
+                await loop.create_connection(lambda: conn, self.config.host, self.config.port)
+        except Exception as exc:  # OSError, TimeoutError; anything else must not kill the pool
+            self.stats.connect_failures += 1
+            log.debug("%s: connect failed: %r", self.label, exc)
+            conn.close(UpstreamError, f"connect failed: {exc!r}")
+
+    def _retire(self, conn: _TcpConnection) -> None:
+        try:
+            self._active.remove(conn)
+        except ValueError:
+            return
+        self._draining.add(conn)
+
+    def _forget(self, conn: _TcpConnection) -> None:
+        try:
+            self._active.remove(conn)
+        except ValueError:
+            self._draining.discard(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        conns = [*self._active, *self._draining]
+        for conn in conns:
+            conn.close(UpstreamError, "upstream closed")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        lost = [conn.lost for conn in conns if not conn.lost.done()]
+        if lost:
+            # connection_lost runs one loop iteration after transport.close(); waiting
+            # for it means no transport outlives close(). Bounded in case a peer stalls.
+            await asyncio.wait(lost, timeout=1.0)
+
+
+class _TcpConnection(asyncio.Protocol):
+    """One pipelined connection: ID allocation, framing, reply matching, timers."""
+
+    def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.stats = owner.stats
+        self.pending: dict[int, _Pending] = {}
+        self.connect_task: asyncio.Task[None] | None = None
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self._transport: asyncio.Transport | None = None
+        self._backlog: list[tuple[int, bytes]] = []  # frames queued while connecting
+        self._buf = bytearray()
+        self._need = 2  # bytes the buffer must hold before a frame can be complete
+        self._closed = False
+        self._retired = False
+        self._replies = 0
+        self._idle_since = loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._age_timer: asyncio.TimerHandle | None = loop.call_later(
+            owner.pool.connection_max_age_s, self.retire
+        )
+
+    # -- queries
+
+    async def request(self, wire: bytes, question: bytes, deadline: float) -> bytes:
+        pending = self.pending
+        qid = _tcp_id(16)
+        while qid in pending:  # terminates: in-flight is capped below the ID space
+            qid = _tcp_id(16)
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        entry = _Pending(
+            future, question, self.loop.call_at(deadline, self._on_timeout, qid), self._replies
+        )
+        pending[qid] = entry
+        self.stats.inflight += 1
+        # Length prefix and message in one write (RFC 7766 §8): no segment carries half.
+        frame = _LEN_ID.pack(len(wire), qid) + wire[2:]
+        if self._transport is not None:
+            self._transport.write(frame)
+        else:
+            self._backlog.append((qid, frame))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # self.pending, not the local: _fail_all may have swapped the dict meanwhile.
+            if self.pending.get(qid) is entry:
+                self._release(qid, entry)
+            raise
+
+    def _release(self, qid: int, entry: _Pending) -> None:
+        del self.pending[qid]
+        entry.timer.cancel()
+        self.stats.inflight -= 1
+        if not self.pending:
+            self._idle_since = self.loop.time()
+            if self._retired:
+                self.close()
+
+    def _on_timeout(self, qid: int) -> None:
+        entry = self.pending.get(qid)
+        if entry is None:
+            return
+        self._release(qid, entry)
+        if not entry.future.done():
+            entry.future.set_exception(UpstreamTimeout(f"{self.owner.label}: timed out"))
+        if entry.replies_seen == self._replies:
+            # Nothing at all came back since this query went out: the peer is probably
+            # gone without a reset (a deleted pod), so stop feeding this connection.
+            self.retire()
+
+    def retire(self) -> None:
+        """Take no new queries; close once the ones in flight are done."""
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+            self._age_timer = None
+        if self._closed or self._retired:
+            return
+        self._retired = True
+        self.owner._retire(self)
+        if not self.pending:
+            self.close()
+
+    # -- lifecycle
+
+    def close(
+        self, error: type[UpstreamError] = UpstreamError, reason: str = "connection closed"
+    ) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.owner._forget(self)
+        self._cancel_timers()
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            task = self.connect_task
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+            if not self.lost.done():
+                self.lost.set_result(None)
+        self._fail_all(error, reason)
+
+    def _cancel_timers(self) -> None:
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+            self._age_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _fail_all(self, error: type[UpstreamError], reason: str) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = {}
+        self.stats.inflight -= len(pending)
+        message = f"{self.owner.label}: {reason}"
+        for entry in pending.values():
+            entry.timer.cancel()
+            if not entry.future.done():
+                # One instance per waiter: a shared exception would collect every
+                # waiter's traceback and keep their frames alive.
+                entry.future.set_exception(error(message))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
+        self.stats.open_connections += 1
+        self.stats.connects += 1
+        if self._closed:
+            transport.close()
+            return
+        self._transport = transport
+        pending = self.pending
+        frames = [frame for qid, frame in self._backlog if qid in pending]
+        self._backlog = []
+        if frames:
+            transport.write(b"".join(frames))
+        self._idle_timer = self.loop.call_later(self.owner.pool.idle_timeout_s, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.open_connections -= 1
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._closed:
+            return
+        self._closed = True
+        self.owner._forget(self)
+        self._cancel_timers()
+        if self.pending:
+            log.debug(
+                "%s: connection lost with %d in flight: %r",
+                self.owner.label,
+                len(self.pending),
+                exc,
+            )
+        self._fail_all(_ConnectionLost, "connection closed by peer")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost fails what is in flight
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._closed:
+            return
+        idle_s = self.owner.pool.idle_timeout_s
+        if self.pending:
+            left = idle_s
+        else:
+            left = self._idle_since + idle_s - self.loop.time()
+            if left <= 0:
+                self.close()
+                return
+        # One timer per connection, re-armed lazily, rather than one per idle transition.
+        self._idle_timer = self.loop.call_later(left, self._idle_check)
+
+    # -- replies
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            buf.clear()
+        n = len(data)
+        off = 0
+        while True:
+            if n - off < 2:
+                self._need = 2
+                break
+            length = (data[off] << 8) | data[off + 1]
+            if length < HEADER_LEN:
+                # Not a DNS message: the framing is lost and cannot be resynchronised.
+                self.stats.bad_replies += 1
+                self.close(_ConnectionLost, "bad framing from server")
+                return
+            end = off + 2 + length
+            if end > n:
+                self._need = 2 + length  # at most 65537, which bounds the buffer
+                break
+            self._on_reply(data[off + 2 : end])
+            if self._closed:
+                return
+            off = end
+        if off < n:
+            buf += memoryview(data)[off:]
+
+    def _on_reply(self, reply: bytes) -> None:
+        qid = (reply[0] << 8) | reply[1]
+        entry = self.pending.get(qid)
+        if entry is None or not reply_matches(reply, reply[0:2], entry.question):
+            self.stats.bad_replies += 1
+            return
+        self._replies += 1
+        self._release(qid, entry)
+        if not entry.future.done():
+            entry.future.set_result(reply)
+
+
+# --------------------------------------------------------------------------------------
+# UDP
+
+
+class _UdpExchange(asyncio.DatagramProtocol):
+    """One query on its own connected socket; the kernel filters the source address."""
+
+    def __init__(
+        self, future: asyncio.Future[bytes], qid: bytes, question: bytes, stats: UpstreamStats
+    ) -> None:
+        self.future = future
+        self.qid = qid
+        self.question = question
+        self.stats = stats
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if self.future.done() or not reply_matches(data, self.qid, self.question):
+            self.stats.bad_replies += 1
+            return
+        self.future.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable arrives here on a connected socket: fail fast.
+        if not self.future.done():
+            self.future.set_exception(UpstreamError(f"UDP error: {exc!r}"))
+
+
+def _expire(future: asyncio.Future[bytes], label: str) -> None:
+    if not future.done():
+        future.set_exception(UpstreamTimeout(f"{label}: timed out"))
+
+
+class UdpUpstream(Upstream):
+    """Plain UDP, one fresh socket per query; TC=1 answers are fetched again over TCP."""
+
+    def __init__(self, config: UpstreamConfig, pool: UpstreamPoolConfig) -> None:
+        super().__init__(config)
+        self.pool = pool
+        self._tcp: TcpUpstream | None = None
+        self._waiting: set[asyncio.Future[bytes]] = set()  # so close() can fail them
+        self._closed = False
+
+    async def query(self, wire: bytes, timeout_s: float) -> bytes:
+        stats = self.stats
+        stats.queries += 1
+        try:
+            if self._closed:
+                raise UpstreamError(f"{self.label}: upstream closed")
+            question = _question(wire)
+        except UpstreamError:
+            stats.failures += 1
+            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        stats.inflight += 1
+        try:
+            reply = await self._exchange(loop, wire, question, deadline)
+            if reply[2] & _TC:
+                stats.tc_fallbacks += 1
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise UpstreamTimeout(f"{self.label}: no time left for the TCP retry")
+                reply = await self._fallback().query(wire, remaining)
+            else:
+                reply = wire[:2] + reply[2:]
+        except UpstreamTimeout:
+            stats.timeouts += 1
+            raise
+        except UpstreamError:
+            stats.failures += 1
+            raise
+        finally:
+            stats.inflight -= 1
+        stats.replies += 1
+        return reply
+
+    async def _exchange(
+        self, loop: asyncio.AbstractEventLoop, wire: bytes, question: bytes, deadline: float
+    ) -> bytes:
+        qid = _ID.pack(_udp_id(16))
+        future: asyncio.Future[bytes] = loop.create_future()
+        protocol = _UdpExchange(future, qid, question, self.stats)
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: protocol, remote_addr=(self.config.host, self.config.port)
+            )
+        except OSError as exc:
+            raise UpstreamError(f"{self.label}: UDP socket: {exc!r}") from None
+        timer = loop.call_at(deadline, _expire, future, self.label)
+        self._waiting.add(future)
+        try:
+            transport.sendto(qid + wire[2:])
+            return await future
+        finally:
+            self._waiting.discard(future)
+            timer.cancel()
+            transport.close()
+
+    def _fallback(self) -> TcpUpstream:
+        if self._tcp is None:
+            # Truncated answers are rare: one connection is plenty.
+            self._tcp = TcpUpstream(
+                UpstreamConfig("tcp", self.config.host, self.config.port),
+                replace(self.pool, tcp_connections=1),
+            )
+        return self._tcp
+
+    async def close(self) -> None:
+        self._closed = True
+        for future in self._waiting:
+            if not future.done():
+                future.set_exception(UpstreamError(f"{self.label}: upstream closed"))
+        if self._tcp is not None:
+            await self._tcp.close()
