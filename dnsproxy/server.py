@@ -87,6 +87,11 @@ class Acl:
         return any(ip in net for net in self._networks)
 
 
+# A validated query: cache key, end of question, EDNS (see wire.parse_query), UDP reply
+# limit, wire.plan of it, and its qtype for the per-type counter.
+Parsed = tuple[bytes, int, int, int, int, int, int, int]
+
+
 def _count(table: dict[str, int], reason: str) -> None:
     table[reason] = table.get(reason, 0) + 1
 
@@ -103,6 +108,23 @@ class _Handler:
         self.max_udp = config.limits.udp_payload_size
         self.log_queries = config.log.queries
         self.closing = False
+        # Validated queries by their bytes after the ID: a repeated query (same name,
+        # case, flags and OPT; only the ID differs) skips validation entirely.
+        # parse_query never reads the ID, so the memo is exact. Cleared when full.
+        self.memo: dict[bytes, Parsed] = {}
+        self.memo_max = max(1024, config.cache_max_entries)
+
+    def parse(self, data: bytes) -> Parsed:
+        """Validate ``data`` (raises BadQuery) and remember the result for its repeats."""
+        key, qend, edns = wire.parse_query(data)
+        hi, ti, mode = wire.plan(data, edns)
+        limit = 512 if edns < 0 else min(edns & 0xFFFF, self.max_udp)
+        parsed = (key, qend, edns, limit, hi, ti, mode, (key[-5] << 8) | key[-4])
+        memo = self.memo
+        if len(memo) >= self.memo_max:
+            memo.clear()
+        memo[data[2:]] = parsed
+        return parsed
 
     def bad_query(self, data: bytes, exc: wire.BadQuery) -> bytes | None:
         """Error reply for a query that failed validation, or None to drop it."""
@@ -164,11 +186,13 @@ class _UdpListener:
         h = self.h
         stats = self.stats
         recvfrom = self.sock.recvfrom
+        sendto = self.sock.sendto
+        memo_get = h.memo.get
         store = h.cache.store
-        fast_key = wire.fast_key
-        splice = wire.splice
         monotonic = time.monotonic
-        max_udp = h.max_udp
+        acl = h.acl
+        qtypes = stats.qtypes
+        rcodes = stats.rcodes
         for _ in range(_UDP_BATCH):
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
@@ -181,65 +205,68 @@ class _UdpListener:
             if h.closing:
                 _count(stats.dropped, "shutting_down")
                 continue
-            fast = fast_key(data)
-            if fast is not None:
-                key, qend, edns = fast
+            parsed = memo_get(data[2:])
+            if parsed is not None:
+                key, qend, edns, limit, hi, ti, mode, qtype = parsed
                 try:
                     entry = store[key]
                 except KeyError:
                     entry = None
                 now = monotonic()
-                if (
-                    entry is not None
-                    and entry.expires_at > now
-                    and (h.acl is None or h.acl(addr[0]))
-                ):
+                if entry is not None and entry.expires_at > now and (acl is None or acl(addr[0])):
                     stats.udp_requests += 1
-                    stats.qtypes[(key[-5] << 8) | key[-4]] += 1
                     stats.hits += 1
-                    stats.rcodes[entry.rcode] += 1
+                    qtypes[qtype] += 1
+                    rcodes[entry.rcode] += 1
                     age = int(now - entry.stored_at)
-                    self.send(
-                        splice(
-                            entry.prepared if entry.age == age else entry.prepare(age, qend),
-                            data,
-                            qend,
-                            edns,
-                            512 if edns < 0 else min(edns & 0xFFFF, max_udp),
-                        ),
-                        addr,
-                    )
+                    prepared = entry.prepared if entry.age == age else entry.prepare(age, qend)
+                    head = prepared[hi]
+                    if mode == 0 or (mode == 1 and not head[1] & 0x20):
+                        reply = data[:2] + head + data[12:qend] + prepared[ti]
+                        if len(reply) > limit:
+                            reply = wire.truncated(reply, qend, edns)
+                    else:
+                        reply = wire.splice(prepared, data, qend, edns, limit)
+                    try:
+                        sendto(reply, addr)
+                    except OSError as exc:
+                        self._send_failed(exc)
                     if h.log_queries:
                         h.log_query(addr, "udp", key, entry.rcode, "cache")
                     continue
-            self._slow(data, addr)
+            self._slow(data, addr, parsed)
+
+    def _send_failed(self, exc: OSError) -> None:
+        if isinstance(exc, BlockingIOError | InterruptedError):
+            _count(self.stats.dropped, "udp_send_buffer_full")
+        else:
+            _count(self.stats.dropped, "udp_send_error")
 
     def send(self, reply: bytes, addr: Any) -> None:
         try:
             self.sock.sendto(reply, addr)
-        except (BlockingIOError, InterruptedError):
-            _count(self.stats.dropped, "udp_send_buffer_full")
-        except OSError:
-            _count(self.stats.dropped, "udp_send_error")
+        except OSError as exc:
+            self._send_failed(exc)
 
-    def _slow(self, data: bytes, addr: Any) -> None:
+    def _slow(self, data: bytes, addr: Any, parsed: Parsed | None) -> None:
         """Everything but a plain cache hit: validation, ACL, misses."""
         h = self.h
         stats = self.stats
-        try:
-            key, qend, edns = wire.parse_query(data)
-        except wire.BadQuery as exc:
-            reply = h.bad_query(data, exc)
-            if reply is not None:
-                self.send(reply, addr)
-            return
+        if parsed is None:
+            try:
+                parsed = h.parse(data)
+            except wire.BadQuery as exc:
+                reply = h.bad_query(data, exc)
+                if reply is not None:
+                    self.send(reply, addr)
+                return
+        key, qend, edns, limit, _hi, _ti, _mode, qtype = parsed
         stats.udp_requests += 1
-        stats.qtypes[(key[-5] << 8) | key[-4]] += 1
+        stats.qtypes[qtype] += 1
         if h.acl is not None and not h.acl(addr[0]):
             self.send(h.refuse(data, qend, edns), addr)
             return
         now = time.monotonic()
-        limit = 512 if edns < 0 else min(edns & 0xFFFF, h.max_udp)
         entry = h.cache.get(key, now)
         if entry is not None:
             stats.hits += 1
@@ -249,7 +276,7 @@ class _UdpListener:
                 h.log_query(addr, "udp", key, entry.rcode, "cache")
             return
         stats.misses += 1
-        if wire.key_qtype(key) in (wire.TYPE_AXFR, wire.TYPE_IXFR):
+        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
             stats.rcodes[wire.REFUSED] += 1
             self.send(wire.error_reply(data, wire.REFUSED, qend, edns), addr)
             return
@@ -350,15 +377,18 @@ class _TcpConnection(asyncio.Protocol):
     def _handle(self, data: bytes) -> None:
         stats = self.stats
         h = self.h
-        try:
-            key, qend, edns = wire.parse_query(data)
-        except wire.BadQuery as exc:
-            reply = h.bad_query(data, exc)
-            if reply is not None:
-                self._send(reply)
-            return
+        parsed = h.memo.get(data[2:])
+        if parsed is None:
+            try:
+                parsed = h.parse(data)
+            except wire.BadQuery as exc:
+                reply = h.bad_query(data, exc)
+                if reply is not None:
+                    self._send(reply)
+                return
+        key, qend, edns, _limit, _hi, _ti, _mode, qtype = parsed
         stats.tcp_requests += 1
-        stats.qtypes[(key[-5] << 8) | key[-4]] += 1
+        stats.qtypes[qtype] += 1
         if h.acl is not None and not h.acl(self.peer[0]):
             self._send(h.refuse(data, qend, edns))
             return
@@ -372,7 +402,7 @@ class _TcpConnection(asyncio.Protocol):
                 h.log_query(self.peer, "tcp", key, entry.rcode, "cache")
             return
         stats.misses += 1
-        if wire.key_qtype(key) == wire.TYPE_IXFR or wire.key_qtype(key) == wire.TYPE_AXFR:
+        if qtype == wire.TYPE_IXFR or qtype == wire.TYPE_AXFR:
             stats.rcodes[wire.REFUSED] += 1
             self._send(wire.error_reply(data, wire.REFUSED, qend, edns))
             return

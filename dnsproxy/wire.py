@@ -259,47 +259,6 @@ def parse_query(data: bytes) -> tuple[bytes, int, int]:
     return data[HEADER_LEN : i + 1].lower() + data[i + 1 : qend] + _KEY_FLAGS[flags], qend, edns
 
 
-def fast_key(data: bytes) -> tuple[bytes, int, int] | None:
-    """``(key, qend, edns)`` like :func:`parse_query` for the common query shape, else None.
-
-    Finds the end of the name with ``bytes.find`` instead of walking labels, so the key
-    is only good for a cache lookup: a key that is found was built from a query that
-    passed :func:`parse_query` when its entry was stored, which proves this question is
-    well formed too (lowercasing never changes a label length octet). Anything not found
-    goes through :func:`parse_query`.
-    """
-    if len(data) < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
-        return None
-    p = data.find(0, HEADER_LEN)
-    qend = p + 5
-    arcount = data[10:12]
-    if arcount == b"\x00\x00":
-        if p < 0 or qend > len(data):
-            return None
-        return (
-            data[HEADER_LEN : p + 1].lower()
-            + data[p + 1 : qend]
-            + _KEY_FLAGS[(data[3] & _CD) >> 3],
-            qend,
-            -1,
-        )
-    # One OPT right after the question, version 0, its length matching the packet.
-    if (
-        p < 0
-        or arcount != b"\x00\x01"
-        or len(data) < qend + 11
-        or data[qend : qend + 3] != b"\x00\x00\x29"
-        or len(data) != qend + 11 + ((data[qend + 9] << 8) | data[qend + 10])
-        or data[qend + 6]
-    ):
-        return None
-    size = (data[qend + 3] << 8) | data[qend + 4]
-    do = data[qend + 7] >> 7
-    edns = (size if size > MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD) | do << 16
-    flags = do | ((data[3] & _CD) >> 3)
-    return data[HEADER_LEN : p + 1].lower() + data[p + 1 : qend] + _KEY_FLAGS[flags], qend, edns
-
-
 def _parse_query_slow(data: bytes) -> tuple[bytes, int, int]:
     """Queries with QDCOUNT != 1 or records in the answer/authority sections."""
     qdcount = _U16.unpack_from(data, 4)[0]
@@ -636,6 +595,23 @@ def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -
     if limit and len(out) > limit:
         return truncated(out, qend, edns)
     return out
+
+
+# How a query picks from a Prepared reply: (head index, tail index, mode). Mode 0: the
+# concatenation is the answer; 1: so is it unless the stored reply has AD set (the client
+# asked for neither AD nor DO); 2: the client cleared RD, use :func:`splice`.
+Plan = tuple[int, int, int]
+
+
+def plan(query: bytes, edns: int) -> Plan:
+    """What :func:`splice` would pick for ``query``, so a memo of it can skip the checks."""
+    if query[2] & _RD == 0:
+        return (0, 2, 2) if edns < 0 else (1, 4 if edns & 0x10000 else 3, 2)
+    if edns < 0:
+        return 0, 2, 0 if query[3] & _AD else 1
+    if edns & 0x10000:
+        return 1, 4, 0
+    return 1, 3, 0 if query[3] & _AD else 1
 
 
 def render(
