@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[Entry], None]
 
-# A server that failed this many times in a row is tried after the healthy ones, and
-# given one chance again after _DOWN_RETRY_S.
+# A server that failed this many times in a row is marked down: tried only after the
+# healthy ones, and probed with ". IN NS" every _PROBE_INTERVAL_S until it answers.
 _MAX_FAILS = 2
-_DOWN_RETRY_S = 1.0
+_PROBE_INTERVAL_S = 0.5
+_PROBE_TIMEOUT_S = 1.0
+_PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -47,9 +49,16 @@ class ForwarderStats:
 
 @dataclass(slots=True)
 class _Server:
+    """Health of one upstream server, shared by every zone that uses it."""
+
     upstream: Upstream
     fails: int = 0
-    down_until: float = 0.0
+    probe: asyncio.Task[None] | None = None
+    probe_failures: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.fails < _MAX_FAILS
 
 
 @dataclass(slots=True)
@@ -58,7 +67,7 @@ class _Zone:
     servers: list[_Server]
     next_index: int = 0
 
-    def order(self, now: float) -> list[_Server]:
+    def order(self) -> list[_Server]:
         servers = self.servers
         policy = self.config.policy
         if policy == "random":
@@ -67,10 +76,10 @@ class _Zone:
             i = self.next_index % len(servers)
             self.next_index = i + 1
             servers = servers[i:] + servers[:i]
-        healthy = [s for s in servers if s.fails < _MAX_FAILS or s.down_until <= now]
+        healthy = [s for s in servers if s.up]
         if len(healthy) == len(servers):
             return servers
-        return healthy + [s for s in servers if s not in healthy]
+        return healthy + [s for s in servers if not s.up]
 
 
 @dataclass(slots=True)
@@ -88,9 +97,10 @@ class Forwarder:
         self._max_waiters = config.limits.max_waiters_per_query
         self.stats = ForwarderStats()
         self.upstreams: dict[str, Upstream] = {}
+        self.servers: dict[str, _Server] = {}
         self._zones: dict[bytes, _Zone] = {}
         for zone in config.zones:
-            servers = [_Server(self._upstream(u)) for u in zone.upstreams]
+            servers = [self._server(u) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
         self._inflight: dict[bytes, _Pending] = {}
         self.latency = Histogram(
@@ -101,12 +111,36 @@ class Forwarder:
             registry=None,
         )
 
-    def _upstream(self, config: UpstreamConfig) -> Upstream:
-        up = self.upstreams.get(config.label)
-        if up is None:
+    def _server(self, config: UpstreamConfig) -> _Server:
+        server = self.servers.get(config.label)
+        if server is None:
             up = make_upstream(config, self._config.upstream)
             self.upstreams[config.label] = up
-        return up
+            server = self.servers[config.label] = _Server(up)
+        return server
+
+    def _failed(self, server: _Server) -> None:
+        server.fails += 1
+        if server.fails == _MAX_FAILS and server.probe is None:
+            log.warning("upstream %s marked down; probing it", server.upstream.label)
+            server.probe = asyncio.get_running_loop().create_task(self._probe(server))
+
+    async def _probe(self, server: _Server) -> None:
+        """Ask ". IN NS" until the server answers, then mark it up again."""
+        up = server.upstream
+        try:
+            while not server.up:
+                try:
+                    reply = await up.query(_PROBE_QUERY, _PROBE_TIMEOUT_S)
+                    wire.inspect_response(reply)
+                except (UpstreamError, wire.WireError):
+                    server.probe_failures += 1
+                    await asyncio.sleep(_PROBE_INTERVAL_S)
+                    continue
+                server.fails = 0
+                log.warning("upstream %s answers again; marked up", up.label)
+        finally:
+            server.probe = None
 
     @property
     def inflight(self) -> int:
@@ -190,7 +224,7 @@ class Forwarder:
         deadline = loop.time() + zone.config.deadline_s
         policy = zone.config.cache
         last: wire.ResponseInfo | None = None
-        for server in _attempts(zone, time.monotonic()):
+        for server in _attempts(zone):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -199,11 +233,11 @@ class Forwarder:
             try:
                 reply = await up.query(query, min(zone.config.try_timeout_s, remaining))
             except UpstreamTimeout:
-                _failed(server)
+                self._failed(server)
                 continue
             except UpstreamError as exc:
                 log.debug("upstream %s failed: %s", up.label, exc)
-                _failed(server)
+                self._failed(server)
                 continue
             self.latency.labels(up.label).observe(loop.time() - started)
             try:
@@ -211,7 +245,7 @@ class Forwarder:
             except wire.WireError as exc:
                 self.stats.bad_replies += 1
                 log.debug("malformed reply from %s: %s", up.label, exc)
-                _failed(server)
+                self._failed(server)
                 continue
             server.fails = 0
             if info.rcode in (wire.SERVFAIL, wire.REFUSED):
@@ -236,6 +270,7 @@ class Forwarder:
 
     async def close(self) -> None:
         tasks = [p.task for p in self._inflight.values() if p.task is not None]
+        tasks += [s.probe for s in self.servers.values() if s.probe is not None]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -252,18 +287,12 @@ class Forwarder:
         return not pending
 
 
-def _attempts(zone: _Zone, now: float) -> Iterator[_Server]:
+def _attempts(zone: _Zone) -> Iterator[_Server]:
     """Servers to try in order: every server once, and at least two tries in all."""
-    order = zone.order(now)
+    order = zone.order()
     total = max(2, len(order))
     for i in range(total):
         yield order[i % len(order)]
-
-
-def _failed(server: _Server) -> None:
-    server.fails += 1
-    if server.fails >= _MAX_FAILS:
-        server.down_until = time.monotonic() + _DOWN_RETRY_S
 
 
 def _describe(question: bytes) -> str:

@@ -164,10 +164,40 @@ class StatsCollector:
             name: CounterMetricFamily(f"dnsproxy_upstream_{name}", doc, labels=["upstream"])
             for name, doc in per_upstream
         }
-        for label, up in app.forwarder.upstreams.items():
+        gauges = {
+            "open_connections": GaugeMetricFamily(
+                "dnsproxy_upstream_open_connections",
+                "Open connections to the upstream server.",
+                labels=["upstream"],
+            ),
+            "inflight": GaugeMetricFamily(
+                "dnsproxy_upstream_inflight",
+                "Queries sent to the upstream server and not yet answered.",
+                labels=["upstream"],
+            ),
+        }
+        up_gauge = GaugeMetricFamily(
+            "dnsproxy_upstream_up",
+            "1 while the upstream server is healthy, 0 while it is marked down and probed.",
+            labels=["upstream"],
+        )
+        probes = CounterMetricFamily(
+            "dnsproxy_upstream_healthcheck_failures",
+            "Failed health probes of a server marked down.",
+            labels=["upstream"],
+        )
+        for label, server in app.forwarder.servers.items():
+            stats = server.upstream.stats
             for name, _ in per_upstream:
-                families[name].add_metric([label], getattr(up.stats, name, 0))
+                families[name].add_metric([label], getattr(stats, name, 0))
+            for name, gauge in gauges.items():
+                gauge.add_metric([label], getattr(stats, name, 0))
+            up_gauge.add_metric([label], 1 if server.up else 0)
+            probes.add_metric([label], server.probe_failures)
         yield from families.values()
+        yield from gauges.values()
+        yield up_gauge
+        yield probes
         yield from app.forwarder.latency.collect()
 
 

@@ -436,3 +436,48 @@ async def test_failover_to_second_upstream() -> None:
     assert reply.rcode() == dns.rcode.NOERROR
     assert elapsed < 1.5, "a refused connection fails over without waiting for a timeout"
     assert len(good.queries) == 1
+
+
+async def test_dead_upstream_marked_down_probed_and_restored() -> None:
+    from conftest import make_config, running
+    from fakeupstream import FakeUpstream
+
+    from dnsproxy.config import UpstreamConfig
+
+    answer = zone_handler(RECORDS)
+    first_alive = {"yes": False}
+
+    def first(query: dns.message.Message, transport: str) -> object:
+        return answer(query, transport) if first_alive["yes"] else Drop()
+
+    async with (
+        FakeUpstream(first) as primary,  # type: ignore[arg-type]
+        FakeUpstream(answer) as backup,
+    ):
+        config = make_config(
+            primary.port,
+            extra_upstreams=(UpstreamConfig("tcp", "127.0.0.1", backup.port),),
+            try_timeout_s=0.3,
+            cache=CachePolicy(max_ttl_s=0, min_ttl_s=0),
+        )
+        async with running(config) as app:
+            label = f"tcp://127.0.0.1:{primary.port}"
+            server = app.forwarder.servers[label]
+            # Two timeouts mark the primary down; each query still gets its answer.
+            for name in ("www.example.", "mail.example."):
+                assert (await ask_udp(app, name)).rcode() == dns.rcode.NOERROR
+            assert not server.up
+            # While down, queries go straight to the backup: no try timeout is paid.
+            started = time.monotonic()
+            assert (await ask_udp(app, "example.", "MX")).rcode() == dns.rcode.NOERROR
+            assert time.monotonic() - started < 0.3
+            # The primary recovers; the ". NS" probe notices and it takes traffic again.
+            first_alive["yes"] = True
+            async with asyncio.timeout(5):
+                while not server.up:
+                    await asyncio.sleep(0.05)
+            before = len(primary.queries)
+            assert (await ask_udp(app, "example.", "TXT")).rcode() == dns.rcode.NOERROR
+            assert len(primary.queries) == before + 1
+    probes = [q for _, q in primary.queries if q.question[0].rdtype == dns.rdatatype.NS]
+    assert probes and probes[0].question[0].name == dns.name.root
