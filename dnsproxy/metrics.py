@@ -227,9 +227,13 @@ class HttpEndpoint:
         self.heartbeat = time.monotonic()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family})
-        self._server: WSGIServer = make_server(
-            host, port, self._app, server_class=server_class, handler_class=_QuietHandler
-        )
+        try:
+            self._server: WSGIServer = make_server(
+                host, port, self._app, server_class=server_class, handler_class=_QuietHandler
+            )
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(exc.errno, f"cannot bind HTTP {where}: {exc.strerror}") from None
         self.port: int = self._server.server_port
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dnsproxy-http", daemon=True

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
@@ -140,6 +141,56 @@ class _Handler:
         self.stats.rcodes[wire.REFUSED] += 1
         return wire.error_reply(data, wire.REFUSED, qend, edns)
 
+    def serve(
+        self,
+        data: bytes,
+        parsed: Parsed | None,
+        peer: Any,
+        tcp: bool,
+        send: Callable[[bytes], None],
+        deliver: Callable[[bytes, bytes, int, int, Entry], None],
+    ) -> bool:
+        """Answer a query the UDP fast path did not (or a TCP one); True when forwarded.
+
+        Validation, ACL, cache lookup, refusals; a miss goes to the forwarder, which
+        calls ``deliver(key, data, qend, edns, entry)`` once with the outcome.
+        """
+        stats = self.stats
+        if parsed is None:
+            try:
+                parsed = self.parse(data)
+            except wire.BadQuery as exc:
+                reply = self.bad_query(data, exc)
+                if reply is not None:
+                    send(reply)
+                return False
+        key, qend, edns, limit, _hi, _ti, _mode, qtype = parsed
+        if tcp:
+            stats.tcp_requests += 1
+            limit = _TCP_MAX_REPLY
+        else:
+            stats.udp_requests += 1
+        stats.qtypes[qtype] += 1
+        if self.acl is not None and not self.acl(peer[0]):
+            send(self.refuse(data, qend, edns))
+            return False
+        now = time.monotonic()
+        entry = self.cache.get(key, now)
+        if entry is not None:
+            stats.hits += 1
+            stats.rcodes[entry.rcode] += 1
+            send(entry.answer(data, qend, edns, now, limit))
+            if self.log_queries:
+                self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "cache")
+            return False
+        stats.misses += 1
+        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
+            stats.rcodes[wire.REFUSED] += 1
+            send(wire.error_reply(data, wire.REFUSED, qend, edns))
+            return False
+        self.forwarder.submit(key, data, qend, partial(deliver, key, data, qend, edns))
+        return True
+
     def log_query(self, peer: Any, proto: str, key: bytes, rcode: int, source: str) -> None:
         try:
             name = wire.read_name(key, 0)
@@ -249,41 +300,12 @@ class _UdpListener:
             self._send_failed(exc)
 
     def _slow(self, data: bytes, addr: Any, parsed: Parsed | None) -> None:
-        """Everything but a plain cache hit: validation, ACL, misses."""
-        h = self.h
-        stats = self.stats
-        if parsed is None:
-            try:
-                parsed = h.parse(data)
-            except wire.BadQuery as exc:
-                reply = h.bad_query(data, exc)
-                if reply is not None:
-                    self.send(reply, addr)
-                return
-        key, qend, edns, limit, _hi, _ti, _mode, qtype = parsed
-        stats.udp_requests += 1
-        stats.qtypes[qtype] += 1
-        if h.acl is not None and not h.acl(addr[0]):
-            self.send(h.refuse(data, qend, edns), addr)
-            return
-        now = time.monotonic()
-        entry = h.cache.get(key, now)
-        if entry is not None:
-            stats.hits += 1
-            stats.rcodes[entry.rcode] += 1
-            self.send(entry.answer(data, qend, edns, now, limit), addr)
-            if h.log_queries:
-                h.log_query(addr, "udp", key, entry.rcode, "cache")
-            return
-        stats.misses += 1
-        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
-            stats.rcodes[wire.REFUSED] += 1
-            self.send(wire.error_reply(data, wire.REFUSED, qend, edns), addr)
-            return
-        h.forwarder.submit(key, data, qend, partial(self._deliver, key, data, qend, edns, addr))
+        self.h.serve(
+            data, parsed, addr, False, partial(self.send, addr=addr), partial(self._deliver, addr)
+        )
 
     def _deliver(
-        self, key: bytes, data: bytes, qend: int, edns: int, addr: Any, entry: Entry
+        self, addr: Any, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
     ) -> None:
         if self.closed:
             _count(self.stats.dropped, "listener_closed")
@@ -375,39 +397,9 @@ class _TcpConnection(asyncio.Protocol):
         self.transport.write(len(reply).to_bytes(2, "big") + reply)
 
     def _handle(self, data: bytes) -> None:
-        stats = self.stats
         h = self.h
-        parsed = h.memo.get(data[2:])
-        if parsed is None:
-            try:
-                parsed = h.parse(data)
-            except wire.BadQuery as exc:
-                reply = h.bad_query(data, exc)
-                if reply is not None:
-                    self._send(reply)
-                return
-        key, qend, edns, _limit, _hi, _ti, _mode, qtype = parsed
-        stats.tcp_requests += 1
-        stats.qtypes[qtype] += 1
-        if h.acl is not None and not h.acl(self.peer[0]):
-            self._send(h.refuse(data, qend, edns))
-            return
-        now = time.monotonic()
-        entry = h.cache.get(key, now)
-        if entry is not None:
-            stats.hits += 1
-            stats.rcodes[entry.rcode] += 1
-            self._send(entry.answer(data, qend, edns, now, _TCP_MAX_REPLY))
-            if h.log_queries:
-                h.log_query(self.peer, "tcp", key, entry.rcode, "cache")
-            return
-        stats.misses += 1
-        if qtype == wire.TYPE_IXFR or qtype == wire.TYPE_AXFR:
-            stats.rcodes[wire.REFUSED] += 1
-            self._send(wire.error_reply(data, wire.REFUSED, qend, edns))
-            return
-        self.pending += 1
-        h.forwarder.submit(key, data, qend, partial(self._deliver, key, data, qend, edns))
+        if h.serve(data, h.memo.get(data[2:]), self.peer, True, self._send, self._deliver):
+            self.pending += 1
 
     def _deliver(self, key: bytes, data: bytes, qend: int, edns: int, entry: Entry) -> None:
         self.pending -= 1
@@ -455,6 +447,9 @@ class DnsServer:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.setblocking(False)
                 sock.bind((hp.host, hp.port))
+            except OSError as exc:
+                sock.close()
+                raise OSError(exc.errno, f"cannot bind UDP {hp}: {exc.strerror}") from None
             except BaseException:
                 sock.close()
                 raise
