@@ -481,3 +481,62 @@ async def test_dead_upstream_marked_down_probed_and_restored() -> None:
             assert len(primary.queries) == before + 1
     probes = [q for _, q in primary.queries if q.question[0].rdtype == dns.rdatatype.NS]
     assert probes and probes[0].question[0].name == dns.name.root
+
+
+async def test_health_turns_503_while_the_event_loop_is_stalled() -> None:
+    async with proxy_with(http=True) as (app, _fake):
+        assert app.http is not None
+        url = f"http://127.0.0.1:{app.http.port}/health"
+
+        def status() -> int:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+
+        assert await asyncio.to_thread(status) == 200
+        probe = asyncio.ensure_future(asyncio.to_thread(lambda: (time.sleep(2.6), status())[1]))
+        await asyncio.sleep(0.1)
+        time.sleep(3.0)  # block the loop, as a runaway computation would
+        assert await probe == 503
+        await asyncio.sleep(0.7)  # the heartbeat ticks again
+        assert await asyncio.to_thread(status) == 200
+
+
+async def test_log_queries_writes_one_line_per_query(caplog: pytest.LogCaptureFixture) -> None:
+    from dnsproxy.config import LogConfig
+
+    caplog.set_level("INFO", logger="dnsproxy.query")
+    async with proxy_with(log=LogConfig(queries=True)) as (app, _fake):
+        await ask_udp(app, "www.example.")
+        await ask_udp(app, "www.example.")
+        await ask_tcp(app, "nothere.example.", "AAAA")
+    lines = [r.getMessage() for r in caplog.records if r.name == "dnsproxy.query"]
+    assert len(lines) == 3
+    assert "www.example." in lines[0] and "upstream" in lines[0]
+    assert "cache" in lines[1]
+    assert "tcp" in lines[2] and "rcode=3" in lines[2]
+
+
+async def test_no_query_lines_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    async with proxy_with() as (app, _fake):
+        await ask_udp(app, "www.example.")
+    assert not [r for r in caplog.records if r.name == "dnsproxy.query"]
+
+
+async def test_tcp_garbage_closes_that_connection_only() -> None:
+    rng = random.Random(99)
+    async with proxy_with() as (app, _fake):
+        host, port = addr(app)
+        for _ in range(50):
+            _reader, writer = await asyncio.open_connection(host, port)
+            size = rng.randint(0, 40)
+            writer.write(struct.pack(">H", size) + bytes(rng.getrandbits(8) for _ in range(size)))
+            await writer.drain()
+            writer.close()
+        good = await ask_tcp(app, "www.example.")
+        stats = app.server.stats
+    assert good.rcode() == dns.rcode.NOERROR
+    assert sum(stats.dropped.values()) + sum(stats.invalid.values()) >= 25
