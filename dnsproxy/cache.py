@@ -3,15 +3,12 @@
 Sans-IO: every method that needs the time takes ``now`` (seconds, monotonic). Entries
 hold the reply in stored form (no OPT, ID 0, TTLs already clamped) together with the
 offsets of its TTL fields, so a hit is answered by :func:`dnsproxy.wire.render` without
-parsing. The store is a ``cachetools.LRUCache`` bounded by entry count; evictions are
-counted.
+parsing. The store is an LRU bounded by entry count; evictions are counted.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import cachetools
+from collections import OrderedDict
 
 from dnsproxy import wire
 from dnsproxy.config import CachePolicy
@@ -87,7 +84,12 @@ def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tupl
     if rcode == wire.NOERROR and info.ancount and (info.answers_qtype or info.soa_index < 0):
         kind = POSITIVE
         raw_min = min(span) if span else 0
-        base = tuple(_clamp(t, policy.min_ttl_s, policy.max_ttl_s) for t in ttls)
+        low, high = policy.min_ttl_s, policy.max_ttl_s
+        base = (
+            ttls
+            if low <= min(ttls) and max(ttls) <= high
+            else tuple(_clamp(t, low, high) for t in ttls)
+        )
         cacheable = raw_min > 0
     elif (rcode == wire.NXDOMAIN or rcode == wire.NOERROR) and info.soa_index >= 0:
         # RFC 2308 §5: the negative TTL is min(SOA TTL, SOA MINIMUM).
@@ -109,7 +111,7 @@ def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tupl
         cacheable = False
     base_span = base[: info.authority_end]
     ttl_s = min(base_span) if base_span else 0
-    body = wire.with_ttls(info.body, info.ttl_offsets, base)
+    body = info.body if base == ttls else wire.with_ttls(info.body, info.ttl_offsets, base)
     return Entry(body, info.ttl_offsets, base, now, ttl_s, kind, rcode), cacheable and ttl_s > 0
 
 
@@ -132,66 +134,57 @@ def nxdomain_key(key: bytes) -> bytes:
     return key[:-5] + key[-3:-1] + b"N" + key[-1:]
 
 
-class _Store(cachetools.LRUCache[bytes, Entry]):
-    def __init__(self, maxsize: int, owner: Cache) -> None:
-        super().__init__(maxsize)
-        self._owner = owner
-
-    def popitem(self) -> tuple[bytes, Entry]:
-        key, entry = super().popitem()
-        self._owner._evicted(entry)
-        return key, entry
-
-
 class Cache:
-    """Bounded LRU packet cache with per-kind entry counts and eviction counting."""
+    """Bounded LRU packet cache with per-kind entry counts and eviction counting.
+
+    The store is an ``OrderedDict`` used as an LRU (``move_to_end`` on use,
+    ``popitem(last=False)`` to evict). The server's fast path reads ``store`` directly.
+    """
 
     def __init__(self, max_entries: int) -> None:
-        self.store: _Store = _Store(max_entries, self)
+        self.store: OrderedDict[bytes, Entry] = OrderedDict()
+        self.max_entries = max_entries
         self.evictions = 0
         self.by_kind = [0, 0, 0]
 
     def __len__(self) -> int:
         return len(self.store)
 
-    @property
-    def max_entries(self) -> int:
-        return int(self.store.maxsize)
-
-    def _evicted(self, entry: Entry) -> None:
-        self.evictions += 1
-        self.by_kind[entry.kind] -= 1
-
     def get(self, key: bytes, now: float) -> Entry | None:
-        """The live entry for ``key`` (touching its LRU position), or None."""
-        try:
-            entry = self.store[key]
-        except KeyError:
+        """The live entry for ``key`` (marking it recently used), or None."""
+        entry = self.store.get(key)
+        if entry is None or entry.expires_at <= now:
             return None
-        return entry if entry.expires_at > now else None
+        self.store.move_to_end(key)
+        return entry
 
     def get_nxdomain(self, key: bytes, now: float) -> Entry | None:
         return self.get(nxdomain_key(key), now)
 
     def put(self, key: bytes, entry: Entry, now: float) -> bool:
         """Store ``entry``; a SERVFAIL never replaces a live answer. True if stored."""
-        old: Any = self.store.get(key)
-        if old is not None:
-            if entry.kind == SERVFAIL and old.kind != SERVFAIL and old.expires_at > now:
+        if entry.kind == SERVFAIL:
+            old = self.store.get(key)
+            if old is not None and old.kind != SERVFAIL and old.expires_at > now:
                 return False
-            self.by_kind[old.kind] -= 1
-        self.store[key] = entry
-        self.by_kind[entry.kind] += 1
+        self._set(key, entry)
         if entry.rcode == wire.NXDOMAIN and entry.body[6:8] == b"\x00\x00":
             # Only a bare NXDOMAIN is about the name itself; behind a CNAME it is
             # about the chain's target.
-            nx = nxdomain_key(key)
-            old = self.store.get(nx)
-            if old is not None:
-                self.by_kind[old.kind] -= 1
-            self.store[nx] = entry
-            self.by_kind[entry.kind] += 1
+            self._set(nxdomain_key(key), entry)
         return True
+
+    def _set(self, key: bytes, entry: Entry) -> None:
+        store = self.store
+        old = store.pop(key, None)
+        if old is not None:
+            self.by_kind[old.kind] -= 1
+        store[key] = entry
+        self.by_kind[entry.kind] += 1
+        if len(store) > self.max_entries:
+            _, evicted = store.popitem(last=False)
+            self.evictions += 1
+            self.by_kind[evicted.kind] -= 1
 
     def clear(self) -> None:
         self.store.clear()

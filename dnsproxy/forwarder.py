@@ -11,10 +11,9 @@ import asyncio
 import logging
 import random
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-
-from prometheus_client import Histogram
+from dataclasses import dataclass
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry, make_entry, servfail_entry
@@ -47,11 +46,30 @@ class ForwarderStats:
     bad_replies: int = 0  # replies that failed the wire walk
 
 
+class LatencyHistogram:
+    """Upstream reply latency in buckets: plain ints, exported at scrape time.
+
+    prometheus_client's Histogram takes a lock and does several calls per observation;
+    this one is only touched from the event loop thread, so a list of ints will do.
+    """
+
+    __slots__ = ("counts", "total_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total_s += seconds
+
+
 @dataclass(slots=True)
 class _Server:
     """Health of one upstream server, shared by every zone that uses it."""
 
     upstream: Upstream
+    latency: LatencyHistogram
     fails: int = 0
     probe: asyncio.Task[None] | None = None
     probe_failures: int = 0
@@ -82,11 +100,12 @@ class _Zone:
         return healthy + [s for s in servers if not s.up]
 
 
-@dataclass(slots=True)
 class _Pending:
-    waiters: list[Deliver]
-    task: asyncio.Task[None] | None = None
-    started: float = field(default_factory=time.monotonic)
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, deliver: Deliver) -> None:
+        self.waiters = [deliver]
+        self.task: asyncio.Task[None] | None = None
 
 
 class Forwarder:
@@ -103,20 +122,13 @@ class Forwarder:
             servers = [self._server(u) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
         self._inflight: dict[bytes, _Pending] = {}
-        self.latency = Histogram(
-            "dnsproxy_upstream_request_duration_seconds",
-            "Time from sending a query to an upstream server to its valid reply.",
-            ["upstream"],
-            buckets=LATENCY_BUCKETS,
-            registry=None,
-        )
 
     def _server(self, config: UpstreamConfig) -> _Server:
         server = self.servers.get(config.label)
         if server is None:
             up = make_upstream(config, self._config.upstream)
             self.upstreams[config.label] = up
-            server = self.servers[config.label] = _Server(up)
+            server = self.servers[config.label] = _Server(up, LatencyHistogram())
         return server
 
     def _failed(self, server: _Server) -> None:
@@ -182,7 +194,7 @@ class Forwarder:
             deliver(self._synth(query, qend, key, wire.SERVFAIL))
             return
         self.stats.upstream_misses += 1
-        pending = _Pending([deliver])
+        pending = _Pending(deliver)
         self._inflight[key] = pending
         pending.task = asyncio.get_running_loop().create_task(
             self._run(key, query[wire.HEADER_LEN : qend], zone, pending)
@@ -239,7 +251,7 @@ class Forwarder:
                 log.debug("upstream %s failed: %s", up.label, exc)
                 self._failed(server)
                 continue
-            self.latency.labels(up.label).observe(loop.time() - started)
+            server.latency.observe(loop.time() - started)
             try:
                 info = wire.inspect_response(reply)
             except wire.WireError as exc:

@@ -15,16 +15,23 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import dnslib
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from dnsproxy import __version__
 from dnsproxy.cache import KIND_NAMES
+from dnsproxy.forwarder import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from dnsproxy.app import App
@@ -198,7 +205,21 @@ class StatsCollector:
         yield from gauges.values()
         yield up_gauge
         yield probes
-        yield from app.forwarder.latency.collect()
+        latency = HistogramMetricFamily(
+            "dnsproxy_upstream_request_duration_seconds",
+            "Time from sending a query to an upstream server to its valid reply.",
+            labels=["upstream"],
+        )
+        for label, server in app.forwarder.servers.items():
+            counts = server.latency.counts.copy()
+            cumulative = list(accumulate(counts))
+            buckets = [
+                (str(float(bound)), float(n))
+                for bound, n in zip(LATENCY_BUCKETS, cumulative, strict=False)
+            ]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            latency.add_metric([label], buckets, server.latency.total_s)
+        yield latency
 
 
 def _by_reason(name: str, doc: str, table: dict[str, int]) -> CounterMetricFamily:

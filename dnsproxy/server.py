@@ -239,7 +239,8 @@ class _UdpListener:
         recvfrom = self.sock.recvfrom
         sendto = self.sock.sendto
         memo_get = h.memo.get
-        store = h.cache.store
+        store_get = h.cache.store.get
+        touch = h.cache.store.move_to_end
         monotonic = time.monotonic
         acl = h.acl
         qtypes = stats.qtypes
@@ -259,12 +260,10 @@ class _UdpListener:
             parsed = memo_get(data[2:])
             if parsed is not None:
                 key, qend, edns, limit, hi, ti, mode, qtype = parsed
-                try:
-                    entry = store[key]
-                except KeyError:
-                    entry = None
+                entry = store_get(key)
                 now = monotonic()
                 if entry is not None and entry.expires_at > now and (acl is None or acl(addr[0])):
+                    touch(key)
                     stats.udp_requests += 1
                     stats.hits += 1
                     qtypes[qtype] += 1
