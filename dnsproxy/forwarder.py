@@ -12,13 +12,14 @@ import logging
 import random
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry, make_entry, servfail_entry
 from dnsproxy.config import Config, UpstreamConfig, ZoneConfig
-from dnsproxy.upstream import Upstream, UpstreamError, UpstreamTimeout, make_upstream
+from dnsproxy.upstream import Request, Upstream, UpstreamError, make_upstream
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,45 @@ class _Zone:
         return healthy + [s for s in servers if not s.up]
 
 
-class _Pending:
-    __slots__ = ("task", "waiters")
+class _Resolution:
+    """One distinct question on its way upstream, and the clients waiting for it.
 
-    def __init__(self, deliver: Deliver) -> None:
+    Driven by callbacks, not a task: each attempt hands the query to an upstream with
+    :meth:`Upstream.send`, whose callback either finishes the resolution or starts the
+    next attempt. A miss then costs no task, no coroutine and no extra loop turn.
+    """
+
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "done",
+        "key",
+        "last",
+        "order",
+        "query",
+        "question",
+        "request",
+        "server",
+        "started",
+        "waiters",
+        "zone",
+    )
+
+    def __init__(self, key: bytes, question: bytes, zone: _Zone, deliver: Deliver) -> None:
+        self.key = key
+        self.question = question
+        self.zone = zone
         self.waiters = [deliver]
-        self.task: asyncio.Task[None] | None = None
+        do, cd = wire.key_flags(key)
+        self.query = wire.upstream_query(question, cd, do)
+        self.order = zone.order()
+        self.attempt = 0
+        self.deadline = 0.0
+        self.last: wire.ResponseInfo | None = None
+        self.server: _Server | None = None
+        self.started = 0.0
+        self.request: Request | None = None
+        self.done = False
 
 
 class Forwarder:
@@ -121,7 +155,7 @@ class Forwarder:
         for zone in config.zones:
             servers = [self._server(u) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
-        self._inflight: dict[bytes, _Pending] = {}
+        self._inflight: dict[bytes, _Resolution] = {}
 
     def _server(self, config: UpstreamConfig) -> _Server:
         server = self.servers.get(config.label)
@@ -194,11 +228,10 @@ class Forwarder:
             deliver(self._synth(query, qend, key, wire.SERVFAIL))
             return
         self.stats.upstream_misses += 1
-        pending = _Pending(deliver)
-        self._inflight[key] = pending
-        pending.task = asyncio.get_running_loop().create_task(
-            self._run(key, query[wire.HEADER_LEN : qend], zone, pending)
-        )
+        resolution = _Resolution(key, query[wire.HEADER_LEN : qend], zone, deliver)
+        resolution.deadline = asyncio.get_running_loop().time() + zone.config.deadline_s
+        self._inflight[key] = resolution
+        self._next(resolution)
 
     async def resolve(self, key: bytes, query: bytes, qend: int) -> Entry:
         """Awaitable form of :meth:`submit`; cancelling it never cancels other waiters."""
@@ -215,96 +248,109 @@ class Forwarder:
         body = wire.synth_body(query[wire.HEADER_LEN : qend], rcode, wire.key_flags(key)[1])
         return Entry(body, (), (), time.monotonic(), 0, 2, rcode)
 
-    async def _run(self, key: bytes, question: bytes, zone: _Zone, pending: _Pending) -> None:
+    def _next(self, r: _Resolution) -> None:
+        """Start the next attempt, or finish when attempts or time have run out."""
+        loop = asyncio.get_running_loop()
+        order = r.order
+        # Every server once, and at least two tries in all, within the deadline.
+        if r.attempt < max(2, len(order)):
+            remaining = r.deadline - loop.time()
+            if remaining > 0:
+                server = order[r.attempt % len(order)]
+                r.attempt += 1
+                r.server = server
+                r.started = loop.time()
+                timeout = min(r.zone.config.try_timeout_s, remaining)
+                r.request = server.upstream.send(r.query, timeout, partial(self._reply, r))
+                return
+        self._finish(r, self._failure(r))
+
+    def _reply(self, r: _Resolution, reply: bytes | None, error: UpstreamError | None) -> None:
+        if r.done:
+            return
         try:
-            entry = await self._resolve(key, question, zone)
+            server = r.server
+            assert server is not None
+            if error is not None or reply is None:
+                log.debug("upstream %s failed: %s", server.upstream.label, error)
+                self._failed(server)
+                self._next(r)
+                return
+            server.latency.observe(asyncio.get_running_loop().time() - r.started)
+            try:
+                info = wire.inspect_response(reply)
+            except wire.WireError as exc:
+                self.stats.bad_replies += 1
+                log.debug("malformed reply from %s: %s", server.upstream.label, exc)
+                self._failed(server)
+                self._next(r)
+                return
+            server.fails = 0
+            if info.rcode == wire.SERVFAIL or info.rcode == wire.REFUSED:
+                # Another server of the group may do better; keep this one as a fallback.
+                r.last = info
+                self._next(r)
+                return
+            now = time.monotonic()
+            entry, cacheable = make_entry(info, r.zone.config.cache, now)
+            if cacheable:
+                self._cache.put(r.key, entry, now)
         except Exception:
-            log.exception("resolution of %s failed", _describe(question))
-            entry = self._synth(b"\x00" * wire.HEADER_LEN + question, 12 + len(question), key, 2)
-        finally:
-            del self._inflight[key]
-        for deliver in pending.waiters:
+            # A bug here must not leave clients waiting for ever.
+            log.exception("resolution of %s failed", _describe(r.question))
+            query = b"\x00" * wire.HEADER_LEN + r.question
+            entry = self._synth(query, len(query), r.key, wire.SERVFAIL)
+        self._finish(r, entry)
+
+    def _failure(self, r: _Resolution) -> Entry:
+        """The answer when no server gave a usable one: the last SERVFAIL/REFUSED or ours."""
+        self.stats.servfail_sent += 1
+        policy = r.zone.config.cache
+        now = time.monotonic()
+        if r.last is not None:
+            entry, cacheable = make_entry(r.last, policy, now)
+        else:
+            cd = wire.key_flags(r.key)[1]
+            body = wire.synth_body(r.question, wire.SERVFAIL, cd)
+            entry, cacheable = servfail_entry(body, (), (), policy, now), policy.servfail_ttl_s > 0
+        if cacheable:
+            self._cache.put(r.key, entry, now)
+        return entry
+
+    def _finish(self, r: _Resolution, entry: Entry) -> None:
+        r.done = True
+        r.request = None
+        if self._inflight.get(r.key) is r:
+            del self._inflight[r.key]
+        for deliver in r.waiters:
             try:
                 deliver(entry)
             except Exception:
                 log.exception("delivering an answer failed")
 
-    async def _resolve(self, key: bytes, question: bytes, zone: _Zone) -> Entry:
-        do, cd = wire.key_flags(key)
-        query = wire.upstream_query(question, cd, do)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + zone.config.deadline_s
-        policy = zone.config.cache
-        last: wire.ResponseInfo | None = None
-        for server in _attempts(zone):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            up = server.upstream
-            started = loop.time()
-            try:
-                reply = await up.query(query, min(zone.config.try_timeout_s, remaining))
-            except UpstreamTimeout:
-                self._failed(server)
-                continue
-            except UpstreamError as exc:
-                log.debug("upstream %s failed: %s", up.label, exc)
-                self._failed(server)
-                continue
-            server.latency.observe(loop.time() - started)
-            try:
-                info = wire.inspect_response(reply)
-            except wire.WireError as exc:
-                self.stats.bad_replies += 1
-                log.debug("malformed reply from %s: %s", up.label, exc)
-                self._failed(server)
-                continue
-            server.fails = 0
-            if info.rcode in (wire.SERVFAIL, wire.REFUSED):
-                # Another server of the group may do better; keep this one as a fallback.
-                last = info
-                continue
-            now = time.monotonic()
-            entry, cacheable = make_entry(info, policy, now)
-            if cacheable:
-                self._cache.put(key, entry, now)
-            return entry
-        self.stats.servfail_sent += 1
-        now = time.monotonic()
-        if last is not None:
-            entry, cacheable = make_entry(last, policy, now)
-        else:
-            body = wire.synth_body(question, wire.SERVFAIL, cd)
-            entry, cacheable = servfail_entry(body, (), (), policy, now), policy.servfail_ttl_s > 0
-        if cacheable:
-            self._cache.put(key, entry, now)
-        return entry
-
     async def close(self) -> None:
-        tasks = [p.task for p in self._inflight.values() if p.task is not None]
-        tasks += [s.probe for s in self.servers.values() if s.probe is not None]
-        for task in tasks:
+        for r in list(self._inflight.values()):
+            r.done = True
+            if r.request is not None:
+                r.request.cancel()
+        self._inflight.clear()
+        probes = [s.probe for s in self.servers.values() if s.probe is not None]
+        for task in probes:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if probes:
+            await asyncio.gather(*probes, return_exceptions=True)
         for up in self.upstreams.values():
             await up.close()
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is in flight (True) or ``timeout_s`` passes (False)."""
-        tasks = [p.task for p in self._inflight.values() if p.task is not None]
-        if not tasks:
-            return True
-        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
-        return not pending
-
-
-def _attempts(zone: _Zone) -> Iterator[_Server]:
-    """Servers to try in order: every server once, and at least two tries in all."""
-    order = zone.order()
-    total = max(2, len(order))
-    for i in range(total):
-        yield order[i % len(order)]
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while self._inflight:
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
 
 def _describe(question: bytes) -> str:

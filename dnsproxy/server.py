@@ -397,8 +397,10 @@ class _TcpConnection(asyncio.Protocol):
 
     def _handle(self, data: bytes) -> None:
         h = self.h
-        if h.serve(data, h.memo.get(data[2:]), self.peer, True, self._send, self._deliver):
-            self.pending += 1
+        # Counted before serve(): the answer to a miss may be delivered before it returns.
+        self.pending += 1
+        if not h.serve(data, h.memo.get(data[2:]), self.peer, True, self._send, self._deliver):
+            self.pending -= 1
 
     def _deliver(self, key: bytes, data: bytes, qend: int, edns: int, entry: Entry) -> None:
         self.pending -= 1

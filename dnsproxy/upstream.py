@@ -21,13 +21,16 @@ import asyncio
 import logging
 import random
 import struct
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 from .config import UpstreamConfig, UpstreamPoolConfig
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [
+    "Done",
+    "Request",
     "TcpUpstream",
     "UdpUpstream",
     "Upstream",
@@ -87,8 +90,25 @@ class UpstreamStats:
     inflight: int = 0
 
 
+# Called exactly once per request: ``(reply, None)`` with the validated reply carrying the
+# caller's ID, or ``(None, error)``.
+Done = Callable[[bytes | None, UpstreamError | None], None]
+
+
+class Request:
+    """A query handed to :meth:`Upstream.send`; ``cancel()`` forgets it."""
+
+    __slots__ = ("finished",)
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def cancel(self) -> None:
+        self.finished = True
+
+
 class Upstream:
-    """One upstream server. Subclasses implement :meth:`query` and :meth:`close`."""
+    """One upstream server. Subclasses implement :meth:`send` and :meth:`close`."""
 
     config: UpstreamConfig
     label: str
@@ -99,9 +119,34 @@ class Upstream:
         self.label = config.label
         self.stats = UpstreamStats()
 
+    def send(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+        """Send the query ``wire``; ``done`` is called once with the outcome.
+
+        The callback form is what the forwarder uses: a miss then costs no task and no
+        coroutine, and the answer goes to the clients from ``data_received`` directly.
+        ``done`` may be called before ``send`` returns (closed upstream, full pool).
+        """
+        raise NotImplementedError
+
     async def query(self, wire: bytes, timeout_s: float) -> bytes:
         """Send the query ``wire``; return the validated reply carrying ``wire``'s ID."""
-        raise NotImplementedError
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def done(reply: bytes | None, error: UpstreamError | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                assert reply is not None
+                future.set_result(reply)
+
+        request = self.send(wire, timeout_s, done)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            request.cancel()
+            raise
 
     async def close(self) -> None:
         """Close every socket and fail the queries in flight."""
@@ -127,6 +172,51 @@ def _question(wire: bytes) -> bytes:
         return wire[HEADER_LEN : question_end(wire)]
     except WireError as exc:
         raise UpstreamError(f"malformed query: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# TCP
+
+
+class _TcpRequest(Request):
+    """One query through a TCP pool; it may move to a second connection once."""
+
+    __slots__ = (
+        "conn",
+        "deadline",
+        "done",
+        "owner",
+        "qid",
+        "question",
+        "replies_seen",
+        "retried",
+        "timer",
+        "wire",
+    )
+
+    def __init__(
+        self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
+    ) -> None:
+        super().__init__()
+        self.owner = owner
+        self.wire = wire
+        self.question = question
+        self.deadline = deadline
+        self.done = done
+        self.retried = False
+        self.conn: _TcpConnection | None = None
+        self.qid = -1
+        self.timer: asyncio.TimerHandle | None = None
+        self.replies_seen = 0
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        # conn.pending, looked up now: _fail_all may have swapped the dict meanwhile.
+        if conn is not None and conn.pending.get(self.qid) is self:
+            conn._release(self.qid, self)
 
 
 # --------------------------------------------------------------------------------------
@@ -177,43 +267,62 @@ class TcpUpstream(Upstream):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def query(self, wire: bytes, timeout_s: float) -> bytes:
-        stats = self.stats
-        stats.queries += 1
+    def send(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+        self.stats.queries += 1
+        loop = asyncio.get_running_loop()
         try:
             question = _question(wire)
-        except UpstreamError:
-            stats.failures += 1
-            raise
+        except UpstreamError as exc:
+            request = Request()
+            request.finished = True
+            self.stats.failures += 1
+            done(None, exc)
+            return request
+        tcp_request = _TcpRequest(self, wire, question, loop.time() + timeout_s, done)
+        self._dispatch(tcp_request, loop)
+        return tcp_request
+
+    def _dispatch(self, request: _TcpRequest, loop: asyncio.AbstractEventLoop) -> None:
+        if self._closed:
+            self._fail(request, UpstreamError(f"{self.label}: upstream closed"))
+            return
+        conn = self._pick(loop)
+        if conn is None:
+            self.stats.pool_full += 1
+            self._fail(
+                request, UpstreamError(f"{self.label}: every connection is at its in-flight limit")
+            )
+            return
+        conn.add(request)
+
+    def _succeed(self, request: _TcpRequest, reply: bytes) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        self.stats.replies += 1
+        request.done(request.wire[:2] + reply[2:], None)
+
+    def _fail(self, request: _TcpRequest, error: UpstreamError) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        if isinstance(error, UpstreamTimeout):
+            self.stats.timeouts += 1
+        else:
+            self.stats.failures += 1
+        request.done(None, error)
+
+    def _lost(self, request: _TcpRequest, error: UpstreamError) -> None:
+        """Its connection went away with the query in flight: retry once (RFC 7766)."""
+        if request.finished:
+            return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        retried = False
-        while True:
-            if self._closed:
-                stats.failures += 1
-                raise UpstreamError(f"{self.label}: upstream closed")
-            conn = self._pick(loop)
-            if conn is None:
-                stats.pool_full += 1
-                stats.failures += 1
-                raise UpstreamError(f"{self.label}: every connection is at its in-flight limit")
-            try:
-                reply = await conn.request(wire, question, deadline)
-            except _ConnectionLost:
-                if retried or loop.time() >= deadline:
-                    stats.failures += 1
-                    raise
-                retried = True
-                stats.retries += 1
-                continue
-            except UpstreamTimeout:
-                stats.timeouts += 1
-                raise
-            except UpstreamError:
-                stats.failures += 1
-                raise
-            stats.replies += 1
-            return wire[:2] + reply[2:]
+        if request.retried or loop.time() >= request.deadline:
+            self._fail(request, error)
+            return
+        request.retried = True
+        self.stats.retries += 1
+        self._dispatch(request, loop)
 
     def _pick(self, loop: asyncio.AbstractEventLoop) -> _TcpConnection | None:
         best = None
@@ -283,7 +392,7 @@ class _TcpConnection(asyncio.Protocol):
         self.owner = owner
         self.loop = loop
         self.stats = owner.stats
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, _TcpRequest] = {}
         self.connect_task: asyncio.Task[None] | None = None
         self.lost: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
@@ -302,34 +411,29 @@ class _TcpConnection(asyncio.Protocol):
 
     # -- queries
 
-    async def request(self, wire: bytes, question: bytes, deadline: float) -> bytes:
+    def add(self, request: _TcpRequest) -> None:
         pending = self.pending
         qid = _tcp_id(16)
         while qid in pending:  # terminates: in-flight is capped below the ID space
             qid = _tcp_id(16)
-        future: asyncio.Future[bytes] = self.loop.create_future()
-        entry = _Pending(
-            future, question, self.loop.call_at(deadline, self._on_timeout, qid), self._replies
-        )
-        pending[qid] = entry
+        request.conn = self
+        request.qid = qid
+        request.replies_seen = self._replies
+        request.timer = self.loop.call_at(request.deadline, self._on_timeout, qid)
+        pending[qid] = request
         self.stats.inflight += 1
+        wire = request.wire
         # Length prefix and message in one write (RFC 7766 §8): no segment carries half.
         # Frames queued in one loop iteration go out in one write: a burst of misses
         # (a UDP batch) costs one syscall per connection instead of one per query.
         self._backlog.append((qid, _LEN_ID.pack(len(wire), qid) + wire[2:]))
         if self._transport is not None and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # self.pending, not the local: _fail_all may have swapped the dict meanwhile.
-            if self.pending.get(qid) is entry:
-                self._release(qid, entry)
-            raise
 
-    def _release(self, qid: int, entry: _Pending) -> None:
+    def _release(self, qid: int, request: _TcpRequest) -> None:
         del self.pending[qid]
-        entry.timer.cancel()
+        if request.timer is not None:
+            request.timer.cancel()
         self.stats.inflight -= 1
         if not self.pending:
             self._idle_since = self.loop.time()
@@ -337,13 +441,12 @@ class _TcpConnection(asyncio.Protocol):
                 self.close()
 
     def _on_timeout(self, qid: int) -> None:
-        entry = self.pending.get(qid)
-        if entry is None:
+        request = self.pending.get(qid)
+        if request is None:
             return
-        self._release(qid, entry)
-        if not entry.future.done():
-            entry.future.set_exception(UpstreamTimeout(f"{self.owner.label}: timed out"))
-        if entry.replies_seen == self._replies:
+        self._release(qid, request)
+        self.owner._fail(request, UpstreamTimeout(f"{self.owner.label}: timed out"))
+        if request.replies_seen == self._replies:
             # Nothing at all came back since this query went out: the peer is probably
             # gone without a reset (a deleted pod), so stop feeding this connection.
             self.retire()
@@ -398,12 +501,16 @@ class _TcpConnection(asyncio.Protocol):
         self.pending = {}
         self.stats.inflight -= len(pending)
         message = f"{self.owner.label}: {reason}"
-        for entry in pending.values():
-            entry.timer.cancel()
-            if not entry.future.done():
-                # One instance per waiter: a shared exception would collect every
-                # waiter's traceback and keep their frames alive.
-                entry.future.set_exception(error(message))
+        owner = self.owner
+        for request in pending.values():
+            if request.timer is not None:
+                request.timer.cancel()
+            # One instance per waiter: a shared exception would collect every
+            # waiter's traceback and keep their frames alive.
+            if error is _ConnectionLost:
+                owner._lost(request, error(message))
+            else:
+                owner._fail(request, error(message))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
@@ -498,14 +605,13 @@ class _TcpConnection(asyncio.Protocol):
 
     def _on_reply(self, reply: bytes) -> None:
         qid = (reply[0] << 8) | reply[1]
-        entry = self.pending.get(qid)
-        if entry is None or not reply_matches(reply, reply[0:2], entry.question):
+        request = self.pending.get(qid)
+        if request is None or not reply_matches(reply, reply[0:2], request.question):
             self.stats.bad_replies += 1
             return
         self._replies += 1
-        self._release(qid, entry)
-        if not entry.future.done():
-            entry.future.set_result(reply)
+        self._release(qid, request)
+        self.owner._succeed(request, reply)
 
 
 # --------------------------------------------------------------------------------------
@@ -540,6 +646,34 @@ def _expire(future: asyncio.Future[bytes], label: str) -> None:
         future.set_exception(UpstreamTimeout(f"{label}: timed out"))
 
 
+class _UdpRequest(Request):
+    __slots__ = ("done", "task")
+
+    def __init__(self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], done: Done) -> None:
+        super().__init__()
+        self.done = done
+        self.task = asyncio.get_running_loop().create_task(coro)
+        owner._tasks.add(self.task)
+        self.task.add_done_callback(owner._tasks.discard)
+        self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[bytes]) -> None:
+        if self.finished or task.cancelled():
+            return
+        self.finished = True
+        error = task.exception()
+        if error is None:
+            self.done(task.result(), None)
+        elif isinstance(error, UpstreamError):
+            self.done(None, error)
+        else:
+            self.done(None, UpstreamError(f"UDP query failed: {error!r}"))
+
+    def cancel(self) -> None:
+        self.finished = True
+        self.task.cancel()
+
+
 class UdpUpstream(Upstream):
     """Plain UDP, one fresh socket per query; TC=1 answers are fetched again over TCP."""
 
@@ -548,9 +682,14 @@ class UdpUpstream(Upstream):
         self.pool = pool
         self._tcp: TcpUpstream | None = None
         self._waiting: set[asyncio.Future[bytes]] = set()  # so close() can fail them
+        self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
 
-    async def query(self, wire: bytes, timeout_s: float) -> bytes:
+    def send(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+        # UDP is opt-in and not the hot path: one task per query keeps it simple.
+        return _UdpRequest(self, self._query(wire, timeout_s), done)
+
+    async def _query(self, wire: bytes, timeout_s: float) -> bytes:
         stats = self.stats
         stats.queries += 1
         try:
@@ -622,3 +761,5 @@ class UdpUpstream(Upstream):
                 future.set_exception(UpstreamError(f"{self.label}: upstream closed"))
         if self._tcp is not None:
             await self._tcp.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
