@@ -13,6 +13,10 @@ from collections import OrderedDict
 from dnsproxy import wire
 from dnsproxy.config import CachePolicy
 
+# Bound on reply bytes in the cache besides the entry count, so that big answers (TXT,
+# many records) cannot grow memory past what max_entries suggests.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
 POSITIVE = 0
 NEGATIVE = 1
 SERVFAIL = 2
@@ -141,9 +145,11 @@ class Cache:
     ``popitem(last=False)`` to evict). The server's fast path reads ``store`` directly.
     """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.store: OrderedDict[bytes, Entry] = OrderedDict()
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # reply bytes held, counting the per-client cuts (see _footprint)
         self.evictions = 0
         self.by_kind = [0, 0, 0]
 
@@ -179,13 +185,22 @@ class Cache:
         old = store.pop(key, None)
         if old is not None:
             self.by_kind[old.kind] -= 1
+            self.bytes -= _footprint(old)
         store[key] = entry
         self.by_kind[entry.kind] += 1
-        if len(store) > self.max_entries:
+        self.bytes += _footprint(entry)
+        while len(store) > self.max_entries or (self.bytes > self.max_bytes and len(store) > 1):
             _, evicted = store.popitem(last=False)
             self.evictions += 1
             self.by_kind[evicted.kind] -= 1
+            self.bytes -= _footprint(evicted)
 
     def clear(self) -> None:
         self.store.clear()
         self.by_kind = [0, 0, 0]
+        self.bytes = 0
+
+
+def _footprint(entry: Entry) -> int:
+    """Bytes an entry may hold: its body and, once answered, three prepared tails."""
+    return 4 * len(entry.body)

@@ -19,7 +19,7 @@ from functools import partial
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry, make_entry, servfail_entry
 from dnsproxy.config import Config, UpstreamConfig, ZoneConfig
-from dnsproxy.upstream import Request, Upstream, UpstreamError, make_upstream
+from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ _MAX_FAILS = 2
 _PROBE_INTERVAL_S = 0.5
 _PROBE_TIMEOUT_S = 1.0
 _PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
+
+# Upstream rcodes that mean "this server could not answer": try the next one, and if
+# none does better, the client gets SERVFAIL (never a FORMERR for its valid query).
+_TRY_NEXT_RCODES = frozenset((wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED))
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -115,6 +119,7 @@ class _Resolution:
         "done",
         "key",
         "last",
+        "local_failure",
         "order",
         "query",
         "question",
@@ -140,6 +145,7 @@ class _Resolution:
         self.started = 0.0
         self.request: Request | None = None
         self.done = False
+        self.local_failure = False
 
 
 class Forwarder:
@@ -167,7 +173,7 @@ class Forwarder:
 
     def _failed(self, server: _Server) -> None:
         server.fails += 1
-        if server.fails == _MAX_FAILS and server.probe is None:
+        if server.fails >= _MAX_FAILS and server.probe is None:
             log.warning("upstream %s marked down; probing it", server.upstream.label)
             server.probe = asyncio.get_running_loop().create_task(self._probe(server))
 
@@ -178,7 +184,8 @@ class Forwarder:
             while not server.up:
                 try:
                     reply = await up.query(_PROBE_QUERY, _PROBE_TIMEOUT_S)
-                    wire.inspect_response(reply)
+                    if wire.inspect_response(reply).rcode in _TRY_NEXT_RCODES:
+                        raise wire.WireError("probe answered with an error rcode")
                 except (UpstreamError, wire.WireError):
                     server.probe_failures += 1
                     await asyncio.sleep(_PROBE_INTERVAL_S)
@@ -273,7 +280,10 @@ class Forwarder:
             assert server is not None
             if error is not None or reply is None:
                 log.debug("upstream %s failed: %s", server.upstream.label, error)
-                self._failed(server)
+                if isinstance(error, UpstreamBusy):
+                    r.local_failure = True  # our pool, not the server: its health stands
+                else:
+                    self._failed(server)
                 self._next(r)
                 return
             server.latency.observe(asyncio.get_running_loop().time() - r.started)
@@ -286,7 +296,7 @@ class Forwarder:
                 self._next(r)
                 return
             server.fails = 0
-            if info.rcode == wire.SERVFAIL or info.rcode == wire.REFUSED:
+            if info.rcode in _TRY_NEXT_RCODES:
                 # Another server of the group may do better; keep this one as a fallback.
                 r.last = info
                 self._next(r)
@@ -307,12 +317,16 @@ class Forwarder:
         self.stats.servfail_sent += 1
         policy = r.zone.config.cache
         now = time.monotonic()
-        if r.last is not None:
+        if r.last is not None and r.last.rcode in (wire.SERVFAIL, wire.REFUSED):
             entry, cacheable = make_entry(r.last, policy, now)
         else:
+            # Our own SERVFAIL: upstream FORMERR/NOTIMP to a valid query is our problem to
+            # report, not the client's. Cached like an upstream SERVFAIL so that a dead
+            # upstream is not asked again for every retry, unless the cause was local.
             cd = wire.key_flags(r.key)[1]
             body = wire.synth_body(r.question, wire.SERVFAIL, cd)
-            entry, cacheable = servfail_entry(body, (), (), policy, now), policy.servfail_ttl_s > 0
+            entry = servfail_entry(body, (), (), policy, now)
+            cacheable = policy.servfail_ttl_s > 0 and not r.local_failure
         if cacheable:
             self._cache.put(r.key, entry, now)
         return entry

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -123,6 +124,11 @@ class StatsCollector:
         yield GaugeMetricFamily(
             "dnsproxy_cache_capacity", "Maximum cached entries.", value=cache.max_entries
         )
+        yield GaugeMetricFamily(
+            "dnsproxy_cache_bytes",
+            "Reply bytes held by the cache (bounded by 64 MiB besides the entry count).",
+            value=cache.bytes,
+        )
         yield CounterMetricFamily(
             "dnsproxy_cache_evictions", "Entries evicted to make room (LRU).", value=cache.evictions
         )
@@ -229,6 +235,16 @@ def _by_reason(name: str, doc: str, table: dict[str, int]) -> CounterMetricFamil
     return m
 
 
+class _HttpServer(ThreadingWSGIServer):
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks socket.getfqdn(): a reverse DNS lookup at start-up,
+        # which on a node whose resolver is this very proxy would wait on itself.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+        self.setup_environ()
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -247,7 +263,7 @@ class HttpEndpoint:
         self._ready = ready
         self.heartbeat = time.monotonic()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family})
+        server_class = type("_Server", (_HttpServer,), {"address_family": family})
         try:
             self._server: WSGIServer = make_server(
                 host, port, self._app, server_class=server_class, handler_class=_QuietHandler

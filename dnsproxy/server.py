@@ -29,6 +29,7 @@ _UDP_RCVBUF = 4 * 1024 * 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 _ACL_MEMO_MAX = 4096
+_MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
 
 
 class ServerStats:
@@ -121,10 +122,12 @@ class _Handler:
         hi, ti, mode = wire.plan(data, edns)
         limit = 512 if edns < 0 else min(edns & 0xFFFF, self.max_udp)
         parsed = (key, qend, edns, limit, hi, ti, mode, (key[-5] << 8) | key[-4])
-        memo = self.memo
-        if len(memo) >= self.memo_max:
-            memo.clear()
-        memo[data[2:]] = parsed
+        # Only ordinary-sized queries: the memo is bounded in bytes as well as entries.
+        if len(data) <= _MEMO_MAX_QUERY:
+            memo = self.memo
+            if len(memo) >= self.memo_max:
+                memo.clear()
+            memo[data[2:]] = parsed
         return parsed
 
     def bad_query(self, data: bytes, exc: wire.BadQuery) -> bytes | None:
@@ -284,7 +287,12 @@ class _UdpListener:
                     if h.log_queries:
                         h.log_query(addr, "udp", key, entry.rcode, "cache")
                     continue
-            self._slow(data, addr, parsed)
+            try:
+                self._slow(data, addr, parsed)
+            except Exception:
+                # A bug must cost one query, not the rest of the batch or the listener.
+                _count(stats.dropped, "internal_error")
+                log.exception("query from %s failed", addr)
 
     def _send_failed(self, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):
@@ -324,7 +332,10 @@ class _TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.pending = 0
-        self.paused = False
+        self.paused = False  # reading paused (pipelining limit or full write buffer)
+        self.write_paused = False
+        self.processing = False
+        self.eof = False
         self.closed = False
         self.last_activity = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
@@ -335,7 +346,8 @@ class _TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = transport.get_extra_info("peername")
+        # None when the socket was reset before we looked; the ACL then refuses it.
+        self.peer = transport.get_extra_info("peername") or ("", 0)
         stats = self.stats
         if stats.tcp_clients >= self.h.config.limits.max_tcp_clients or self.h.closing:
             _count(stats.dropped, "tcp_client_limit" if not self.h.closing else "shutting_down")
@@ -372,9 +384,29 @@ class _TcpConnection(asyncio.Protocol):
         if self.closed:
             return
         self.last_activity = time.monotonic()
+        self.buf += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every complete frame, unless this client already has enough pending.
+
+        Reading pauses while the client has ``max_pipelined`` queries unanswered or our
+        replies pile up in the write buffer (a client that sends but does not read), so
+        neither its queries nor our replies can grow without bound.
+        """
+        if self.processing:
+            return  # an answer delivered from inside the loop below; it goes on by itself
+        self.processing = True
+        try:
+            self._frames()
+        finally:
+            self.processing = False
+        if not self.closed:
+            self._flow()
+
+    def _frames(self) -> None:
         buf = self.buf
-        buf += data
-        while len(buf) >= 2:
+        while len(buf) >= 2 and self.pending < self.max_pipelined and not self.write_paused:
             size = (buf[0] << 8) | buf[1]
             if size < wire.HEADER_LEN:
                 _count(self.stats.dropped, "tcp_bad_frame")
@@ -382,14 +414,40 @@ class _TcpConnection(asyncio.Protocol):
                 return
             if len(buf) < size + 2:
                 break
-            msg = bytes(buf[2 : size + 2])
+            msg = bytes(memoryview(buf)[2 : size + 2])
             del buf[: size + 2]
             self._handle(msg)
             if self.closed:
                 return
-        if self.pending >= self.max_pipelined and not self.paused and self.transport:
+
+    def _flow(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        hold = self.pending >= self.max_pipelined or self.write_paused
+        if hold and not self.paused:
             self.paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
+        elif not hold and self.paused:
+            self.paused = False
+            transport.resume_reading()
+        if self.eof and self.pending == 0 and len(self.buf) < 2:
+            # The client half-closed and has every answer it asked for.
+            self.close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._process()
+
+    def eof_received(self) -> bool:
+        # Keep our side open: answers to queries already received still go out.
+        self.eof = True
+        self._flow()
+        return True
 
     def _send(self, reply: bytes) -> None:
         assert self.transport is not None
@@ -410,11 +468,10 @@ class _TcpConnection(asyncio.Protocol):
         self.stats.rcodes[entry.rcode] += 1
         self.last_activity = time.monotonic()
         self._send(entry.answer(data, qend, edns, self.last_activity, _TCP_MAX_REPLY))
-        if self.paused and self.pending < self.max_pipelined and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
         if self.h.log_queries:
             self.h.log_query(self.peer, "tcp", key, entry.rcode, "upstream")
+        # Frames held back by the pipelining limit may now be handled.
+        self._process()
 
 
 class DnsServer:

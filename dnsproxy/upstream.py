@@ -34,6 +34,7 @@ __all__ = [
     "TcpUpstream",
     "UdpUpstream",
     "Upstream",
+    "UpstreamBusy",
     "UpstreamError",
     "UpstreamStats",
     "UpstreamTimeout",
@@ -46,7 +47,8 @@ _LEN_ID = struct.Struct(">HH")  # TCP length prefix followed by the message ID
 _ID = struct.Struct(">H")
 _TC = 0x02
 _MAX_MESSAGE = 0xFFFF
-_MAX_IDS = 0xFFFF  # in-flight cap per connection: one fewer than the ID space, so a free ID exists
+_MAX_EXPIRED_IDS = 1024  # a connection with this many timed-out IDs is retired
+_MAX_IDS = 0xFFFF - _MAX_EXPIRED_IDS - 1  # in-flight cap: a free ID always exists
 
 # Over TCP the ID only demultiplexes (spoofing would need the TCP sequence numbers), so the
 # fast Mersenne Twister is enough. Over UDP the ID is half of the defence against forged
@@ -61,6 +63,10 @@ class UpstreamError(Exception):
 
 class UpstreamTimeout(UpstreamError):
     """No valid reply within the query's time budget."""
+
+
+class UpstreamBusy(UpstreamError):
+    """Not sent: our own pool is full or closed. Says nothing about the server's health."""
 
 
 class _ConnectionLost(UpstreamError):
@@ -284,13 +290,13 @@ class TcpUpstream(Upstream):
 
     def _dispatch(self, request: _TcpRequest, loop: asyncio.AbstractEventLoop) -> None:
         if self._closed:
-            self._fail(request, UpstreamError(f"{self.label}: upstream closed"))
+            self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"))
             return
         conn = self._pick(loop)
         if conn is None:
             self.stats.pool_full += 1
             self._fail(
-                request, UpstreamError(f"{self.label}: every connection is at its in-flight limit")
+                request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
             )
             return
         conn.add(request)
@@ -393,6 +399,7 @@ class _TcpConnection(asyncio.Protocol):
         self.loop = loop
         self.stats = owner.stats
         self.pending: dict[int, _TcpRequest] = {}
+        self._expired: set[int] = set()  # IDs of queries that timed out here
         self.connect_task: asyncio.Task[None] | None = None
         self.lost: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
@@ -413,8 +420,10 @@ class _TcpConnection(asyncio.Protocol):
 
     def add(self, request: _TcpRequest) -> None:
         pending = self.pending
+        expired = self._expired
         qid = _tcp_id(16)
-        while qid in pending:  # terminates: in-flight is capped below the ID space
+        # Terminates: in-flight plus expired IDs stay below the ID space (see _on_timeout).
+        while qid in pending or qid in expired:
             qid = _tcp_id(16)
         request.conn = self
         request.qid = qid
@@ -445,6 +454,11 @@ class _TcpConnection(asyncio.Protocol):
         if request is None:
             return
         self._release(qid, request)
+        # The ID stays reserved on this connection: a late reply to it must not be taken
+        # for the answer to a newer query that reused the ID (RFC 5452).
+        self._expired.add(qid)
+        if len(self._expired) > _MAX_EXPIRED_IDS:
+            self.retire()
         self.owner._fail(request, UpstreamTimeout(f"{self.owner.label}: timed out"))
         if request.replies_seen == self._replies:
             # Nothing at all came back since this query went out: the peer is probably

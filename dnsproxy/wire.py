@@ -382,6 +382,7 @@ def _check_name(data: bytes, off: int) -> int:
     n = len(data)
     end = -1
     total = 0
+    jumps = 0
     while True:
         if off >= n:
             raise WireError("name runs past the end of the message")
@@ -389,8 +390,11 @@ def _check_name(data: bytes, off: int) -> int:
         if length == 0:
             return end if end >= 0 else off + 1
         if length >= 0xC0:
-            if off + 1 >= n:
-                raise WireError("truncated compression pointer")
+            # A name has at most 127 labels, so more jumps than that is a crafted chain
+            # meant to make this walk slow.
+            jumps += 1
+            if off + 1 >= n or jumps > 127:
+                raise WireError("truncated compression pointer or pointer chain")
             target = ((length & 0x3F) << 8) | data[off + 1]
             if target >= off:
                 raise WireError("compression pointer does not point backwards")
@@ -423,6 +427,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
     answers_qtype = qtype in (TYPE_CNAME, TYPE_ANY) or ancount == 0
     offsets: list[int] = []
     ttls: list[int] = []
+    top_bit: list[int] = []  # TTLs with the top bit set: sent on as 0 (RFC 2181 §8)
     soa_index = -1
     soa_minimum = 0
     opt_start = opt_end = -1
@@ -445,6 +450,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
         else:
             if ttl > TTL_MAX:
                 ttl = 0
+                top_bit.append(off + 4)
             if index < ancount and rtype == qtype:
                 answers_qtype = True
             if rtype == TYPE_SOA:
@@ -473,6 +479,8 @@ def inspect_response(data: bytes) -> ResponseInfo:
     body = bytearray(data[:opt_start] if opt_start >= 0 else data)
     if opt_start >= 0:
         _U16.pack_into(body, 10, arcount - 1)
+    for off in top_bit:
+        _pack_u32_into(body, off, 0)
     body[2] &= ~_AA & 0xFF
     return ResponseInfo(
         body=bytes(body),

@@ -339,7 +339,7 @@ def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [
             binary,
-            "--no-daemon",
+            "--keep-in-foreground",
             "--conf-file=/dev/null",
             "--no-resolv",  # no upstream servers: names it does not know are REFUSED
             "--no-hosts",
