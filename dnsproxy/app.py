@@ -1,13 +1,22 @@
 """Wiring and lifecycle: build the parts from a Config, start in order, stop cleanly.
 
-Start: bind every listener (all or nothing), start the HTTP endpoint, report ready.
-Stop (SIGTERM/SIGINT): report not ready, stop taking queries, let in-flight queries
-finish within ``shutdown_grace_s``, close upstream connections, exit 0.
+Start: put the node's local addresses in place (a listener cannot bind to an address the
+host lacks), bind every listener (all or nothing), start the HTTP endpoints, install the
+node rules, report ready. The rules come only after the listeners: a NOTRACK rule on the
+kube-dns ClusterIP with nothing listening would take DNS away from the node's pods, while
+an address alone changes nothing for them. Every ``sync_interval_s`` the addresses and
+rules are verified and whatever is missing is added again.
+
+Stop (SIGTERM/SIGINT): report not ready, keep serving for ``shutdown_lameduck_s`` (a second
+signal cuts it short), remove the rules and then the addresses (unless ``node.teardown`` is
+off), stop taking queries, let in-flight queries finish within ``shutdown_grace_s``, close
+upstream connections, exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +33,7 @@ from dnsproxy.cache import Cache
 from dnsproxy.config import Config, HostPort
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.metrics import HttpEndpoint, StatsCollector
+from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
 from dnsproxy.server import DnsServer
 
 log = logging.getLogger("dnsproxy")
@@ -32,7 +42,7 @@ _HEARTBEAT_S = 0.5
 
 
 class App:
-    """One running dnsproxy: cache, forwarder, listeners and the HTTP endpoint."""
+    """One running dnsproxy: cache, forwarder, listeners, HTTP endpoints, node setup."""
 
     def __init__(self, config: Config, loop_name: str = "asyncio") -> None:
         self.config = config
@@ -43,8 +53,13 @@ class App:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(self))
         self.http: HttpEndpoint | None = None
+        self.health: HttpEndpoint | None = None
+        self.node: NodeManager | None = None
         self.ready = False
         self._beat: asyncio.TimerHandle | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._hurry: asyncio.Event | None = None
 
     @property
     def listen(self) -> list[HostPort]:
@@ -52,29 +67,98 @@ class App:
         return self.server.bound
 
     async def start(self) -> None:
-        await self.server.start()
-        if self.config.http_listen is not None:
-            hp = self.config.http_listen
+        node_config = self.config.node
+        if node_config is not None:
+            # Resolving "auto" runs `iptables -V` once; nothing is being served yet.
+            self.node = NodeManager(node_config, detect_backend(node_config.rules))
+            self.node.check_tools()
+            self.registry.register(NodeCollector(self.node.stats))
             try:
-                self.http = HttpEndpoint(hp.host, hp.port, self.registry, lambda: self.ready)
-            except OSError:
-                await self.server.close()
+                await self.node.setup_interface()
+            except NodeError:
+                if node_config.teardown:
+                    await self.node.teardown(rules=False)
                 raise
-            self.http.start()
-            log.info(
-                "http endpoint on %s (/metrics /health /ready)", HostPort(hp.host, self.http.port)
-            )
-            self._heartbeat()
+        try:
+            await self.server.start()
+            self.http = self._endpoint(self.config.http_listen, "/metrics /health /ready")
+            self.health = self._endpoint(self.config.health_listen, "/health /ready /metrics")
+        except BaseException:
+            await self.server.close()
+            if self.http is not None:
+                self.http.stop()
+            if self.node is not None and node_config is not None and node_config.teardown:
+                await self.node.teardown(rules=False)
+            raise
+        self._heartbeat()
+        if self.node is None:
+            self._set_ready()
+            return
+        if await self.node.sync():
+            self._set_ready()
+        else:
+            log.warning("node rules not in place yet; not ready until a sync succeeds")
+        self._sync_task = asyncio.create_task(self._sync_loop(), name="dnsproxy-node-sync")
+
+    def _endpoint(self, hp: HostPort | None, paths: str) -> HttpEndpoint | None:
+        if hp is None:
+            return None
+        endpoint = HttpEndpoint(hp.host, hp.port, self.registry, lambda: self.ready)
+        endpoint.start()
+        log.info("http endpoint on %s (%s)", HostPort(hp.host, endpoint.port), paths)
+        return endpoint
+
+    def _set_ready(self) -> None:
+        if self._stopping:
+            return
         self.ready = True
         log.info("dnsproxy %s ready (%s loop)", __version__, self.loop_name)
 
+    async def _sync_loop(self) -> None:
+        assert self.node is not None
+        interval = self.node.config.sync_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ok = await self.node.sync()
+            except Exception:
+                # A bug in one sync must not end the repairs for the life of the process.
+                log.exception("node sync failed")
+                continue
+            if ok and not self.ready:
+                self._set_ready()
+
     def _heartbeat(self) -> None:
-        if self.http is not None:
-            self.http.beat()
+        endpoints = [e for e in (self.http, self.health) if e is not None]
+        for endpoint in endpoints:
+            endpoint.beat()
+        if endpoints:
             self._beat = asyncio.get_running_loop().call_later(_HEARTBEAT_S, self._heartbeat)
+
+    def hurry(self) -> None:
+        """Cut the lameduck period short (a second SIGTERM)."""
+        if self._hurry is not None:
+            self._hurry.set()
 
     async def stop(self) -> None:
         self.ready = False
+        self._stopping = True
+        lameduck = self.config.shutdown_lameduck_s
+        if lameduck > 0:
+            # Not ready, still serving: whatever watches /ready moves traffic away first.
+            log.info("lameduck: /ready is 503, serving for %.1fs more", lameduck)
+            self._hurry = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), lameduck)
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+        if self.node is not None:
+            if self.node.config.teardown:
+                await self.node.teardown()
+            else:
+                log.info("node teardown is off: rules and addresses stay in place")
         self.server.stop_listening()
         grace = self.config.shutdown_grace_s
         if not await self.forwarder.drain(grace):
@@ -83,15 +167,22 @@ class App:
         await self.forwarder.close()
         if self._beat is not None:
             self._beat.cancel()
-        if self.http is not None:
-            self.http.stop()
+        for endpoint in (self.http, self.health):
+            if endpoint is not None:
+                endpoint.stop()
         log.info("stopped")
 
     async def serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                self.hurry()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await self.start()
         await stop.wait()
         log.info("signal received, shutting down")
@@ -146,7 +237,7 @@ def run(config: Config) -> int:
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve(config, name))
-    except OSError as exc:
+    except (OSError, NodeError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

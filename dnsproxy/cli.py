@@ -1,8 +1,10 @@
 """Command line: build the Config from a file and flags, then run; or check a file.
 
 ``dnsproxy [--config FILE] [flags]`` runs the proxy; ``dnsproxy check-config FILE``
-validates a file and prints every problem with its key path. Exit status 2 means the
-configuration (or the command line) is wrong.
+validates a file and prints every problem with its key path; ``dnsproxy node-setup
+--dry-run --config FILE`` prints the interface commands and the rules (iptables commands or
+nftables ruleset) the node role would apply. Exit status 2 means the configuration (or the
+command line) is wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     # A separate parser keeps the subcommand's FILE from clashing with the run flags.
     if args and args[0] == "check-config":
         return _check_config(args[1:])
+    if args and args[0] == "node-setup":
+        return _node_setup(args[1:])
     return _run(args)
 
 
@@ -29,7 +33,8 @@ def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="dnsproxy",
         description="Node-local caching DNS forwarder. "
-        "Subcommand: 'dnsproxy check-config FILE' validates a configuration file.",
+        "Subcommands: 'dnsproxy check-config FILE' validates a configuration file; "
+        "'dnsproxy node-setup --dry-run --config FILE' prints the node rules it would apply.",
     )
     parser.add_argument("--version", action="version", version=f"dnsproxy {__version__}")
     parser.add_argument(
@@ -59,18 +64,23 @@ def _run(argv: list[str]) -> int:
         metavar="ADDR:PORT|none",
         help="address for /metrics, /health, /ready; 'none' disables",
     )
+    parser.add_argument(
+        "--health-listen",
+        metavar="ADDR:PORT|none",
+        help="second endpoint for /health and /ready (e.g. the link-local IP:8080)",
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     parser.add_argument("--log-format", metavar="FORMAT", help="text or json")
+    parser.add_argument(
+        "--lameduck",
+        metavar="SECONDS",
+        help="after SIGTERM, /ready is 503 while queries are still served this long",
+    )
+    _add_node_flags(parser)
     parsed = _parse(parser, argv)
     if isinstance(parsed, int):
         return parsed
-    overrides = Overrides(
-        listen=tuple(parsed.listen),
-        upstreams=tuple(parsed.upstream),
-        http_listen=parsed.http_listen,
-        log_level=parsed.log_level,
-        log_format=parsed.log_format,
-    )
+    overrides = _overrides(parsed)
     config = _load(parsed.config, overrides)
     if config is None:
         return EXIT_CONFIG
@@ -98,6 +108,118 @@ def _check_config(argv: list[str]) -> int:
     return 0
 
 
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "node (NodeLocal DNSCache role)",
+        "Each flag replaces its key in the file's node: section; any of them turns the role on.",
+    )
+    group.add_argument(
+        "--local-ip",
+        metavar="IP[,IP]",
+        action="append",
+        default=[],
+        help="local IP to put on the interface and cover with rules; repeatable, comma "
+        "lists accepted; IPv4 and IPv6 together (default: the listen addresses on port 53)",
+    )
+    group.add_argument(
+        "--interface", metavar="NAME", help="dummy interface for the IPs (nodelocaldns)"
+    )
+    group.add_argument(
+        "--setup-interface",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="create the interface and add the IPs (default: on)",
+    )
+    group.add_argument(
+        "--rules", metavar="BACKEND", help="iptables, nftables, auto (default) or none"
+    )
+    group.add_argument(
+        "--sync-interval", metavar="SECONDS", help="verify and re-add rules this often (60)"
+    )
+    group.add_argument(
+        "--teardown",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="remove rules and addresses at exit (default: on)",
+    )
+    group.add_argument(
+        "--health-port",
+        metavar="PORT|none",
+        help="TCP port the health rules cover (default: the health_listen port)",
+    )
+
+
+def _overrides(parsed: argparse.Namespace) -> Overrides:
+    return Overrides(
+        listen=tuple(parsed.listen),
+        upstreams=tuple(getattr(parsed, "upstream", ())),
+        http_listen=getattr(parsed, "http_listen", None),
+        log_level=getattr(parsed, "log_level", None),
+        log_format=getattr(parsed, "log_format", None),
+        health_listen=getattr(parsed, "health_listen", None),
+        lameduck=getattr(parsed, "lameduck", None),
+        local_ips=tuple(parsed.local_ip),
+        interface=parsed.interface,
+        setup_interface=parsed.setup_interface,
+        rules=parsed.rules,
+        sync_interval=parsed.sync_interval,
+        teardown=parsed.teardown,
+        health_port=parsed.health_port,
+    )
+
+
+def _node_setup(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dnsproxy node-setup",
+        description="Print the commands (iptables backend) or the ruleset (nftables) that "
+        "the node role applies on a fresh node, as a shell script to review.",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print, do not apply (required: the running proxy applies them itself, "
+        "after its listeners are bound)",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR:PORT",
+        action="append",
+        default=[],
+        help="as for running: replaces the file's listen list",
+    )
+    _add_node_flags(parser)
+    parsed = _parse(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    if not parsed.dry_run:
+        print(
+            "dnsproxy node-setup: only --dry-run is supported: the proxy installs the rules "
+            "itself once its listeners are bound, so rules never point at nothing",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    config = _load(parsed.config, _overrides(parsed))
+    if config is None:
+        return EXIT_CONFIG
+    if config.node is None:
+        print(
+            "dnsproxy node-setup: the configuration has no node: section and no node flag "
+            "was given; nothing to set up",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    from dnsproxy.node import NodeError, detect_backend, plan
+
+    try:
+        backend = detect_backend(config.node.rules)
+    except NodeError as e:
+        print(f"dnsproxy node-setup: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(plan(config.node, backend))
+    return 0
+
+
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
     # argparse exits for --help, --version and usage errors; main() returns a status instead.
     try:
@@ -118,4 +240,12 @@ def _load(path: str | None, overrides: Overrides | None) -> Config | None:
 def _summary(config: Config) -> str:
     listen = ", ".join(str(hp) for hp in config.listen)
     zones = ", ".join(f"{z.zone} -> {' '.join(u.label for u in z.upstreams)}" for z in config.zones)
-    return f"listen: {listen}; zones: {zones}"
+    text = f"listen: {listen}; zones: {zones}"
+    node = config.node
+    if node is not None:
+        interface = node.interface if node.setup_interface else "not managed"
+        text += (
+            f"; node: {', '.join(node.local_ips)} on {interface}, rules {node.rules}, "
+            f"sync {node.sync_interval_s:g}s, teardown {'on' if node.teardown else 'off'}"
+        )
+    return text

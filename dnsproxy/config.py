@@ -22,6 +22,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Transport = Literal["tcp", "udp"]
 Policy = Literal["sequential", "random", "round_robin"]
+RulesBackend = Literal["iptables", "nftables", "auto", "none"]
 
 
 class ConfigError(Exception):
@@ -104,10 +105,26 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """The NodeLocal DNSCache role: local addresses on an interface, NOTRACK/ACCEPT rules."""
+
+    local_ips: tuple[str, ...]  # IP literals, IPv4 and IPv6 mixed; each served on port 53
+    interface: str = "nodelocaldns"  # created as a dummy link; "lo" when dummy is missing
+    setup_interface: bool = True  # False: something else puts the addresses in place
+    rules: RulesBackend = "auto"
+    sync_interval_s: float = 60.0  # verify and re-add addresses and rules this often
+    teardown: bool = True  # remove rules and addresses at exit
+    health_port: int | None = None  # TCP port the health rules cover; None: no such rules
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[HostPort, ...]
     zones: tuple[ZoneConfig, ...]
     http_listen: HostPort | None = None
+    # A second endpoint with the same paths, for a liveness probe on the link-local
+    # address while metrics stay on http_listen (NodeLocal: :8080 health, :9253 metrics).
+    health_listen: HostPort | None = None
     allow: tuple[IPNetwork, ...] = ()  # empty means every source is allowed
     cache_max_entries: int = 10000
     cache: CachePolicy = field(default_factory=CachePolicy)
@@ -115,6 +132,9 @@ class Config:
     limits: ServerLimits = field(default_factory=ServerLimits)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown_grace_s: float = 5.0  # bound on finishing in-flight queries at exit
+    # After SIGTERM, /ready is 503 but queries are still served for this long.
+    shutdown_lameduck_s: float = 0.0
+    node: NodeConfig | None = None
 
 
 # --- parsing and validation -------------------------------------------------------------
@@ -130,6 +150,7 @@ _MAX_SERVFAIL_TTL_S = 300  # RFC 2308 §7.1: SERVFAIL must not be cached longer 
 _TOP_KEYS = (
     "listen",
     "http_listen",
+    "health_listen",
     "acl",
     "cache",
     "upstream",
@@ -137,6 +158,7 @@ _TOP_KEYS = (
     "zones",
     "log",
     "shutdown",
+    "node",
 )
 _TTL_KEYS = ("min_ttl_s", "max_ttl_s", "denial_max_ttl_s", "servfail_ttl_s")
 _ZONE_KEYS = ("zone", "upstreams", "policy", "try_timeout_s", "deadline_s", "cache")
@@ -145,6 +167,10 @@ _ZONE_CACHE_HINTS = {"max_entries": "the cache is shared; set max_entries in the
 _POLICIES = ("sequential", "random", "round_robin")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
+_NODE_KEYS = tuple(f.name for f in fields(NodeConfig))
+_RULES_BACKENDS = ("iptables", "nftables", "auto", "none")
+_DNS_PORT = 53  # the port the node rules cover, so the one a local IP must be served on
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1; no '/', ':' or spaces
 
 _VAR_RE = re.compile(r"\$\{([^}]*)\}")
 _VAR_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
@@ -162,6 +188,30 @@ class Overrides:
     http_listen: str | None = None  # "none" disables; None keeps the file's value
     log_level: str | None = None
     log_format: str | None = None
+    health_listen: str | None = None  # "none" disables
+    lameduck: str | None = None  # seconds, as typed
+    # Node flags: giving any of them turns the node role on even without a node: section.
+    local_ips: tuple[str, ...] = ()  # each may be a comma list, like node-cache's -localip
+    interface: str | None = None
+    setup_interface: bool | None = None
+    rules: str | None = None
+    sync_interval: str | None = None  # seconds, as typed
+    teardown: bool | None = None
+    health_port: str | None = None  # "none" disables the health rules
+
+    @property
+    def any_node(self) -> bool:
+        return bool(self.local_ips) or any(
+            v is not None
+            for v in (
+                self.interface,
+                self.setup_interface,
+                self.rules,
+                self.sync_interval,
+                self.teardown,
+                self.health_port,
+            )
+        )
 
 
 class _Invalid(ValueError):
@@ -630,7 +680,10 @@ class _Reader:
         self.unknown_keys(data, "", _TOP_KEYS)
 
         listen = self.listen(data, overrides.listen)
-        http_listen = self.http_listen(data, overrides.http_listen)
+        http_listen = self.endpoint(
+            data, "http_listen", overrides.http_listen, _DEFAULT_HTTP_LISTEN
+        )
+        health_listen = self.endpoint(data, "health_listen", overrides.health_listen, None)
         allow = self.allow(self.section(data, "acl", "", ("allow",)))
 
         cache = self.section(data, "cache", "", ("max_entries", *_TTL_KEYS))
@@ -643,8 +696,14 @@ class _Reader:
         limits = self.limits(self.section(data, "limits", "", limit_keys))
         zones = self.zones(data, policy, overrides.upstreams, listen)
         log = self.log(self.section(data, "log", "", ("level", "format", "queries")), overrides)
-        shutdown = self.section(data, "shutdown", "", ("grace_s",))
+        shutdown = self.section(data, "shutdown", "", ("grace_s", "lameduck_s"))
         grace_s = self.seconds(shutdown, "grace_s", "shutdown", 5.0, zero_ok=True)
+        if overrides.lameduck is not None:
+            flag = {"--lameduck": _EnvStr(overrides.lameduck)}
+            lameduck_s = self.seconds(flag, "--lameduck", "", 0.0, zero_ok=True)
+        else:
+            lameduck_s = self.seconds(shutdown, "lameduck_s", "shutdown", 0.0, zero_ok=True)
+        node = self.node(data, overrides, listen, health_listen)
 
         if self.problems:
             raise _Stop
@@ -652,6 +711,7 @@ class _Reader:
             listen=listen,
             zones=zones,
             http_listen=http_listen,
+            health_listen=health_listen,
             allow=allow,
             cache_max_entries=max_entries,
             cache=policy,
@@ -659,6 +719,8 @@ class _Reader:
             limits=limits,
             log=log,
             shutdown_grace_s=grace_s,
+            shutdown_lameduck_s=lameduck_s,
+            node=node,
         )
 
     def listen(self, data: dict[Any, Any], flags: tuple[str, ...]) -> tuple[HostPort, ...]:
@@ -685,14 +747,17 @@ class _Reader:
             result.append(hp)
         return tuple(result)
 
-    def http_listen(self, data: dict[Any, Any], flag: str | None) -> HostPort | None:
+    def endpoint(
+        self, data: dict[Any, Any], key: str, flag: str | None, default: str | None
+    ) -> HostPort | None:
+        """An optional ADDR:PORT (``http_listen``, ``health_listen``) from its flag or key."""
         value: object
         if flag is not None:
-            path, value = "--http-listen", flag
-        elif "http_listen" in data:
-            path, value = "http_listen", self.expand(data["http_listen"], "http_listen")
+            path, value = "--" + key.replace("_", "-"), flag
+        elif key in data:
+            path, value = key, self.expand(data[key], key)
         else:
-            return _listen_addr(_DEFAULT_HTTP_LISTEN)
+            return None if default is None else _listen_addr(default)
         if value is None or value is _FAILED:
             return None
         if not isinstance(value, str):
@@ -796,6 +861,159 @@ class _Reader:
             format="json" if fmt == "json" else "text",
             queries=self.boolean(m, "queries", "log", d.queries),
         )
+
+    # -- the node role --
+
+    def node(
+        self,
+        data: dict[Any, Any],
+        overrides: Overrides,
+        listen: tuple[HostPort, ...],
+        health_listen: HostPort | None,
+    ) -> NodeConfig | None:
+        # The key's presence turns the role on, even as "node:" with nothing under it.
+        if "node" not in data and not overrides.any_node:
+            return None
+        m = self.section(data, "node", "", _NODE_KEYS)
+        d = NodeConfig(local_ips=())
+        local_ips = self.local_ips(m, overrides.local_ips, listen)
+
+        interface = d.interface
+        if overrides.interface is not None:
+            interface = self.interface_name(overrides.interface, "--interface", d.interface)
+        elif "interface" in m:
+            interface = self.interface_name(m["interface"], "node.interface", d.interface)
+
+        rules: str = d.rules
+        if overrides.rules is not None:
+            rules = self.choice(overrides.rules, "--rules", _RULES_BACKENDS, d.rules)
+        elif "rules" in m:
+            rules = self.choice(m["rules"], "node.rules", _RULES_BACKENDS, d.rules)
+
+        if overrides.sync_interval is not None:
+            flag = {"--sync-interval": _EnvStr(overrides.sync_interval)}
+            sync_s = self.seconds(flag, "--sync-interval", "", d.sync_interval_s)
+        else:
+            sync_s = self.seconds(m, "sync_interval_s", "node", d.sync_interval_s)
+
+        setup = overrides.setup_interface
+        if setup is None:
+            setup = self.boolean(m, "setup_interface", "node", d.setup_interface)
+        teardown = overrides.teardown
+        if teardown is None:
+            teardown = self.boolean(m, "teardown", "node", d.teardown)
+
+        # The liveness probe goes to health_listen, so by default its port is the one the
+        # rules must keep out of conntrack.
+        default_port = health_listen.port if health_listen is not None else None
+        if overrides.health_port is not None:
+            health_port = self.optional_port(
+                {"--health-port": _EnvStr(overrides.health_port)}, "--health-port", default_port
+            )
+        elif "health_port" in m:
+            health_port = self.optional_port(m, "node.health_port", default_port, key="health_port")
+        else:
+            health_port = default_port
+
+        return NodeConfig(
+            local_ips=local_ips,
+            interface=interface,
+            setup_interface=setup,
+            rules=cast(RulesBackend, rules),
+            sync_interval_s=sync_s,
+            teardown=teardown,
+            health_port=health_port,
+        )
+
+    def local_ips(
+        self, m: dict[Any, Any], flags: tuple[str, ...], listen: tuple[HostPort, ...]
+    ) -> tuple[str, ...]:
+        entries: list[tuple[str, str]]
+        if flags:
+            # Comma lists as node-cache's -localip takes them: "169.254.20.10,169.254.25.10".
+            entries = []
+            for text in flags:
+                for part in text.split(","):
+                    entries.append((f"--local-ip[{len(entries)}]", part))
+        elif "local_ips" in m:
+            entries = self.strings(m, "local_ips", "node")
+            if isinstance(m["local_ips"], list) and not m["local_ips"]:
+                self.problem("node.local_ips", "at least one IP address is required")
+        else:
+            # Default: the specific addresses the proxy listens on at port 53.
+            found = [
+                hp.host
+                for hp in listen
+                if hp.port == _DNS_PORT
+                and not ipaddress.ip_address(hp.host).is_unspecified
+                and not ipaddress.ip_address(hp.host).is_loopback
+            ]
+            if not found and listen:
+                self.problem(
+                    "node.local_ips",
+                    "required: no listen address on port 53 to take them from "
+                    '(e.g. listen: ["169.254.20.10:53"])',
+                )
+            entries = [(f"node.local_ips[{i}]", host) for i, host in enumerate(found)]
+        result: list[str] = []
+        for path, text in entries:
+            try:
+                addr = ipaddress.ip_address(text.strip())
+            except ValueError:
+                self.problem(path, f"'{text}' is not an IP address")
+                continue
+            if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
+                self.problem(path, f"{addr} cannot be a local DNS address (use a unicast IP)")
+                continue
+            if str(addr) in result:
+                self.problem(path, f"{addr} is listed twice")
+                continue
+            if not any(self.serves(hp, addr) for hp in listen):
+                hp = HostPort(str(addr), _DNS_PORT)
+                self.problem(
+                    path,
+                    f"nothing listens on {hp}: add it to listen (the rules would send "
+                    "queries to an address no listener serves)",
+                )
+                continue
+            result.append(str(addr))
+        return tuple(result)
+
+    @staticmethod
+    def serves(hp: HostPort, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if hp.port != _DNS_PORT:
+            return False
+        ours = ipaddress.ip_address(hp.host)
+        # Listeners bind IPv6 sockets V6ONLY, so "::" does not serve IPv4.
+        return ours == addr or (ours.is_unspecified and ours.version == addr.version)
+
+    def interface_name(self, value: object, path: str, default: str) -> str:
+        value = self.expand(value, path)
+        if value is _FAILED:
+            return default
+        if not isinstance(value, str) or not _IFNAME_RE.fullmatch(value) or value in (".", ".."):
+            self.problem(
+                path,
+                "must be an interface name of 1-15 letters, digits, '_', '.' or '-' "
+                f"(got {_show(value)})",
+            )
+            return default
+        return str(value)
+
+    def optional_port(
+        self, m: dict[Any, Any], path: str, default: int | None, *, key: str | None = None
+    ) -> int | None:
+        value = self.expand(m[key or path], path)
+        if value is _FAILED:
+            return default
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        if isinstance(value, _EnvStr):
+            value = _to_number(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            self.problem(path, f"must be a port 1-65535 or null (got {_show(value)})")
+            return default
+        return value
 
     # -- zones --
 

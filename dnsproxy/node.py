@@ -1,0 +1,676 @@
+"""Node integration (the NodeLocal DNSCache role): local addresses and NOTRACK/ACCEPT rules.
+
+Per local IP the rules of node-cache: queries to the IP on port 53 (UDP and TCP) and the
+replies from it skip conntrack (raw table NOTRACK) and pass the filter table (ACCEPT); queries
+the host itself sends, and the liveness probe on the health port, skip conntrack too. Without
+conntrack there is no UDP insert race, and in transparent mode (the kube-dns ClusterIP as a
+local IP) kube-proxy's DNAT never applies, so pods reach this cache instead of CoreDNS.
+
+Two backends:
+
+- ``iptables`` (``ip6tables`` for IPv6): every rule carries a unique comment; a rule is
+  present when one line of ``iptables -S CHAIN`` carries its comment, inserted with ``-I``
+  only when none does, and extra copies are deleted. Listing by comment rather than asking
+  ``-C`` is deliberate: ``-C`` has given false "missing" answers (kubernetes/dns#568), which
+  is how node-cache piled up duplicates. ``-w`` waits for the xtables lock, bounded.
+- ``nftables``: one table of our own, ``inet dnsproxy``, with raw-priority chains for NOTRACK
+  and filter chains for ACCEPT, replaced atomically by one ``nft -f -`` transaction and
+  deleted on teardown; verified by listing it and comparing the rule comments.
+
+``auto`` picks nftables when ``nft`` exists and the ``iptables`` in use is nf_tables-based (or
+absent), and iptables otherwise (a legacy-iptables host keeps its firewall there, and an
+ACCEPT only overrides a DROP of the same chain).
+
+The interface: a ``dummy`` link (``nodelocaldns``) holding each local IP as /32 or /128;
+where the kernel has no dummy links the addresses go on ``lo`` and a warning says so.
+
+Every command runs as a subprocess with a timeout (``asyncio.create_subprocess_exec``), so
+a slow xtables lock never blocks the event loop that serves queries. Failures are counted by
+type in :class:`NodeStats` and retried at the next sync; they never stop the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from dnsproxy.config import NodeConfig
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["iptables", "nftables", "none"]
+
+# The label values of dnsproxy_node_setup_errors_total, all exported from the start (at 0)
+# so that an alert on rate() sees the series before the first error.
+ERROR_TYPES = ("iptables", "iptables_lock", "nftables", "interface_add", "interface_check")
+
+NFT_TABLE = "dnsproxy"  # in family inet: one table for IPv4 and IPv6
+DNS_PORT = 53
+XTABLES_WAIT_S = 5  # iptables -w: how long to wait for the xtables lock
+_IPTABLES_TIMEOUT_S = XTABLES_WAIT_S + 5.0  # iptables gives up on the lock first
+_COMMAND_TIMEOUT_S = 5.0
+_MAX_DELETES = 50  # bound on removing copies of one rule at teardown
+# Tools live in sbin, which a container's PATH may lack; PATH still comes first so that an
+# operator (or a test) can put a wrapper in front.
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+_COMMENT_RE = re.compile(r'comment "([^"]*)"')
+
+
+class NodeError(Exception):
+    """The node role cannot start (a tool is missing, the interface cannot be made)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    rc: int  # -1 when the command timed out, 127 when it was not found
+    stdout: str
+    stderr: str
+
+    @property
+    def message(self) -> str:
+        text = (self.stderr or self.stdout).strip().replace("\n", " | ")
+        return text[:300] or f"exit status {self.rc}"
+
+
+# A command runner: argv, optional stdin text, timeout. Tests pass a fake.
+Runner = Callable[[Sequence[str], str | None, float], Awaitable[CommandResult]]
+
+
+def find_tool(name: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
+    return shutil.which(name, path=path)
+
+
+async def run_command(argv: Sequence[str], stdin: str | None, timeout_s: float) -> CommandResult:
+    """Run one command off the event loop; never raises for the command's own failures."""
+    exe = find_tool(argv[0])
+    if exe is None:
+        return CommandResult(127, "", f"{argv[0]}: command not found")
+    # English messages: "Unknown device type" and the xtables lock text are matched below.
+    env = {**os.environ, "LC_ALL": "C"}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            exe,
+            *argv[1:],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    except OSError as exc:
+        return CommandResult(126, "", f"{argv[0]}: {exc.strerror or exc}")
+    try:
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), timeout_s
+        )
+    except BaseException as exc:
+        # Timed out, or the caller was cancelled (shutdown): do not leave it running.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 2.0)
+        if isinstance(exc, TimeoutError):
+            return CommandResult(-1, "", f"{argv[0]}: timed out after {timeout_s:g}s")
+        raise
+    assert proc.returncode is not None
+    return CommandResult(
+        proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
+
+
+# --- the rules (pure) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule, rendered either as an iptables command or as an nft rule line."""
+
+    ip: str
+    table: Literal["raw", "filter"]
+    chain: Literal["PREROUTING", "INPUT", "OUTPUT"]
+    proto: Literal["tcp", "udp"]
+    direction: Literal["dst", "src"]  # -d IP --dport PORT, or -s IP --sport PORT
+    port: int
+    target: Literal["NOTRACK", "ACCEPT"]
+    comment: str  # unique per rule: how a rule is found again in a listing
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.ip
+
+    @property
+    def iptables(self) -> str:
+        return "ip6tables" if self.ipv6 else "iptables"
+
+    def spec(self) -> list[str]:
+        """The match and target, as given to ``-I`` and ``-D``."""
+        addr, port = ("-d", "--dport") if self.direction == "dst" else ("-s", "--sport")
+        return [
+            *("-p", self.proto, addr, self.ip, port, str(self.port)),
+            *("-m", "comment", "--comment", self.comment, "-j", self.target),
+        ]
+
+    def iptables_argv(self, op: Literal["-I", "-D"]) -> list[str]:
+        wait = ("-w", str(XTABLES_WAIT_S))
+        return [self.iptables, *wait, "-t", self.table, op, self.chain, *self.spec()]
+
+    def nft_line(self) -> str:
+        family = "ip6" if self.ipv6 else "ip"
+        addr = "daddr" if self.direction == "dst" else "saddr"
+        port = "dport" if self.direction == "dst" else "sport"
+        verdict = "notrack" if self.target == "NOTRACK" else "accept"
+        return (
+            f"{family} {addr} {self.ip} {self.proto} {port} {self.port} {verdict} "
+            f'comment "{self.comment}"'
+        )
+
+
+def build_rules(local_ips: Iterable[str], health_port: int | None) -> list[Rule]:
+    """node-cache's rules (REFERENCE.md §2): ten per IP for port 53, two for the health port."""
+    rules: list[Rule] = []
+    protos: tuple[Literal["tcp", "udp"], ...] = ("tcp", "udp")
+    for ip in local_ips:
+        for p in protos:
+            where = f"{ip} {p}/{DNS_PORT}"
+            rules += [
+                Rule(ip, "raw", "PREROUTING", p, "dst", DNS_PORT, "NOTRACK",
+                     f"dnsproxy: notrack queries to {where}"),
+                Rule(ip, "filter", "INPUT", p, "dst", DNS_PORT, "ACCEPT",
+                     f"dnsproxy: accept queries to {where}"),
+                Rule(ip, "raw", "OUTPUT", p, "src", DNS_PORT, "NOTRACK",
+                     f"dnsproxy: notrack replies from {where}"),
+                Rule(ip, "filter", "OUTPUT", p, "src", DNS_PORT, "ACCEPT",
+                     f"dnsproxy: accept replies from {where}"),
+                # Queries from the host itself (hostNetwork pods) leave through OUTPUT.
+                Rule(ip, "raw", "OUTPUT", p, "dst", DNS_PORT, "NOTRACK",
+                     f"dnsproxy: notrack local queries to {where}"),
+            ]  # fmt: skip
+        if health_port is not None:
+            where = f"{ip} tcp/{health_port}"
+            # kubelet's liveness probe runs on the host: both directions pass OUTPUT.
+            rules += [
+                Rule(ip, "raw", "OUTPUT", "tcp", "dst", health_port, "NOTRACK",
+                     f"dnsproxy: notrack health probes to {where}"),
+                Rule(ip, "raw", "OUTPUT", "tcp", "src", health_port, "NOTRACK",
+                     f"dnsproxy: notrack health replies from {where}"),
+            ]  # fmt: skip
+    return rules
+
+
+# nft chain per (iptables table, chain): raw-priority chains run before conntrack (-200),
+# which is what lets notrack keep packets out of it (and out of kube-proxy's DNAT).
+_NFT_CHAINS: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("raw", "PREROUTING"): ("raw_prerouting", "prerouting", "raw"),
+    ("raw", "OUTPUT"): ("raw_output", "output", "raw"),
+    ("filter", "INPUT"): ("filter_input", "input", "filter"),
+    ("filter", "OUTPUT"): ("filter_output", "output", "filter"),
+}
+
+
+def nft_ruleset(rules: Sequence[Rule]) -> str:
+    """The ``nft -f -`` input that replaces our table in one transaction.
+
+    ``add`` then ``delete`` makes the delete valid whether or not the table exists, so the
+    same text both installs and repairs, atomically: the kernel never sees half a table.
+    """
+    lines = [
+        f"add table inet {NFT_TABLE}",
+        f"delete table inet {NFT_TABLE}",
+        f"table inet {NFT_TABLE} {{",
+    ]
+    for key, (name, hook, priority) in _NFT_CHAINS.items():
+        chain_rules = [r for r in rules if (r.table, r.chain) == key]
+        if not chain_rules:
+            continue
+        lines.append(f"\tchain {name} {{")
+        lines.append(f"\t\ttype filter hook {hook} priority {priority}; policy accept;")
+        lines += [f"\t\t{r.nft_line()}" for r in chain_rules]
+        lines.append("\t}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def iptables_comments(listing: str) -> list[str]:
+    """The ``--comment`` of each rule line of ``iptables -S CHAIN`` output."""
+    found: list[str] = []
+    for line in listing.splitlines():
+        if not line.startswith("-A "):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        for i, word in enumerate(words[:-1]):
+            if word == "--comment":
+                found.append(words[i + 1])
+    return found
+
+
+def nft_comments(listing: str) -> list[str]:
+    """The comment of each rule in ``nft list table`` output."""
+    return _COMMENT_RE.findall(listing)
+
+
+def choose_backend(
+    wanted: str, nft: str | None, iptables: str | None, iptables_version: str
+) -> Backend:
+    """Resolve ``auto``; ``iptables_version`` is the output of ``iptables -V``.
+
+    nftables when ``nft`` exists and iptables is nf_tables-based or absent: the rules then
+    live where the host's own iptables-nft rules live, as one atomic table, and no xtables
+    lock is taken (kubernetes/dns#292). A legacy iptables means the host's firewall is in
+    the legacy tables, where our ACCEPT must sit to take effect before its DROP.
+    """
+    if wanted == "iptables":
+        return "iptables"
+    if wanted == "nftables":
+        return "nftables"
+    if wanted == "none":
+        return "none"
+    if nft is not None and (iptables is None or "nf_tables" in iptables_version):
+        return "nftables"
+    if iptables is not None:
+        return "iptables"
+    raise NodeError(
+        "node.rules is auto but neither nft nor iptables is installed "
+        "(install nftables or iptables, or set node.rules: none)"
+    )
+
+
+def detect_backend(wanted: str) -> Backend:
+    """:func:`choose_backend` for this machine (blocking; for start-up and the CLI)."""
+    if wanted != "auto":
+        return choose_backend(wanted, None, None, "")
+    nft, iptables = find_tool("nft"), find_tool("iptables")
+    version = ""
+    if iptables is not None:
+        try:
+            out = subprocess.run(
+                [iptables, "-V"], capture_output=True, text=True, timeout=5, check=False
+            )
+            version = out.stdout + out.stderr
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return choose_backend(wanted, nft, iptables, version)
+
+
+def _addr_cmd(op: str, ip: str, device: str) -> list[str]:
+    if ":" in ip:
+        # nodad: a tentative (DAD) address cannot be bound, and the bind comes right after.
+        tail = ["nodad"] if op == "add" else []
+        return ["ip", "-6", "addr", op, f"{ip}/128", "dev", device, *tail]
+    return ["ip", "addr", op, f"{ip}/32", "dev", device]
+
+
+def plan(config: NodeConfig, backend: Backend) -> str:
+    """What setup applies on a fresh node, as a shell script an operator can review."""
+    rules = build_rules(config.local_ips, config.health_port)
+    chosen = f"{backend} (auto, on this machine)" if config.rules == "auto" else backend
+    lines = [f"# dnsproxy node setup: rules {chosen}, local IPs {', '.join(config.local_ips)}"]
+    if config.setup_interface:
+        name = config.interface
+        lines.append("# (where the kernel has no dummy links, the addresses go on lo instead)")
+        lines.append(shlex.join(["ip", "link", "add", name, "type", "dummy"]))
+        lines.append(shlex.join(["ip", "link", "set", name, "up"]))
+        lines += [shlex.join(_addr_cmd("add", ip, name)) for ip in config.local_ips]
+    if backend == "iptables":
+        lines += [shlex.join(r.iptables_argv("-I")) for r in rules]
+    elif backend == "nftables":
+        lines.append("nft -f - <<'EOF'")
+        lines.append(nft_ruleset(rules).rstrip("\n"))
+        lines.append("EOF")
+    return "\n".join(lines) + "\n"
+
+
+# --- the running part -------------------------------------------------------------------
+
+
+@dataclass
+class NodeStats:
+    """Plain counters read by :class:`NodeCollector` at scrape time."""
+
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_TYPES, 0))
+    rules_readded: int = 0
+    addresses_readded: int = 0
+    syncs: int = 0  # completed syncs, successful or not
+    rules_present: int = 0  # our rules found in place by the last check
+
+
+def _kind_missing(result: CommandResult) -> bool:
+    text = result.stderr.lower()
+    return "unknown device type" in text or "not supported" in text
+
+
+def _iptables_error(result: CommandResult) -> str:
+    # "Another app is currently holding the xtables lock. Stopped waiting after 5s." The exit
+    # status (4, RESOURCE_PROBLEM) is shared with other failures, so the text decides.
+    return "iptables_lock" if "xtables lock" in result.stderr.lower() else "iptables"
+
+
+class NodeManager:
+    """Installs, verifies, re-adds and removes the local addresses and the rules."""
+
+    def __init__(self, config: NodeConfig, backend: Backend, runner: Runner = run_command) -> None:
+        self.config = config
+        self.backend = backend
+        self.stats = NodeStats()
+        self.rules = build_rules(config.local_ips, config.health_port)
+        self._run = runner
+        self._device: str | None = None  # where the addresses go: the link, or lo
+        self._installed = False  # after the first full install, additions are re-adds
+
+    @property
+    def device(self) -> str | None:
+        return self._device
+
+    def check_tools(self) -> None:
+        """Refuse to start when a command the configuration needs is missing."""
+        needed: list[str] = []
+        if self.config.setup_interface:
+            needed.append("ip")
+        if self.backend == "nftables":
+            needed.append("nft")
+        elif self.backend == "iptables":
+            needed += sorted({r.iptables for r in self.rules})
+        missing = [tool for tool in needed if find_tool(tool) is None]
+        if missing:
+            raise NodeError(
+                f"node setup needs {', '.join(missing)}, not found in PATH or sbin "
+                f"(rules backend {self.backend})"
+            )
+
+    def _error(self, kind: str, what: str, result: CommandResult) -> None:
+        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+        log.warning("node setup: %s failed (%s): %s", what, kind, result.message)
+
+    async def _cmd(self, argv: Sequence[str], stdin: str | None = None) -> CommandResult:
+        timeout = (
+            _IPTABLES_TIMEOUT_S if argv[0] in ("iptables", "ip6tables") else _COMMAND_TIMEOUT_S
+        )
+        return await self._run(list(argv), stdin, timeout)
+
+    # -- interface --
+
+    async def setup_interface(self) -> None:
+        """Put the addresses in place before the listeners bind (a bind needs them)."""
+        if not self.config.setup_interface:
+            return
+        if not await self._sync_interface():
+            raise NodeError(
+                f"cannot put {', '.join(self.config.local_ips)} on {self.config.interface} "
+                "(see the warnings above)"
+            )
+
+    async def _ensure_device(self) -> bool:
+        name = self.config.interface
+        if self._device == "lo" and name != "lo":
+            return True  # decided once: this kernel has no dummy links
+        shown = await self._cmd(["ip", "-j", "link", "show", "dev", name])
+        if shown.rc == 0:
+            self._device = name
+            return await self._ensure_up(name, shown.stdout)
+        added = await self._cmd(["ip", "link", "add", name, "type", "dummy"])
+        if added.rc == 0:
+            self._device = name
+            shown = await self._cmd(["ip", "-j", "link", "show", "dev", name])
+            return await self._ensure_up(name, shown.stdout)
+        if _kind_missing(added):
+            log.warning(
+                "this kernel has no dummy links (%s); putting the local addresses on lo "
+                "instead of %s",
+                added.message,
+                name,
+            )
+            self._device = "lo"
+            shown = await self._cmd(["ip", "-j", "link", "show", "dev", "lo"])
+            return await self._ensure_up("lo", shown.stdout)
+        self._error("interface_add", f"creating {name}", added)
+        return False
+
+    async def _ensure_up(self, device: str, shown: str) -> bool:
+        try:
+            links = json.loads(shown or "[]")
+            up = bool(links) and "UP" in links[0].get("flags", [])
+        except (ValueError, AttributeError, IndexError, TypeError):
+            up = False
+        if up:
+            return True
+        result = await self._cmd(["ip", "link", "set", device, "up"])
+        if result.rc != 0:
+            self._error("interface_add", f"bringing {device} up", result)
+            return False
+        return True
+
+    async def _addresses(self, device: str) -> set[str] | None:
+        shown = await self._cmd(["ip", "-j", "addr", "show", "dev", device])
+        if shown.rc != 0:
+            return None
+        found: set[str] = set()
+        try:
+            for link in json.loads(shown.stdout or "[]"):
+                for info in link.get("addr_info", []):
+                    found.add(str(ipaddress.ip_address(info["local"])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Unreadable output: treat every address as missing; adding one that exists
+            # is answered "File exists", which the caller tolerates.
+            return set()
+        return found
+
+    async def _sync_interface(self) -> bool:
+        if not await self._ensure_device():
+            return False
+        assert self._device is not None
+        present = await self._addresses(self._device)
+        if present is None and self._device != "lo":
+            # The link vanished (deleted by hand): make it again, then look once more.
+            if not await self._ensure_device():
+                return False
+            present = await self._addresses(self._device)
+        if present is None:
+            self._error(
+                "interface_check",
+                f"listing addresses of {self._device}",
+                CommandResult(1, "", "ip addr show failed"),
+            )
+            return False
+        ok = True
+        for ip in self.config.local_ips:
+            if ip in present:
+                continue
+            result = await self._cmd(_addr_cmd("add", ip, self._device))
+            if result.rc != 0 and "exists" not in result.stderr.lower():
+                self._error("interface_add", f"adding {ip} to {self._device}", result)
+                ok = False
+                continue
+            if self._installed:
+                self.stats.addresses_readded += 1
+                log.warning("node: %s was missing from %s; added it again", ip, self._device)
+        return ok
+
+    async def _remove_interface(self) -> None:
+        device = self._device
+        if device is None:
+            return
+        if device == self.config.interface and device != "lo":
+            shown = await self._cmd(["ip", "-j", "-d", "link", "show", "dev", device])
+            kind = ""
+            with contextlib.suppress(ValueError, IndexError, AttributeError, TypeError):
+                kind = json.loads(shown.stdout)[0].get("linkinfo", {}).get("info_kind", "")
+            if kind == "dummy":
+                result = await self._cmd(["ip", "link", "del", device])
+                if result.rc != 0 and shown.rc == 0:
+                    self._error("interface_add", f"deleting {device}", result)
+                return
+        for ip in self.config.local_ips:
+            result = await self._cmd(_addr_cmd("del", ip, device))
+            text = result.stderr.lower()
+            if result.rc != 0 and "cannot assign" not in text and "cannot find" not in text:
+                self._error("interface_add", f"removing {ip} from {device}", result)
+
+    # -- rules --
+
+    async def _sync_iptables(self) -> bool:
+        ok = True
+        present = 0
+        chains = sorted({(r.iptables, r.table, r.chain) for r in self.rules})
+        for tool, table, chain in chains:
+            wait = ["-w", str(XTABLES_WAIT_S)]
+            listing = await self._cmd([tool, *wait, "-t", table, "-S", chain])
+            if listing.rc != 0:
+                self._error(_iptables_error(listing), f"{tool} -t {table} -S {chain}", listing)
+                ok = False
+                continue
+            counts = Counter(iptables_comments(listing.stdout))
+            for rule in self.rules:
+                if (rule.iptables, rule.table, rule.chain) != (tool, table, chain):
+                    continue
+                copies = counts[rule.comment]
+                if copies == 0:
+                    result = await self._cmd(rule.iptables_argv("-I"))
+                    if result.rc != 0:
+                        self._error(_iptables_error(result), f"inserting '{rule.comment}'", result)
+                        ok = False
+                        continue
+                    if self._installed:
+                        self.stats.rules_readded += 1
+                        log.warning("node: rule '%s' was missing; added it again", rule.comment)
+                for _ in range(copies - 1):
+                    # Someone (or an old bug) added a copy: keep exactly one.
+                    result = await self._cmd(rule.iptables_argv("-D"))
+                    if result.rc != 0:
+                        self._error(
+                            _iptables_error(result), f"deleting a copy of '{rule.comment}'", result
+                        )
+                        ok = False
+                        break
+                present += 1 if copies else 0
+        self.stats.rules_present = present
+        return ok
+
+    async def _sync_nftables(self) -> bool:
+        listing = await self._cmd(["nft", "list", "table", "inet", NFT_TABLE])
+        counts = Counter(nft_comments(listing.stdout) if listing.rc == 0 else [])
+        missing = [r for r in self.rules if counts[r.comment] == 0]
+        self.stats.rules_present = len(self.rules) - len(missing)
+        extra = sum(counts.values()) != len(self.rules) - len(missing)
+        if not missing and not extra:
+            return True
+        result = await self._cmd(["nft", "-f", "-"], nft_ruleset(self.rules))
+        if result.rc != 0:
+            self._error("nftables", f"applying table inet {NFT_TABLE}", result)
+            return False
+        if self._installed and missing:
+            self.stats.rules_readded += len(missing)
+            log.warning(
+                "node: %d rule(s) of table inet %s were missing; table replaced",
+                len(missing),
+                NFT_TABLE,
+            )
+        self.stats.rules_present = len(self.rules)
+        return True
+
+    async def _remove_iptables(self) -> None:
+        for rule in self.rules:
+            for _ in range(_MAX_DELETES):  # every copy, as node-cache does
+                result = await self._cmd(rule.iptables_argv("-D"))
+                if result.rc == 0:
+                    continue
+                # "Bad rule (does a matching rule exist in that chain?)": none left.
+                if "does a matching rule exist" not in result.stderr:
+                    self._error(_iptables_error(result), f"deleting '{rule.comment}'", result)
+                break
+
+    async def _remove_nftables(self) -> None:
+        result = await self._cmd(["nft", "delete", "table", "inet", NFT_TABLE])
+        if result.rc != 0 and "no such file" not in result.stderr.lower():
+            self._error("nftables", f"deleting table inet {NFT_TABLE}", result)
+
+    # -- the cycle --
+
+    async def sync(self) -> bool:
+        """Verify everything; add what is missing. True when all is in place."""
+        ok = True
+        if self.config.setup_interface:
+            ok = await self._sync_interface()
+        if self.backend == "iptables":
+            ok = await self._sync_iptables() and ok
+        elif self.backend == "nftables":
+            ok = await self._sync_nftables() and ok
+        self.stats.syncs += 1
+        if ok and not self._installed:
+            self._installed = True
+            log.info(
+                "node: %s on %s, %d %s rules in place",
+                ", ".join(self.config.local_ips),
+                self._device or "(not managed)",
+                len(self.rules) if self.backend != "none" else 0,
+                self.backend,
+            )
+        return ok
+
+    async def teardown(self, *, rules: bool = True) -> None:
+        """Remove the rules first (so a ClusterIP falls back to kube-proxy), then addresses."""
+        errors = sum(self.stats.errors.values())
+        if rules and self.backend == "iptables":
+            await self._remove_iptables()
+        elif rules and self.backend == "nftables":
+            await self._remove_nftables()
+        if self.config.setup_interface:
+            await self._remove_interface()
+        if sum(self.stats.errors.values()) == errors:
+            log.info("node: rules and addresses removed")
+        else:
+            log.warning("node: teardown incomplete (see the warnings above)")
+
+
+class NodeCollector:
+    """Exports :class:`NodeStats` at scrape time (registered by the app)."""
+
+    def __init__(self, stats: NodeStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        m = CounterMetricFamily(
+            "dnsproxy_node_setup_errors",
+            "Failed node setup commands, by type (like coredns_nodecache_setup_errors_total).",
+            labels=["errortype"],
+        )
+        for kind, count in s.errors.copy().items():
+            m.add_metric([kind], count)
+        yield m
+        yield CounterMetricFamily(
+            "dnsproxy_node_rules_readded",
+            "Rules found missing by a sync and added again.",
+            value=s.rules_readded,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_node_addresses_readded",
+            "Local addresses found missing by a sync and added again.",
+            value=s.addresses_readded,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_node_syncs", "Completed verify-and-repair cycles.", value=s.syncs
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_node_rules_present",
+            "Our rules found in place by the last check.",
+            value=s.rules_present,
+        )
