@@ -16,8 +16,8 @@ upstream connections, exit 0.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import json
 import logging
 import os
