@@ -66,10 +66,18 @@ class Entry:
         return self.prepared
 
     def answer(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """This entry answered to ``query`` (see :func:`wire.splice`)."""
+        """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit."""
         age = int(now - self.stored_at)
         prepared = self.prepared if age == self.age else self.prepare(age, qend)
         return wire.splice(prepared, query, qend, edns, limit)
+
+    def answer_once(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
+        """Like :meth:`answer` without keeping the cut: most entries are answered from
+        upstream once and never hit, and the cut is about 400 bytes per entry."""
+        age = int(now - self.stored_at)
+        if age == self.age:
+            return wire.splice(self.prepared, query, qend, edns, limit)
+        return wire.render(self.body, self.offsets, self.ttls, age, query, qend, edns, limit)
 
 
 def _clamp(ttl: int, low: int, high: int) -> int:

@@ -117,18 +117,23 @@ class _Handler:
         self.memo_max = max(1024, config.cache_max_entries)
 
     def parse(self, data: bytes) -> Parsed:
-        """Validate ``data`` (raises BadQuery) and remember the result for its repeats."""
+        """Validate ``data`` (raises BadQuery)."""
         key, qend, edns = wire.parse_query(data)
         hi, ti, mode = wire.plan(data, edns)
         limit = 512 if edns < 0 else min(edns & 0xFFFF, self.max_udp)
-        parsed = (key, qend, edns, limit, hi, ti, mode, (key[-5] << 8) | key[-4])
-        # Only ordinary-sized queries: the memo is bounded in bytes as well as entries.
+        return (key, qend, edns, limit, hi, ti, mode, (key[-5] << 8) | key[-4])
+
+    def remember(self, data: bytes, parsed: Parsed) -> None:
+        """Memoize a query that was just answered from the cache, for its repeats.
+
+        Only cache hits are remembered (a name asked once costs no memo entry) and
+        only ordinary-sized queries, so the memo is bounded in bytes as in entries.
+        """
         if len(data) <= _MEMO_MAX_QUERY:
             memo = self.memo
             if len(memo) >= self.memo_max:
                 memo.clear()
             memo[data[2:]] = parsed
-        return parsed
 
     def bad_query(self, data: bytes, exc: wire.BadQuery) -> bytes | None:
         """Error reply for a query that failed validation, or None to drop it."""
@@ -183,6 +188,7 @@ class _Handler:
             stats.hits += 1
             stats.rcodes[entry.rcode] += 1
             send(entry.answer(data, qend, edns, now, limit))
+            self.remember(data, parsed)
             if self.log_queries:
                 self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "cache")
             return False
@@ -245,9 +251,13 @@ class _UdpListener:
         store_get = h.cache.store.get
         touch = h.cache.store.move_to_end
         monotonic = time.monotonic
+        join = b"".join
         acl = h.acl
         qtypes = stats.qtypes
         rcodes = stats.rcodes
+        # One clock read per batch: ages are in whole seconds and a batch takes
+        # well under a millisecond.
+        now = monotonic()
         for _ in range(_UDP_BATCH):
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
@@ -264,7 +274,6 @@ class _UdpListener:
             if parsed is not None:
                 key, qend, edns, limit, hi, ti, mode, qtype = parsed
                 entry = store_get(key)
-                now = monotonic()
                 if entry is not None and entry.expires_at > now and (acl is None or acl(addr[0])):
                     touch(key)
                     stats.udp_requests += 1
@@ -275,7 +284,7 @@ class _UdpListener:
                     prepared = entry.prepared if entry.age == age else entry.prepare(age, qend)
                     head = prepared[hi]
                     if mode == 0 or (mode == 1 and not head[1] & 0x20):
-                        reply = data[:2] + head + data[12:qend] + prepared[ti]
+                        reply = join((data[:2], head, data[12:qend], prepared[ti]))
                         if len(reply) > limit:
                             reply = wire.truncated(reply, qend, edns)
                     else:
@@ -319,7 +328,7 @@ class _UdpListener:
             return
         self.stats.rcodes[entry.rcode] += 1
         limit = 512 if edns < 0 else min(edns & 0xFFFF, self.h.max_udp)
-        self.send(entry.answer(data, qend, edns, time.monotonic(), limit), addr)
+        self.send(entry.answer_once(data, qend, edns, time.monotonic(), limit), addr)
         if self.h.log_queries:
             self.h.log_query(addr, "udp", key, entry.rcode, "upstream")
 
@@ -467,7 +476,7 @@ class _TcpConnection(asyncio.Protocol):
             return
         self.stats.rcodes[entry.rcode] += 1
         self.last_activity = time.monotonic()
-        self._send(entry.answer(data, qend, edns, self.last_activity, _TCP_MAX_REPLY))
+        self._send(entry.answer_once(data, qend, edns, self.last_activity, _TCP_MAX_REPLY))
         if self.h.log_queries:
             self.h.log_query(self.peer, "tcp", key, entry.rcode, "upstream")
         # Frames held back by the pipelining limit may now be handled.
