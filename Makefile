@@ -32,3 +32,12 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (see benchmarks/README.md), never part of `make test`; CI runs bench-smoke.
+.PHONY: bench bench-smoke
+bench: $(STAMP)
+	$(BIN)/pip install --quiet matplotlib
+	$(BIN)/python -m benchmarks
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks --smoke

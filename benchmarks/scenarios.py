@@ -1,0 +1,494 @@
+"""The six scenarios, run system by system against one shared upstream.
+
+Each measurement starts the system under test afresh (an empty cache, a fresh process)
+pinned to ``sut_cpu``; dnsperf and the upstream run on ``client_cpu``. Repetitions go
+round-robin over the systems, so that a slow minute on the machine hurts them all alike;
+figures are medians over the repetitions and every run's raw numbers are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import dnsperf
+from benchmarks.procs import (
+    HarnessError,
+    Procs,
+    free_port,
+    rss_kib,
+    run_bounded,
+    time_to_first_answer,
+    wait_answering,
+    which,
+)
+from benchmarks.systems import System, upstream_conf
+from benchmarks.zone import Files, Sizes
+
+SCENARIOS = ("hits", "miss", "latency", "mix", "memory", "startup")
+
+
+def say(msg: str) -> None:
+    """Progress on stderr: a full run takes minutes."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+START_TIMEOUT_S = 30.0
+# Gentle loads that must lose nothing: warming the hit names, filling the memory scenario.
+WARM = dnsperf.Load(clients=1, threads=1, outstanding=20)
+FILL = dnsperf.Load(clients=1, threads=1, outstanding=50)
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration_s: float  # one throughput run (hits, miss, mix)
+    repeats: int  # throughput runs per system (hits, miss); the median is reported
+    latency_qps: int  # offered load of the latency scenario
+    latency_duration_s: float
+    startup_repeats: int
+    sut_cpu: int | None
+    client_cpu: int | None
+    upstream_cpu: int | None
+    throughput: dnsperf.Load  # dnsperf load for the saturating runs
+    warm: dnsperf.Load = WARM
+    fill: dnsperf.Load = FILL
+    settle_s: float = 1.0  # pause before reading an idle or a filled RSS
+    max_steal: float = 0.1  # cores the hypervisor may take during a run before it is redone
+    steal_retries: int = 2
+    profile_dir: Path | None = None  # py-spy profiles of dnsproxy (hits, miss) when set
+
+
+@dataclass
+class Upstream:
+    port: int
+    conf: Path
+    proc: subprocess.Popen[bytes]
+
+    def queries(self) -> int | None:
+        """Queries the upstream has answered so far (unbound-control), or None."""
+        control = which("unbound-control")
+        if control is None:
+            return None
+        out = run_bounded([control, "-c", str(self.conf), "stats_noreset"], 10.0)
+        m = re.search(rb"^total\.num\.queries=(\d+)", out.stdout, re.M)
+        return int(m.group(1)) if m else None
+
+
+@dataclass
+class Running:
+    system: System
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Bench:
+    procs: Procs
+    workdir: Path
+    files: Files
+    sizes: Sizes
+    settings: Settings
+    systems: list[System]
+    notes: list[str] = field(default_factory=list)
+    upstream: Upstream | None = None
+    _starts: int = 0
+
+    # -- processes
+
+    def start_upstream(self) -> Upstream:
+        unbound = which("unbound")
+        if unbound is None:
+            raise HarnessError("unbound is not installed: apt-get install unbound (the upstream)")
+        directory = self.workdir / "upstream"
+        directory.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        conf = upstream_conf(directory, port, self.files.local_data)
+        log = directory / "unbound.log"
+        proc = self.procs.start(
+            [unbound, "-d", "-c", str(conf)], log, cpu=self.settings.upstream_cpu
+        )
+        wait_answering(port, self.files.upstream_probe_name, proc, 120.0, "upstream unbound", log)
+        self.upstream = Upstream(port, conf, proc)
+        return self.upstream
+
+    def _upstream(self) -> Upstream:
+        if self.upstream is None:
+            raise HarnessError("upstream not started")
+        return self.upstream
+
+    @contextlib.contextmanager
+    def running(self, system: System) -> Iterator[Running]:
+        """The system started afresh and answering; stopped (with its group) afterwards."""
+        self._starts += 1
+        directory = self.workdir / f"{system.key}-{self._starts}"
+        port = free_port()
+        cmd = system.command(directory, port, self._upstream().port)
+        log = directory / "stderr.log"
+        proc = self.procs.start(cmd.argv, log, cpu=self.settings.sut_cpu, env=cmd.env)
+        try:
+            wait_answering(port, self.files.probe_name, proc, START_TIMEOUT_S, system.label, log)
+            yield Running(system, port, proc, log)
+        finally:
+            status = self.procs.stop(proc)
+            if status not in (0, -15, 143, None):
+                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                self.notes.append(f"{system.label} exited with status {status}: {tail.strip()}")
+
+    def perf(self, run: Running, datafile: Path, load: dnsperf.Load, **kw: Any) -> dnsperf.Result:
+        return dnsperf.run(run.port, datafile, load, cpu=self.settings.client_cpu, **kw)
+
+    def warm(self, run: Running, datafile: Path, expected: int) -> dnsperf.Result:
+        """Ask every name once; a second pass if a reply went missing (a busy CI box)."""
+        r = self.perf(run, datafile, self.settings.warm, max_runs=1)
+        if r.ok < expected:
+            r = self.perf(run, datafile, self.settings.warm, max_runs=1)
+        if r.ok < expected:
+            raise HarnessError(
+                f"{run.system.label}: warm-up answered {r.ok} of {expected} ({r.rcodes}, "
+                f"lost {r.lost})"
+            )
+        return r
+
+    # -- scenarios
+
+    def _timed(self, run: Running, datafile: Path, **kw: Any) -> dict[str, Any]:
+        """One saturating dnsperf run; also what reached the upstream and how busy the
+        server and the upstream were (CPU seconds per second of run: 1.0 = one full core)."""
+        up = self._upstream()
+        q0, up0, sut0 = up.queries(), cpu_seconds(up.proc.pid), cpu_seconds(run.proc.pid)
+        (busy0, soft0, steal0), own0 = machine_cpu_seconds(), own_cpu_seconds()
+        r = self.perf(run, datafile, self.settings.throughput, interval=True, **kw)
+        (busy1, soft1, steal1), own1 = machine_cpu_seconds(), own_cpu_seconds()
+        q1, up1, sut1 = up.queries(), cpu_seconds(up.proc.pid), cpu_seconds(run.proc.pid)
+        out = r.summary()
+        out["server_cpu"] = round((sut1 - sut0) / r.runtime_s, 3)
+        out["upstream_cpu"] = round((up1 - up0) / r.runtime_s, 3)
+        # CPU the rest of the machine used meanwhile: the noise this run had to live with.
+        ours = (sut1 - sut0) + (up1 - up0) + (own1 - own0)
+        out["other_cpu"] = round(max(0.0, busy1 - busy0 - ours) / r.runtime_s, 3)
+        # Diagnostics: softirq (mostly this run's own loopback packets) and time the
+        # hypervisor took from this virtual machine (steal), both in cores.
+        out["softirq_cpu"] = round((soft1 - soft0) / r.runtime_s, 3)
+        out["steal_cpu"] = round((steal1 - steal0) / r.runtime_s, 3)
+        if q0 is not None and q1 is not None:
+            out["upstream_queries"] = q1 - q0
+            if r.completed:
+                out["hit_ratio"] = round(1 - (q1 - q0) / r.completed, 4)
+        return out
+
+    def hits(self) -> dict[str, Any]:
+        def one(run: Running) -> dict[str, Any]:
+            self.warm(run, self.files.hits, self.sizes.hit_names)
+            return self._timed(run, self.files.hits, duration_s=self.settings.duration_s)
+
+        results = self._repeated(one, "ok_qps")
+        self._profile_dnsproxy(results, self.files.hits, "hits", warm=True)
+        return results
+
+    def miss(self) -> dict[str, Any]:
+        def one(run: Running) -> dict[str, Any]:
+            return self._timed(
+                run, self.files.miss, duration_s=self.settings.duration_s, max_runs=1
+            )
+
+        results = self._repeated(one, "ok_qps")
+        self._profile_dnsproxy(results, self.files.miss, "miss", warm=False)
+        return results
+
+    def latency(self) -> dict[str, Any]:
+        """Per-query latencies at a fixed offered load, ``repeats`` runs round-robin; the
+        figures (and the curve) of the run with the median p99 are reported."""
+        s = self.settings
+        load = dnsperf.Load(clients=1, threads=1, outstanding=2000, max_qps=s.latency_qps)
+        runs: dict[str, list[dict[str, Any]]] = {system.key: [] for system in self.systems}
+        errors: dict[str, str] = {}
+
+        def one(run: Running) -> dict[str, Any]:
+            self.warm(run, self.files.hits, self.sizes.hit_names)
+            lines = self.workdir / f"latency-{run.system.key}.txt"
+            (busy0, _, steal0), own0 = machine_cpu_seconds(), own_cpu_seconds()
+            sut0 = cpu_seconds(run.proc.pid)
+            r = self.perf(
+                run, self.files.hits, load, duration_s=s.latency_duration_s, per_query=lines
+            )
+            (busy1, _, steal1), own1 = machine_cpu_seconds(), own_cpu_seconds()
+            sut1 = cpu_seconds(run.proc.pid)
+            lines.unlink(missing_ok=True)
+            figures = {**latency_figures(r.latencies_s), **r.summary()}
+            figures["server_cpu"] = round((sut1 - sut0) / r.runtime_s, 3)
+            other = busy1 - busy0 - (sut1 - sut0) - (own1 - own0)
+            figures["other_cpu"] = round(max(0.0, other) / r.runtime_s, 3)
+            figures["steal_cpu"] = round((steal1 - steal0) / r.runtime_s, 3)
+            return figures
+
+        for _ in range(s.repeats):
+            for system in self.systems:
+                if system.key in errors:
+                    continue
+                try:
+                    figures = self._measure(
+                        system,
+                        one,
+                        lambda f: (
+                            f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, "
+                            f"p99.9 {f.get('p999_ms')} ms"
+                        ),
+                    )
+                    runs[system.key].append(figures)
+                except HarnessError as e:
+                    errors[system.key] = str(e)
+                    say(f"  {system.label}: ERROR {e}")
+        out: dict[str, Any] = {}
+        for system in self.systems:
+            rs = [r for r in runs[system.key] if r.get("n")]
+            if system.key in errors or not rs:
+                out[system.key] = {"error": errors.get(system.key, "no latencies")}
+                continue
+            rs.sort(key=lambda r: r["p99_ms"])
+            chosen = dict(rs[(len(rs) - 1) // 2])
+            chosen["offered_qps"] = s.latency_qps
+            chosen["p99_runs_ms"] = [r["p99_ms"] for r in rs]
+            chosen["p999_runs_ms"] = [r["p999_ms"] for r in rs]
+            chosen["other_cpu_runs"] = [r["other_cpu"] for r in rs]
+            chosen["steal_cpu_runs"] = [r["steal_cpu"] for r in rs]
+            out[system.key] = chosen
+        return out
+
+    def mix(self) -> dict[str, Any]:
+        def one(run: Running) -> dict[str, Any]:
+            return self._timed(run, self.files.mix, duration_s=self.settings.duration_s)
+
+        return self._repeated(one, "ok_qps")
+
+    def memory(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for system in self.systems:
+            try:
+                with self.running(system) as run:
+                    time.sleep(self.settings.settle_s)
+                    idle = rss_kib(run.proc.pid)
+                    r = self.perf(run, self.files.fill, self.settings.fill, max_runs=1)
+                    time.sleep(self.settings.settle_s)
+                    full = rss_kib(run.proc.pid)
+                entries = r.rcodes.get("NOERROR", 0)
+                out[system.key] = {
+                    "idle_rss_kib": idle,
+                    "full_rss_kib": full,
+                    "entries": entries,
+                    "bytes_per_entry": round((full - idle) * 1024 / entries, 1)
+                    if entries
+                    else None,
+                    "fill": r.summary(),
+                }
+            except HarnessError as e:
+                out[system.key] = {"error": str(e)}
+        return out
+
+    def startup(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for system in self.systems:
+            times: list[float] = []
+            try:
+                for _ in range(self.settings.startup_repeats):
+                    times.append(self._start_once(system))
+                out[system.key] = {
+                    "median_ms": round(statistics.median(times) * 1e3, 2),
+                    "runs_ms": [round(t * 1e3, 2) for t in times],
+                }
+            except HarnessError as e:
+                out[system.key] = {"error": str(e)}
+        return out
+
+    def _start_once(self, system: System) -> float:
+        self._starts += 1
+        directory = self.workdir / f"{system.key}-{self._starts}"
+        port = free_port()
+        cmd = system.command(directory, port, self._upstream().port)
+        log = directory / "stderr.log"
+        start = time.monotonic()
+        proc = self.procs.start(cmd.argv, log, cpu=self.settings.sut_cpu, env=cmd.env)
+        try:
+            return time_to_first_answer(port, self.files.probe_name, start, proc, START_TIMEOUT_S)
+        except HarnessError as e:
+            tail = log.read_text(errors="replace")[-1000:] if log.exists() else ""
+            raise HarnessError(f"{system.label}: {e}\n{tail}") from None
+        finally:
+            self.procs.stop(proc)
+
+    # -- helpers
+
+    def _measure(
+        self,
+        system: System,
+        one: Callable[[Running], dict[str, Any]],
+        brief: Callable[[dict[str, Any]], str],
+    ) -> dict[str, Any]:
+        """``one`` on a fresh instance of ``system``. A run during which the hypervisor
+        took more than ``max_steal`` cores from this virtual machine measured the host's
+        other tenants as much as the system: it is set aside (kept in the results under
+        ``set_aside``) and redone, at most ``steal_retries`` times."""
+        set_aside: list[dict[str, Any]] = []
+        while True:
+            with self.running(system) as run:
+                r = one(run)
+            steal = r.get("steal_cpu", 0.0)
+            if steal <= self.settings.max_steal or len(set_aside) >= self.settings.steal_retries:
+                break
+            say(f"  {system.label}: {brief(r)}; steal {steal:.2f} cores: set aside, again")
+            set_aside.append({k: v for k, v in r.items() if k != "curve"})
+        if set_aside:
+            r["set_aside"] = set_aside
+        say(f"  {system.label}: {brief(r)} (steal {steal:.2f})")
+        return r
+
+    def _repeated(self, one: Callable[[Running], dict[str, Any]], key: str) -> dict[str, Any]:
+        """``one`` on a fresh instance of every system, round-robin, ``repeats`` times; the
+        median of ``key`` (and of the average latency) over the runs."""
+        runs: dict[str, list[dict[str, Any]]] = {s.key: [] for s in self.systems}
+        errors: dict[str, str] = {}
+        for _ in range(self.settings.repeats):
+            for system in self.systems:
+                if system.key in errors:
+                    continue
+                try:
+                    r = self._measure(
+                        system,
+                        one,
+                        lambda r: (
+                            f"{r[key]:,.0f} QPS, avg {r['avg_latency_ms']:.3f} ms, "
+                            f"lost {r['lost']}, {r['rcodes']}"
+                        ),
+                    )
+                    runs[system.key].append(r)
+                except HarnessError as e:
+                    errors[system.key] = str(e)
+                    say(f"  {system.label}: ERROR {e}")
+        out: dict[str, Any] = {}
+        for system in self.systems:
+            rs = runs[system.key]
+            if system.key in errors or not rs:
+                out[system.key] = {"error": errors.get(system.key, "no run")}
+                continue
+            out[system.key] = {
+                "qps": round(statistics.median(r[key] for r in rs), 1),
+                "qps_min": min(r[key] for r in rs),
+                "qps_max": max(r[key] for r in rs),
+                "avg_latency_ms": round(statistics.median(r["avg_latency_ms"] for r in rs), 4),
+                "lost": sum(r["lost"] for r in rs),
+                "runs": rs,
+            }
+            for extra in (
+                "hit_ratio",
+                "server_cpu",
+                "upstream_cpu",
+                "other_cpu",
+                "softirq_cpu",
+                "steal_cpu",
+            ):
+                values = [r[extra] for r in rs if extra in r]
+                if values:
+                    out[system.key][extra] = statistics.median(values)
+        return out
+
+    def _profile_dnsproxy(
+        self, results: dict[str, Any], datafile: Path, name: str, *, warm: bool
+    ) -> None:
+        """With ``--profile``: one extra run (not counted) per dnsproxy variant on a fresh
+        process, with py-spy sampling it; where the time went goes into the results."""
+        directory = self.settings.profile_dir
+        if directory is None:
+            return
+        from benchmarks.profile import record
+
+        for system in self.systems:
+            if not system.key.startswith("dnsproxy") or "error" in results[system.key]:
+                continue
+            say(f"  profiling {system.label} ({name})")
+            with self.running(system) as run:
+                if warm:
+                    self.warm(run, datafile, self.sizes.hit_names)
+                results[system.key]["profile"] = record(
+                    run.proc.pid,
+                    directory / f"{name}-{system.key}.txt",
+                    lambda run=run: self.perf(
+                        run,
+                        datafile,
+                        self.settings.throughput,
+                        duration_s=self.settings.duration_s,
+                        max_runs=None if warm else 1,
+                    ).summary(),
+                    duration_s=self.settings.duration_s,
+                    cpu=self.settings.client_cpu,
+                )
+
+
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """CPU time of all CPUs so far (/proc/stat): user + nice + system, softirq, steal."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(fields[0:3]) / tick, fields[6] / tick, fields[7] / tick
+
+
+def machine_busy_seconds() -> float:
+    """User and kernel time of all CPUs so far, interrupts left out: the kernel charges
+    the run's own loopback traffic there."""
+    return machine_cpu_seconds()[0]
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of the harness and of its children waited for (dnsperf, unbound-control)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat; fields[0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def latency_figures(latencies_s: list[float]) -> dict[str, Any]:
+    """Percentiles (nearest rank) and a compact quantile curve for the plot."""
+    if not latencies_s:
+        return {"n": 0}
+    xs = sorted(latencies_s)
+    n = len(xs)
+
+    def q(p: float) -> float:
+        return round(xs[min(n - 1, max(0, math.ceil(p * n) - 1))] * 1e3, 4)
+
+    # Quantiles evenly spaced in "nines" (0, 0.9, 0.99, ...) up to the data's resolution.
+    top = math.log10(n)
+    curve = []
+    steps = 120
+    for i in range(steps + 1):
+        nines = top * i / steps
+        p = 1 - 10 ** (-nines)
+        curve.append([round(p, 7), q(p)])
+    return {
+        "n": n,
+        "p50_ms": q(0.50),
+        "p90_ms": q(0.90),
+        "p99_ms": q(0.99),
+        "p999_ms": q(0.999),
+        "max_ms": round(xs[-1] * 1e3, 4),
+        "curve": curve,
+    }
