@@ -467,10 +467,11 @@ async def test_dead_upstream_marked_down_probed_and_restored() -> None:
             for name in ("www.example.", "mail.example."):
                 assert (await ask_udp(app, name)).rcode() == dns.rcode.NOERROR
             assert not server.up
-            # While down, queries go straight to the backup: no try timeout is paid.
-            started = time.monotonic()
+            # While down, queries go straight to the backup: the primary is not even asked.
+            before = len(primary.queries)
             assert (await ask_udp(app, "example.", "MX")).rcode() == dns.rcode.NOERROR
-            assert time.monotonic() - started < 0.3
+            asked = [q for _, q in primary.queries[before:] if q.question[0].rdtype != 2]
+            assert asked == []
             # The primary recovers; the ". NS" probe notices and it takes traffic again.
             first_alive["yes"] = True
             async with asyncio.timeout(5):
@@ -498,7 +499,7 @@ async def test_health_turns_503_while_the_event_loop_is_stalled() -> None:
         assert await asyncio.to_thread(status) == 200
         probe = asyncio.ensure_future(asyncio.to_thread(lambda: (time.sleep(2.6), status())[1]))
         await asyncio.sleep(0.1)
-        time.sleep(3.0)  # block the loop, as a runaway computation would
+        time.sleep(4.0)  # block the loop, as a runaway computation would
         assert await probe == 503
         await asyncio.sleep(0.7)  # the heartbeat ticks again
         assert await asyncio.to_thread(status) == 200

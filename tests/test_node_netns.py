@@ -476,10 +476,10 @@ def test_sync_adds_back_what_was_deleted_and_never_duplicates(
         started = time.monotonic()
         wait_for(
             lambda: comment in our_rules(topo) and LOCAL_IP in local_addresses(topo),
-            3.0,  # one interval (1 s) plus slack
+            4.0,  # one interval (1 s), the sync's own commands, slack for a loaded CI host
             "the rule and the address to be back",
         )
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 3.5
         assert p.metric("dnsproxy_node_rules_readded_total") >= 1
         assert p.metric("dnsproxy_node_addresses_readded_total") == 1
         assert ask(topo, LOCAL_IP) == EXTERNAL_IP  # the listener serves the re-added address
