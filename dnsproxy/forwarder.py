@@ -99,10 +99,9 @@ class _Zone:
             i = self.next_index % len(servers)
             self.next_index = i + 1
             servers = servers[i:] + servers[:i]
-        healthy = [s for s in servers if s.up]
-        if len(healthy) == len(servers):
+        if all(s.fails < _MAX_FAILS for s in servers):
             return servers
-        return healthy + [s for s in servers if not s.up]
+        return [s for s in servers if s.up] + [s for s in servers if not s.up]
 
 
 class _Resolution:

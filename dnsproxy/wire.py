@@ -639,7 +639,16 @@ def render(
     The cache keeps the result of :func:`prepare` per entry and second instead; this is
     the same transformation for one-off replies.
     """
-    return splice(prepare(aged(body, offsets, ttls, age), qend), query, qend, edns, limit)
+    body = aged(body, offsets, ttls, age)
+    # Only the cut this client needs, in every slot splice might read.
+    if edns < 0:
+        head = body[2:HEADER_LEN]
+        tail = body[qend:]
+    else:
+        arcount = ((body[10] << 8) | body[11]) + 1
+        head = body[2:10] + bytes((arcount >> 8, arcount & 0xFF))
+        tail = body[qend:] + (_OPT_DO if edns & 0x10000 else _OPT_PLAIN)
+    return splice((head, head, tail, tail, tail), query, qend, edns, limit)
 
 
 def truncated(reply: bytes, qend: int, edns: int) -> bytes:
