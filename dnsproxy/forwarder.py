@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from dnsproxy import wire
-from dnsproxy.cache import Cache, Entry, make_entry, servfail_entry
+from dnsproxy.cache import SERVFAIL, Cache, Entry, make_entry, servfail_entry
 from dnsproxy.config import Config, UpstreamConfig, ZoneConfig
 from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
 
@@ -41,7 +41,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 @dataclass(slots=True)
 class ForwarderStats:
-    upstream_misses: int = 0  # distinct upstream resolutions started
     coalesced: int = 0  # clients that joined a resolution already in flight
     nxdomain_hits: int = 0  # answered by an NXDOMAIN cached for another type of the name
     inflight_rejects: int = 0  # max_inflight reached: SERVFAIL
@@ -224,7 +223,7 @@ class Forwarder:
             self.stats.nxdomain_hits += 1
             deliver(nx)
             return
-        zone = self.zone_for(key[:-5])
+        zone = self.zone_for(wire.key_qname(key))
         if zone is None:
             self.stats.no_zone += 1
             deliver(self._synth(query, qend, key, wire.REFUSED))
@@ -233,7 +232,6 @@ class Forwarder:
             self.stats.inflight_rejects += 1
             deliver(self._synth(query, qend, key, wire.SERVFAIL))
             return
-        self.stats.upstream_misses += 1
         resolution = _Resolution(key, query[wire.HEADER_LEN : qend], zone, deliver)
         resolution.deadline = asyncio.get_running_loop().time() + zone.config.deadline_s
         self._inflight[key] = resolution
@@ -252,7 +250,7 @@ class Forwarder:
 
     def _synth(self, query: bytes, qend: int, key: bytes, rcode: int) -> Entry:
         body = wire.synth_body(query[wire.HEADER_LEN : qend], rcode, wire.key_flags(key)[1])
-        return Entry(body, (), (), time.monotonic(), 0, 2, rcode)
+        return Entry(body, (), (), time.monotonic(), 0, SERVFAIL, rcode)
 
     def _next(self, r: _Resolution) -> None:
         """Start the next attempt, or finish when attempts or time have run out."""

@@ -120,7 +120,7 @@ class _Handler:
         """Validate ``data`` (raises BadQuery)."""
         key, qend, edns = wire.parse_query(data)
         hi, ti, mode = wire.plan(data, edns)
-        limit = 512 if edns < 0 else min(edns & 0xFFFF, self.max_udp)
+        limit = wire.udp_limit(edns, self.max_udp)
         return (key, qend, edns, limit, hi, ti, mode, (key[-5] << 8) | key[-4])
 
     def remember(self, data: bytes, parsed: Parsed) -> None:
@@ -199,6 +199,17 @@ class _Handler:
             return False
         self.forwarder.submit(key, data, qend, partial(deliver, key, data, qend, edns))
         return True
+
+    def delivered(
+        self, peer: Any, tcp: bool, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+    ) -> bytes:
+        """The reply to a miss whose resolution ended with ``entry``, counted and logged."""
+        self.stats.rcodes[entry.rcode] += 1
+        limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
+        reply = entry.answer_once(data, qend, edns, time.monotonic(), limit)
+        if self.log_queries:
+            self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "upstream")
+        return reply
 
     def log_query(self, peer: Any, proto: str, key: bytes, rcode: int, source: str) -> None:
         try:
@@ -326,11 +337,7 @@ class _UdpListener:
         if self.closed:
             _count(self.stats.dropped, "listener_closed")
             return
-        self.stats.rcodes[entry.rcode] += 1
-        limit = 512 if edns < 0 else min(edns & 0xFFFF, self.h.max_udp)
-        self.send(entry.answer_once(data, qend, edns, time.monotonic(), limit), addr)
-        if self.h.log_queries:
-            self.h.log_query(addr, "udp", key, entry.rcode, "upstream")
+        self.send(self.h.delivered(addr, False, key, data, qend, edns, entry), addr)
 
 
 class _TcpConnection(asyncio.Protocol):
@@ -474,11 +481,8 @@ class _TcpConnection(asyncio.Protocol):
         if self.closed:
             _count(self.stats.dropped, "tcp_client_gone")
             return
-        self.stats.rcodes[entry.rcode] += 1
         self.last_activity = time.monotonic()
-        self._send(entry.answer_once(data, qend, edns, self.last_activity, _TCP_MAX_REPLY))
-        if self.h.log_queries:
-            self.h.log_query(self.peer, "tcp", key, entry.rcode, "upstream")
+        self._send(self.h.delivered(self.peer, True, key, data, qend, edns, entry))
         # Frames held back by the pipelining limit may now be handled.
         self._process()
 

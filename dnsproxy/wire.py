@@ -80,36 +80,6 @@ class BadQuery(Exception):
 # Names and questions
 
 
-def name_end(data: bytes, off: int) -> int:
-    """Offset just past the (possibly compressed) name at ``off``.
-
-    Pointers are not followed, so a pointer loop cannot make this spin; the pointer's
-    target is checked to lie before the pointer itself (RFC 1035 §4.1.4: pointers refer
-    to a prior occurrence).
-    """
-    n = len(data)
-    start = off
-    while True:
-        if off >= n:
-            raise WireError("name runs past the end of the message")
-        length = data[off]
-        if length == 0:
-            return off + 1
-        kind = length & 0xC0
-        if kind == 0xC0:
-            if off + 2 > n:
-                raise WireError("truncated compression pointer")
-            target = ((length & 0x3F) << 8) | data[off + 1]
-            if target >= start:
-                raise WireError("compression pointer does not point backwards")
-            return off + 2
-        if kind:
-            raise WireError("unsupported label type")
-        off += length + 1
-        if off - start > MAX_NAME_LEN:
-            raise WireError("name longer than 255 octets")
-
-
 def read_name(data: bytes, off: int) -> str:
     """Decode the name at ``off`` to text (following pointers, with a jump limit).
 
@@ -373,7 +343,7 @@ TYPE_CNAME = 5
 TYPE_ANY = 255
 
 
-def _check_name(data: bytes, off: int) -> int:
+def name_end(data: bytes, off: int) -> int:
     """End of the name at ``off``, following compression pointers to check the whole name.
 
     Every pointer must point strictly before itself, which makes loops impossible
@@ -419,7 +389,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
     off = HEADER_LEN
     qtype = -1
     for _ in range(qdcount):
-        off = _check_name(data, off) + 4
+        off = name_end(data, off) + 4
         if off > n:
             raise WireError("question runs past the end of the message")
         if qtype < 0:
@@ -435,7 +405,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
     total = ancount + nscount + arcount
     for index in range(total):
         start = off
-        off = _check_name(data, off)
+        off = name_end(data, off)
         if off + 10 > n:
             raise WireError("record header runs past the end of the message")
         rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
@@ -454,7 +424,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
             if index < ancount and rtype == qtype:
                 answers_qtype = True
             if rtype == TYPE_SOA:
-                p = _check_name(data, _check_name(data, rdata))
+                p = name_end(data, name_end(data, rdata))
                 if p + 20 != end:
                     raise WireError("malformed SOA record")
                 if soa_index < 0 and ancount <= index < ancount + nscount:
@@ -464,7 +434,7 @@ def inspect_response(data: bytes) -> ResponseInfo:
                         soa_minimum = 0
             else:
                 skip = _RDATA_NAME_AT.get(rtype)
-                if skip is not None and (rdlen <= skip or _check_name(data, rdata + skip) > end):
+                if skip is not None and (rdlen <= skip or name_end(data, rdata + skip) > end):
                     raise WireError("malformed name in record data")
             offsets.append(off + 4)
             ttls.append(ttl)
