@@ -71,17 +71,9 @@ class Entry:
         prepared = self.prepared if age == self.age else self.prepare(age, qend)
         return wire.splice(prepared, query, qend, edns, limit)
 
-    def answer_once(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """Like :meth:`answer` without keeping the cut: most entries are answered from
-        upstream once and never hit, and the cut is about 400 bytes per entry."""
-        age = int(now - self.stored_at)
-        if age == self.age:
-            return wire.splice(self.prepared, query, qend, edns, limit)
-        return wire.render(self.body, self.offsets, self.ttls, age, query, qend, edns, limit)
 
-
-def _clamp(ttl: int, low: int, high: int) -> int:
-    return low if ttl < low else high if ttl > high else ttl
+def _clamped(ttls: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:
+    return tuple(low if t < low else high if t > high else t for t in ttls)
 
 
 def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tuple[Entry, bool]:
@@ -92,16 +84,14 @@ def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tupl
     """
     rcode = info.rcode
     ttls = info.ttls
-    span = ttls[: info.authority_end]
     if rcode == wire.NOERROR and info.ancount and (info.answers_qtype or info.soa_index < 0):
         kind = POSITIVE
-        raw_min = min(span) if span else 0
+        raw_min = info.span_min
         low, high = policy.min_ttl_s, policy.max_ttl_s
-        base = (
-            ttls
-            if low <= min(ttls) and max(ttls) <= high
-            else tuple(_clamp(t, low, high) for t in ttls)
-        )
+        if low <= info.ttl_low and info.ttl_high <= high and not info.truncated:
+            # Every TTL within the policy (the usual case): the reply is stored as is.
+            return Entry(info.body, info.ttl_offsets, ttls, now, raw_min, kind, rcode), raw_min > 0
+        base = ttls if low <= info.ttl_low and info.ttl_high <= high else _clamped(ttls, low, high)
         cacheable = raw_min > 0
     elif (rcode == wire.NXDOMAIN or rcode == wire.NOERROR) and info.soa_index >= 0:
         # RFC 2308 §5: the negative TTL is min(SOA TTL, SOA MINIMUM).
@@ -140,10 +130,10 @@ def servfail_entry(
 def nxdomain_key(key: bytes) -> bytes:
     """Key under which an NXDOMAIN answers every type of the name (RFC 2308 §5).
 
-    Name + class + marker + flags: one byte shorter than a question key of the same
-    name, so the two key spaces cannot collide.
+    Name + class + flags, without the type: a question key always has five bytes after
+    its (self-delimiting) name and this one three, so the two key spaces cannot collide.
     """
-    return key[:-5] + key[-3:-1] + b"N" + key[-1:]
+    return key[:-5] + key[-3:]
 
 
 class Cache:
@@ -173,7 +163,13 @@ class Cache:
         return entry
 
     def get_nxdomain(self, key: bytes, now: float) -> Entry | None:
-        return self.get(nxdomain_key(key), now)
+        """A live bare NXDOMAIN for the name of question ``key``, whatever its type."""
+        nx_key = key[:-5] + key[-3:]  # nxdomain_key, inline: asked on every miss
+        entry = self.store.get(nx_key)
+        if entry is None or entry.expires_at <= now:
+            return None
+        self.store.move_to_end(nx_key)
+        return entry
 
     def put(self, key: bytes, entry: Entry, now: float) -> bool:
         """Store ``entry``; a SERVFAIL never replaces a live answer. True if stored."""
@@ -196,7 +192,7 @@ class Cache:
             self.bytes -= _footprint(old)
         store[key] = entry
         self.by_kind[entry.kind] += 1
-        self.bytes += _footprint(entry)
+        self.bytes += 4 * len(entry.body)  # _footprint(entry)
         while len(store) > self.max_entries or (self.bytes > self.max_bytes and len(store) > 1):
             _, evicted = store.popitem(last=False)
             self.evictions += 1

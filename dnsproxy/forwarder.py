@@ -91,6 +91,8 @@ class _Zone:
 
     def order(self) -> list[_Server]:
         servers = self.servers
+        if len(servers) == 1:
+            return servers
         policy = self.config.policy
         if policy == "random":
             servers = random.sample(servers, len(servers))
@@ -133,8 +135,7 @@ class _Resolution:
         self.question = question
         self.zone = zone
         self.waiters = [deliver]
-        do, cd = wire.key_flags(key)
-        self.query = wire.upstream_query(question, cd, do)
+        self.query = wire.upstream_query_for_key(key, question)
         self.order = zone.order()
         self.attempt = 0
         self.deadline = 0.0
@@ -159,6 +160,8 @@ class Forwarder:
         for zone in config.zones:
             servers = [self._server(u) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
+        # With only the root zone configured, every name is in it: no suffix walk.
+        self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Resolution] = {}
 
     def _server(self, config: UpstreamConfig) -> _Server:
@@ -199,12 +202,18 @@ class Forwarder:
 
     def zone_for(self, qname: bytes) -> _Zone | None:
         """Longest configured zone that contains the lowercased wire ``qname``."""
+        if self._only_zone is not None:
+            return self._only_zone
         zones = self._zones
-        for suffix in wire.label_suffixes(qname):
-            zone = zones.get(suffix)
+        i = 0
+        while True:
+            zone = zones.get(qname[i:] if i else qname)
             if zone is not None:
                 return zone
-        return None
+            length = qname[i]
+            if length == 0:
+                return None
+            i += length + 1
 
     def submit(self, key: bytes, query: bytes, qend: int, deliver: Deliver) -> None:
         """Resolve the question of ``query`` (a cache miss) and call ``deliver`` once."""
@@ -223,7 +232,7 @@ class Forwarder:
             self.stats.nxdomain_hits += 1
             deliver(nx)
             return
-        zone = self.zone_for(wire.key_qname(key))
+        zone = self.zone_for(key[:-5])  # the key's qname
         if zone is None:
             self.stats.no_zone += 1
             deliver(self._synth(query, qend, key, wire.REFUSED))
@@ -254,18 +263,23 @@ class Forwarder:
 
     def _next(self, r: _Resolution) -> None:
         """Start the next attempt, or finish when attempts or time have run out."""
-        loop = asyncio.get_running_loop()
         order = r.order
         # Every server once, and at least two tries in all, within the deadline.
-        if r.attempt < max(2, len(order)):
-            remaining = r.deadline - loop.time()
+        if r.attempt < 2 or r.attempt < len(order):
+            now = asyncio.get_running_loop().time()
+            remaining = r.deadline - now
             if remaining > 0:
                 server = order[r.attempt % len(order)]
                 r.attempt += 1
                 r.server = server
-                r.started = loop.time()
-                timeout = min(r.zone.config.try_timeout_s, remaining)
-                r.request = server.upstream.send(r.query, timeout, partial(self._reply, r))
+                r.started = now
+                timeout = r.zone.config.try_timeout_s
+                r.request = server.upstream.send(
+                    r.query,
+                    timeout if timeout < remaining else remaining,
+                    partial(self._reply, r),
+                    r.question,
+                )
                 return
         self._finish(r, self._failure(r))
 
@@ -283,9 +297,14 @@ class Forwarder:
                     self._failed(server)
                 self._next(r)
                 return
-            server.latency.observe(asyncio.get_running_loop().time() - r.started)
+            # LatencyHistogram.observe, inline.
+            latency = server.latency
+            seconds = asyncio.get_running_loop().time() - r.started
+            latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            latency.total_s += seconds
             try:
-                info = wire.inspect_response(reply)
+                # The upstream checked that the reply's question is ours.
+                info = wire.inspect_response(reply, wire.HEADER_LEN + len(r.question))
             except wire.WireError as exc:
                 self.stats.bad_replies += 1
                 log.debug("malformed reply from %s: %s", server.upstream.label, exc)
@@ -331,8 +350,9 @@ class Forwarder:
     def _finish(self, r: _Resolution, entry: Entry) -> None:
         r.done = True
         r.request = None
-        if self._inflight.get(r.key) is r:
-            del self._inflight[r.key]
+        inflight = self._inflight
+        if inflight.get(r.key) is r:
+            del inflight[r.key]
         for deliver in r.waiters:
             try:
                 deliver(entry)

@@ -49,6 +49,7 @@ _TC = 0x02
 _MAX_MESSAGE = 0xFFFF
 _MAX_EXPIRED_IDS = 1024  # a connection with this many timed-out IDs is retired
 _MAX_IDS = 0xFFFF - _MAX_EXPIRED_IDS - 1  # in-flight cap: a free ID always exists
+_NEVER = float("inf")
 
 # Over TCP the ID only demultiplexes (spoofing would need the TCP sequence numbers), so the
 # fast Mersenne Twister is enough. Over UDP the ID is half of the defence against forged
@@ -96,8 +97,9 @@ class UpstreamStats:
     inflight: int = 0
 
 
-# Called exactly once per request: ``(reply, None)`` with the validated reply carrying the
-# caller's ID, or ``(None, error)``.
+# Called exactly once per request: ``(reply, None)`` with the validated reply, or
+# ``(None, error)``. The reply's ID is whatever went on the wire (:meth:`Upstream.query`
+# restores the caller's); everything after the ID is the server's.
 Done = Callable[[bytes | None, UpstreamError | None], None]
 
 
@@ -125,12 +127,14 @@ class Upstream:
         self.label = config.label
         self.stats = UpstreamStats()
 
-    def send(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
         """Send the query ``wire``; ``done`` is called once with the outcome.
 
         The callback form is what the forwarder uses: a miss then costs no task and no
         coroutine, and the answer goes to the clients from ``data_received`` directly.
         ``done`` may be called before ``send`` returns (closed upstream, full pool).
+        ``question``, when given, must be ``wire``'s question section (the caller has
+        it already; otherwise it is found by walking ``wire``).
         """
         raise NotImplementedError
 
@@ -145,7 +149,7 @@ class Upstream:
                 future.set_exception(error)
             else:
                 assert reply is not None
-                future.set_result(reply)
+                future.set_result(wire[:2] + reply[2:])
 
         request = self.send(wire, timeout_s, done)
         try:
@@ -196,14 +200,13 @@ class _TcpRequest(Request):
         "question",
         "replies_seen",
         "retried",
-        "timer",
         "wire",
     )
 
     def __init__(
         self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
     ) -> None:
-        super().__init__()
+        self.finished = False
         self.owner = owner
         self.wire = wire
         self.question = question
@@ -212,7 +215,6 @@ class _TcpRequest(Request):
         self.retried = False
         self.conn: _TcpConnection | None = None
         self.qid = -1
-        self.timer: asyncio.TimerHandle | None = None
         self.replies_seen = 0
 
     def cancel(self) -> None:
@@ -223,26 +225,6 @@ class _TcpRequest(Request):
         # conn.pending, looked up now: _fail_all may have swapped the dict meanwhile.
         if conn is not None and conn.pending.get(self.qid) is self:
             conn._release(self.qid, self)
-
-
-# --------------------------------------------------------------------------------------
-# TCP
-
-
-class _Pending:
-    __slots__ = ("future", "question", "replies_seen", "timer")
-
-    def __init__(
-        self,
-        future: asyncio.Future[bytes],
-        question: bytes,
-        timer: asyncio.TimerHandle,
-        replies_seen: int,
-    ) -> None:
-        self.future = future
-        self.question = question
-        self.timer = timer
-        self.replies_seen = replies_seen
 
 
 class TcpUpstream(Upstream):
@@ -273,40 +255,42 @@ class TcpUpstream(Upstream):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def send(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
         self.stats.queries += 1
         loop = asyncio.get_running_loop()
-        try:
-            question = _question(wire)
-        except UpstreamError as exc:
-            request = Request()
-            request.finished = True
-            self.stats.failures += 1
-            done(None, exc)
-            return request
+        if not question:
+            try:
+                question = _question(wire)
+            except UpstreamError as exc:
+                request = Request()
+                request.finished = True
+                self.stats.failures += 1
+                done(None, exc)
+                return request
         tcp_request = _TcpRequest(self, wire, question, loop.time() + timeout_s, done)
-        self._dispatch(tcp_request, loop)
+        conn = None if self._closed else self._pick(loop)
+        if conn is not None:
+            conn.add(tcp_request)
+        else:
+            self._refuse(tcp_request)
         return tcp_request
 
     def _dispatch(self, request: _TcpRequest, loop: asyncio.AbstractEventLoop) -> None:
+        conn = None if self._closed else self._pick(loop)
+        if conn is not None:
+            conn.add(request)
+        else:
+            self._refuse(request)
+
+    def _refuse(self, request: _TcpRequest) -> None:
+        """Fail a query that no connection can take: the pool is closed or full."""
         if self._closed:
             self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"))
             return
-        conn = self._pick(loop)
-        if conn is None:
-            self.stats.pool_full += 1
-            self._fail(
-                request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
-            )
-            return
-        conn.add(request)
-
-    def _succeed(self, request: _TcpRequest, reply: bytes) -> None:
-        if request.finished:
-            return
-        request.finished = True
-        self.stats.replies += 1
-        request.done(request.wire[:2] + reply[2:], None)
+        self.stats.pool_full += 1
+        self._fail(
+            request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
+        )
 
     def _fail(self, request: _TcpRequest, error: UpstreamError) -> None:
         if request.finished:
@@ -392,7 +376,11 @@ class TcpUpstream(Upstream):
 
 
 class _TcpConnection(asyncio.Protocol):
-    """One pipelined connection: ID allocation, framing, reply matching, timers."""
+    """One pipelined connection: ID allocation, framing, reply matching, timers.
+
+    Query timeouts share one timer per connection, armed for the earliest deadline in
+    flight: a query costs a dict entry, not a timer to start and cancel.
+    """
 
     def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
@@ -412,6 +400,8 @@ class _TcpConnection(asyncio.Protocol):
         self._replies = 0
         self._idle_since = loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = _NEVER  # when _deadline_timer fires
         self._age_timer: asyncio.TimerHandle | None = loop.call_later(
             owner.pool.connection_max_age_s, self.retire
         )
@@ -428,7 +418,8 @@ class _TcpConnection(asyncio.Protocol):
         request.conn = self
         request.qid = qid
         request.replies_seen = self._replies
-        request.timer = self.loop.call_at(request.deadline, self._on_timeout, qid)
+        if request.deadline < self._deadline_at:
+            self._arm(request.deadline)
         pending[qid] = request
         self.stats.inflight += 1
         wire = request.wire
@@ -441,13 +432,32 @@ class _TcpConnection(asyncio.Protocol):
 
     def _release(self, qid: int, request: _TcpRequest) -> None:
         del self.pending[qid]
-        if request.timer is not None:
-            request.timer.cancel()
         self.stats.inflight -= 1
         if not self.pending:
-            self._idle_since = self.loop.time()
-            if self._retired:
-                self.close()
+            self._drained()
+
+    def _drained(self) -> None:
+        """Nothing is in flight any more: start the idle clock, or close if retired."""
+        self._idle_since = self.loop.time()
+        if self._retired:
+            self.close()
+
+    def _arm(self, when: float) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_at = when
+        self._deadline_timer = self.loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """Time out every query past its deadline; re-arm for the earliest one left."""
+        self._deadline_timer = None
+        self._deadline_at = _NEVER
+        now = self.loop.time()
+        late = [qid for qid, request in self.pending.items() if request.deadline <= now]
+        for qid in late:
+            self._on_timeout(qid)
+        if self.pending and not self._closed:
+            self._arm(min(request.deadline for request in self.pending.values()))
 
     def _on_timeout(self, qid: int) -> None:
         request = self.pending.get(qid)
@@ -498,6 +508,10 @@ class _TcpConnection(asyncio.Protocol):
         self._fail_all(error, reason)
 
     def _cancel_timers(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+            self._deadline_at = _NEVER
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -517,8 +531,6 @@ class _TcpConnection(asyncio.Protocol):
         message = f"{self.owner.label}: {reason}"
         owner = self.owner
         for request in pending.values():
-            if request.timer is not None:
-                request.timer.cancel()
             # One instance per waiter: a shared exception would collect every
             # waiter's traceback and keep their frames alive.
             if error is _ConnectionLost:
@@ -618,14 +630,24 @@ class _TcpConnection(asyncio.Protocol):
             buf += memoryview(data)[off:]
 
     def _on_reply(self, reply: bytes) -> None:
+        pending = self.pending
         qid = (reply[0] << 8) | reply[1]
-        request = self.pending.get(qid)
-        if request is None or not reply_matches(reply, reply[0:2], request.question):
+        request = pending.get(qid)
+        # The ID was matched by the lookup; b"" skips reply_matches' own ID check.
+        if request is None or not reply_matches(reply, b"", request.question):
             self.stats.bad_replies += 1
             return
         self._replies += 1
-        self._release(qid, request)
-        self.owner._succeed(request, reply)
+        # _release, inline (this runs for every reply), then the caller's callback.
+        del pending[qid]
+        stats = self.stats
+        stats.inflight -= 1
+        if not pending:
+            self._drained()
+        if not request.finished:
+            request.finished = True
+            stats.replies += 1
+            request.done(reply, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -699,7 +721,7 @@ class UdpUpstream(Upstream):
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
 
-    def send(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
         # UDP is opt-in and not the hot path: one task per query keeps it simple.
         return _UdpRequest(self, self._query(wire, timeout_s), done)
 

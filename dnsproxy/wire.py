@@ -51,6 +51,8 @@ _U32 = struct.Struct(">I")
 _RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
 _pack_u32_into = _U32.pack_into
 _unpack_rr = _RR_FIXED.unpack_from
+_COUNTS = struct.Struct(">HHHH").unpack_from  # QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT
+_new_tuple = tuple.__new__
 
 # Cache-key suffix bytes, indexed by (DO | CD << 1).
 _KEY_FLAGS = (b"\x00", b"\x01", b"\x02", b"\x03")
@@ -220,7 +222,21 @@ def parse_query(data: bytes) -> tuple[bytes, int, int]:
         raise BadQuery(FORMERR, "bad_name")
     if b2 & 0x78:
         raise BadQuery(NOTIMP, "opcode", qend)
-    if data[10] or data[11]:
+    if data[11] == 1 and not data[10] and n >= qend + 11 and data[qend] == 0:
+        # One additional record with the root name: the usual OPT, read in place.
+        rtype, rclass, ttl, rdlen = _unpack_rr(data, qend + 1)
+        if qend + 11 + rdlen > n:
+            raise BadQuery(FORMERR, "truncated", qend)
+        if rtype == TYPE_OPT:
+            size = rclass if rclass >= MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD
+            edns = size | ((ttl >> 15) & 1) << 16
+            if (ttl >> 16) & 0xFF:
+                raise BadQuery(BADVERS, "badvers", qend, edns)
+            flags = ((ttl >> 15) & 1) | ((data[3] & _CD) >> 3)
+        else:
+            edns = -1
+            flags = (data[3] & _CD) >> 3
+    elif data[10] or data[11]:
         edns = _parse_query_additional(data, qend, (data[10] << 8) | data[11])
         flags = (((edns >> 16) & 1) if edns >= 0 else 0) | ((data[3] & _CD) >> 3)
     else:
@@ -333,14 +349,33 @@ class ResponseInfo(NamedTuple):
     # The answer section holds a record of the asked type (or the type is CNAME/ANY); a
     # NOERROR reply with answers but not this is NODATA behind a CNAME (RFC 2308 §2.2).
     answers_qtype: bool = True
+    # Found on the walk so that the cache needs no min()/max() passes: the lowest TTL of
+    # the answer and authority sections (0 when both are empty), and the lowest and
+    # highest of all ``ttls`` (0 when there are none).
+    span_min: int = 0
+    ttl_low: int = 0
+    ttl_high: int = 0
 
 
 # Types whose RDATA starts (after a fixed prefix) with a domain name that may be
 # compressed: the walk checks those names too, so a reply that a client could not parse
 # is never cached. Value: bytes before the name.
 _RDATA_NAME_AT = {2: 0, 5: 0, 12: 0, 39: 0, 15: 2, 33: 6}
+_NAME_IN_RDATA = frozenset((*_RDATA_NAME_AT, TYPE_SOA))
 TYPE_CNAME = 5
 TYPE_ANY = 255
+
+
+def _check_rdata_names(data: bytes, rtype: int, rdata: int, end: int) -> None:
+    """The domain names inside the RDATA of a record of ``rtype`` must walk cleanly."""
+    if rtype == TYPE_SOA:
+        # MNAME, RNAME, then five 32-bit fields.
+        if name_end(data, name_end(data, rdata)) + 20 != end:
+            raise WireError("malformed SOA record")
+        return
+    skip = _RDATA_NAME_AT[rtype]
+    if end - rdata <= skip or name_end(data, rdata + skip) > end:
+        raise WireError("malformed name in record data")
 
 
 def name_end(data: bytes, off: int) -> int:
@@ -380,20 +415,31 @@ def name_end(data: bytes, off: int) -> int:
         off += length + 1
 
 
-def inspect_response(data: bytes) -> ResponseInfo:
-    """Walk an upstream reply once; raise :class:`WireError` when it is malformed."""
+def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
+    """Walk an upstream reply once; raise :class:`WireError` when it is malformed.
+
+    ``qend`` > 0 says the reply's single question ends there and was already checked
+    against the query we sent (:func:`reply_matches`), so the walk starts after it.
+    """
     n = len(data)
     if n < HEADER_LEN:
         raise WireError("reply shorter than a header")
-    qdcount, ancount, nscount, arcount = struct.unpack_from(">HHHH", data, 4)
-    off = HEADER_LEN
-    qtype = -1
-    for _ in range(qdcount):
-        off = name_end(data, off) + 4
-        if off > n:
-            raise WireError("question runs past the end of the message")
-        if qtype < 0:
-            qtype = (data[off - 4] << 8) | data[off - 3]
+    qdcount, ancount, nscount, arcount = _COUNTS(data, 4)
+    if qend:
+        off = qend
+        qtype = (data[qend - 4] << 8) | data[qend - 3]
+    else:
+        off = HEADER_LEN
+        qtype = -1
+        for _ in range(qdcount):
+            off = name_end(data, off) + 4
+            if off > n:
+                raise WireError("question runs past the end of the message")
+            if qtype < 0:
+                qtype = (data[off - 4] << 8) | data[off - 3]
+    # Owner names are nearly always a pointer to the question name at offset 12, which
+    # the walk above (or reply_matches) has just checked: no need to walk it again.
+    pointer_12 = 0xC0 if qtype >= 0 else -1
     answers_qtype = qtype in (TYPE_CNAME, TYPE_ANY) or ancount == 0
     offsets: list[int] = []
     ttls: list[int] = []
@@ -402,67 +448,91 @@ def inspect_response(data: bytes) -> ResponseInfo:
     soa_minimum = 0
     opt_start = opt_end = -1
     authority_end = 0
-    total = ancount + nscount + arcount
-    for index in range(total):
-        start = off
-        off = name_end(data, off)
-        if off + 10 > n:
-            raise WireError("record header runs past the end of the message")
-        rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
-        rdata = off + 10
-        end = rdata + rdlen
-        if end > n:
-            raise WireError("record data runs past the end of the message")
-        if rtype == TYPE_OPT:
-            if index < ancount + nscount or opt_start >= 0 or data[start] != 0:
-                raise WireError("misplaced or repeated OPT record")
-            opt_start, opt_end = start, end
-        else:
-            if ttl > TTL_MAX:
-                ttl = 0
-                top_bit.append(off + 4)
-            if index < ancount and rtype == qtype:
-                answers_qtype = True
-            if rtype == TYPE_SOA:
-                p = name_end(data, name_end(data, rdata))
-                if p + 20 != end:
-                    raise WireError("malformed SOA record")
-                if soa_index < 0 and ancount <= index < ancount + nscount:
-                    soa_index = len(offsets)
-                    soa_minimum = _U32.unpack_from(data, p + 16)[0]
-                    if soa_minimum > TTL_MAX:
-                        soa_minimum = 0
+    span_min = low = TTL_MAX + 1
+    high = -1
+    answer_authority = ancount + nscount
+    try:
+        for index in range(answer_authority + arcount):
+            start = off
+            c = data[off]
+            if c == pointer_12 and data[off + 1] == 12:
+                off += 2
+            elif c == 0:
+                off += 1
             else:
-                skip = _RDATA_NAME_AT.get(rtype)
-                if skip is not None and (rdlen <= skip or name_end(data, rdata + skip) > end):
-                    raise WireError("malformed name in record data")
-            offsets.append(off + 4)
-            ttls.append(ttl)
-        if index + 1 == ancount + nscount:
-            authority_end = len(offsets)
-        off = end
-    if opt_start >= 0 and opt_end != n:
-        # OPT before other records: cutting it out would shift the targets of later
-        # compression pointers, so re-encode the message without it (rare; off the
-        # hot path).
-        return inspect_response(_without_opt(data))
-    body = bytearray(data[:opt_start] if opt_start >= 0 else data)
+                off = name_end(data, off)
+            rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
+            off += 10
+            end = off + rdlen
+            if end > n:
+                raise WireError("record data runs past the end of the message")
+            if rtype == TYPE_OPT:
+                if index < answer_authority or opt_start >= 0 or data[start] != 0:
+                    raise WireError("misplaced or repeated OPT record")
+                opt_start, opt_end = start, end
+            else:
+                if ttl > TTL_MAX:
+                    ttl = 0
+                    top_bit.append(off - 6)
+                if rtype == qtype and index < ancount:
+                    answers_qtype = True
+                if rtype in _NAME_IN_RDATA:
+                    _check_rdata_names(data, rtype, off, end)
+                    if rtype == TYPE_SOA and soa_index < 0 and ancount <= index < answer_authority:
+                        soa_index = len(offsets)
+                        soa_minimum = _U32.unpack_from(data, end - 4)[0]
+                        if soa_minimum > TTL_MAX:
+                            soa_minimum = 0
+                offsets.append(off - 6)
+                ttls.append(ttl)
+                if ttl < low:
+                    low = ttl
+                if ttl > high:
+                    high = ttl
+                if ttl < span_min and index < answer_authority:
+                    span_min = ttl
+            if index + 1 == answer_authority:
+                authority_end = len(offsets)
+            off = end
+    except (IndexError, struct.error):
+        raise WireError("record runs past the end of the message") from None
     if opt_start >= 0:
-        _U16.pack_into(body, 10, arcount - 1)
-    for off in top_bit:
-        _pack_u32_into(body, off, 0)
-    body[2] &= ~_AA & 0xFF
-    return ResponseInfo(
-        body=bytes(body),
-        rcode=data[3] & 0x0F,
-        truncated=bool(data[2] & _TC),
-        ancount=ancount,
-        ttl_offsets=tuple(offsets),
-        ttls=tuple(ttls),
-        authority_end=authority_end,
-        soa_index=soa_index,
-        soa_minimum=soa_minimum,
-        answers_qtype=answers_qtype,
+        if opt_end != n:
+            # OPT before other records: cutting it out would shift the targets of later
+            # compression pointers, so re-encode the message without it (rare; off the
+            # hot path).
+            return inspect_response(_without_opt(data))
+        edit = bytearray(data[:opt_start])
+        _U16.pack_into(edit, 10, arcount - 1)
+    elif top_bit or data[2] & _AA:
+        edit = bytearray(data)
+    else:
+        edit = None
+    body = data
+    if edit is not None:
+        for off in top_bit:
+            _pack_u32_into(edit, off, 0)
+        edit[2] &= ~_AA & 0xFF
+        body = bytes(edit)
+    # tuple.__new__ rather than ResponseInfo(...): the generated __new__ is a Python
+    # call with ten arguments, and one of these is built per upstream reply.
+    return _new_tuple(
+        ResponseInfo,
+        (
+            body,
+            data[3] & 0x0F,
+            bool(data[2] & _TC),
+            ancount,
+            tuple(offsets),
+            tuple(ttls),
+            authority_end,
+            soa_index,
+            soa_minimum,
+            answers_qtype,
+            span_min if authority_end else 0,
+            low if high >= 0 else 0,
+            high if high >= 0 else 0,
+        ),
     )
 
 
@@ -472,7 +542,7 @@ def _without_opt(data: bytes) -> bytes:
     except Exception as exc:  # dnslib raises several types for bad input
         raise WireError(f"unparseable reply: {exc}") from None
     record.ar = [rr for rr in record.ar if rr.rtype != TYPE_OPT]
-    packed: bytes = record.pack()
+    packed = bytes(record.pack())  # dnslib packs into a bytearray
     if len(packed) >= len(data):
         raise WireError("re-encoding the reply did not remove its OPT record")
     return packed
@@ -490,8 +560,10 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
     """RFC 5452 acceptance: QR set, our ID, exactly our question (case-insensitive)."""
     if len(reply) < HEADER_LEN + len(question) or not reply[2] & _QR:
         return False
-    if reply[0:2] != query_id or reply[4:6] != b"\x00\x01":
+    if reply[4] or reply[5] != 1 or not reply.startswith(query_id):
         return False
+    if reply.startswith(question, HEADER_LEN):
+        return True  # the question echoed byte for byte, as servers do
     name_end_ = HEADER_LEN + len(question) - 4
     return (
         reply[HEADER_LEN:name_end_].lower() == question[:-4].lower()
@@ -566,15 +638,20 @@ def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -
         tail = prepared[3]
         keep_ad = query[3] & _AD
     if not query[2] & _RD or (head[1] & _AD and not keep_ad):
-        fixed = bytearray(head)
-        fixed[0] = (fixed[0] & 0xFE) | (query[2] & _RD)
-        if not keep_ad:
-            fixed[1] &= ~_AD & 0xFF
-        head = bytes(fixed)
+        head = _fixed_flags(head, query[2] & _RD, keep_ad)
     out = query[:2] + head + query[HEADER_LEN:qend] + tail
     if limit and len(out) > limit:
         return truncated(out, qend, edns)
     return out
+
+
+def _fixed_flags(head: bytes, rd: int, keep_ad: int) -> bytes:
+    """Header bytes 2.. with the client's RD, and AD cleared unless ``keep_ad``."""
+    fixed = bytearray(head)
+    fixed[0] = (fixed[0] & 0xFE) | rd
+    if not keep_ad:
+        fixed[1] &= ~_AD & 0xFF
+    return bytes(fixed)
 
 
 # How a query picks from a Prepared reply: (head index, tail index, mode). Mode 0: the
@@ -607,18 +684,28 @@ def render(
     """Stored reply ``body`` aged by ``age`` seconds and answered to ``query`` in one go.
 
     The cache keeps the result of :func:`prepare` per entry and second instead; this is
-    the same transformation for one-off replies.
+    the same transformation as :func:`splice` of it, for one-off replies (a miss answered
+    once), built with a single join.
     """
-    body = aged(body, offsets, ttls, age)
-    # Only the cut this client needs, in every slot splice might read.
+    if age > 0:
+        body = aged(body, offsets, ttls, age)
     if edns < 0:
         head = body[2:HEADER_LEN]
-        tail = body[qend:]
+        keep_ad = query[3] & _AD
     else:
         arcount = ((body[10] << 8) | body[11]) + 1
         head = body[2:10] + bytes((arcount >> 8, arcount & 0xFF))
-        tail = body[qend:] + (_OPT_DO if edns & 0x10000 else _OPT_PLAIN)
-    return splice((head, head, tail, tail, tail), query, qend, edns, limit)
+        keep_ad = edns & 0x10000 or query[3] & _AD
+    if not query[2] & _RD or (head[1] & _AD and not keep_ad):
+        head = _fixed_flags(head, query[2] & _RD, keep_ad)
+    if edns < 0:
+        out = b"".join((query[:2], head, query[HEADER_LEN:qend], body[qend:]))
+    else:
+        opt = _OPT_DO if edns & 0x10000 else _OPT_PLAIN
+        out = b"".join((query[:2], head, query[HEADER_LEN:qend], body[qend:], opt))
+    if limit and len(out) > limit:
+        return truncated(out, qend, edns)
+    return out
 
 
 def truncated(reply: bytes, qend: int, edns: int) -> bytes:
@@ -672,6 +759,20 @@ def upstream_query(question: bytes, cd: bool, do: bool, udp_size: int = _OPT_SIZ
         + question
         + opt_record(udp_size, do)
     )
+
+
+# upstream_query's fixed parts for each key flag byte (DO | CD << 1).
+_UPSTREAM_HEAD = tuple(
+    b"\x00\x00" + _U16.pack(_RD << 8 | (_CD if f & 2 else 0)) + b"\x00\x01\x00\x00\x00\x00\x00\x01"
+    for f in range(4)
+)
+_UPSTREAM_OPT = tuple(opt_record(_OPT_SIZE, bool(f & 1)) for f in range(4))
+
+
+def upstream_query_for_key(key: bytes, question: bytes) -> bytes:
+    """:func:`upstream_query` for the flags of cache ``key`` (one concatenation)."""
+    f = key[-1]
+    return _UPSTREAM_HEAD[f] + question + _UPSTREAM_OPT[f]
 
 
 def key_flags(key: bytes) -> tuple[bool, bool]:
