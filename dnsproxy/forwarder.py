@@ -163,6 +163,9 @@ class Forwarder:
         # With only the root zone configured, every name is in it: no suffix walk.
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Resolution] = {}
+        # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
+        # getpid() system call on every use (its fork check), several per miss.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _server(self, config: UpstreamConfig) -> _Server:
         server = self.servers.get(config.label)
@@ -241,8 +244,11 @@ class Forwarder:
             self.stats.inflight_rejects += 1
             deliver(self._synth(query, qend, key, wire.SERVFAIL))
             return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         resolution = _Resolution(key, query[wire.HEADER_LEN : qend], zone, deliver)
-        resolution.deadline = asyncio.get_running_loop().time() + zone.config.deadline_s
+        resolution.deadline = loop.time() + zone.config.deadline_s
         self._inflight[key] = resolution
         self._next(resolution)
 
@@ -266,7 +272,9 @@ class Forwarder:
         order = r.order
         # Every server once, and at least two tries in all, within the deadline.
         if r.attempt < 2 or r.attempt < len(order):
-            now = asyncio.get_running_loop().time()
+            loop = self._loop  # set by the submit that started this resolution
+            assert loop is not None
+            now = loop.time()
             remaining = r.deadline - now
             if remaining > 0:
                 server = order[r.attempt % len(order)]
@@ -299,7 +307,9 @@ class Forwarder:
                 return
             # LatencyHistogram.observe, inline.
             latency = server.latency
-            seconds = asyncio.get_running_loop().time() - r.started
+            loop = self._loop
+            assert loop is not None
+            seconds = loop.time() - r.started
             latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             latency.total_s += seconds
             try:

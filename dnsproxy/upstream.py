@@ -254,10 +254,14 @@ class TcpUpstream(Upstream):
         self._draining: set[_TcpConnection] = set()  # retired, waiting for their replies
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
         self.stats.queries += 1
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # Kept: asyncio.get_running_loop() costs a getpid() system call per use.
+            loop = self._loop = asyncio.get_running_loop()
         if not question:
             try:
                 question = _question(wire)
