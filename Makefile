@@ -1,5 +1,11 @@
 # One-command set-up: every target creates .venv when needed and installs into it.
-PYTHON ?= python3
+# The interpreter .venv is made from: the distribution's /usr/bin/python3 when it is
+# 3.11 or newer and can make a venv (Debian builds it with PGO and LTO, which runs
+# dnsproxy's query paths 10-25 % faster than a plain source build; see README), else
+# the first python3 on PATH. Override with `make PYTHON=...` (after `make clean`).
+PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
+	$$p -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
