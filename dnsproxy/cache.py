@@ -82,39 +82,54 @@ def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tupl
     An uncacheable reply (TC set, TTL 0, negative without SOA, an rcode we do not cache)
     still gets an entry so every waiting client is answered from the same code path.
     """
-    rcode = info.rcode
-    ttls = info.ttls
-    if rcode == wire.NOERROR and info.ancount and (info.answers_qtype or info.soa_index < 0):
+    # One unpacking instead of a dozen attribute reads: this runs for every miss.
+    (
+        body,
+        rcode,
+        truncated,
+        ancount,
+        offsets,
+        ttls,
+        authority_end,
+        soa_index,
+        soa_minimum,
+        answers_qtype,
+        span_min,
+        ttl_low,
+        ttl_high,
+    ) = info
+    if rcode == wire.NOERROR and ancount and (answers_qtype or soa_index < 0):
         kind = POSITIVE
-        raw_min = info.span_min
         low, high = policy.min_ttl_s, policy.max_ttl_s
-        if low <= info.ttl_low and info.ttl_high <= high and not info.truncated:
+        within = low <= ttl_low and ttl_high <= high
+        if within and not truncated:
             # Every TTL within the policy (the usual case): the reply is stored as is.
-            return Entry(info.body, info.ttl_offsets, ttls, now, raw_min, kind, rcode), raw_min > 0
-        base = ttls if low <= info.ttl_low and info.ttl_high <= high else _clamped(ttls, low, high)
-        cacheable = raw_min > 0
-    elif (rcode == wire.NXDOMAIN or rcode == wire.NOERROR) and info.soa_index >= 0:
+            return Entry(body, offsets, ttls, now, span_min, kind, rcode), span_min > 0
+        base = ttls if within else _clamped(ttls, low, high)
+        cacheable = span_min > 0
+    elif (rcode == wire.NXDOMAIN or rcode == wire.NOERROR) and soa_index >= 0:
         # RFC 2308 §5: the negative TTL is min(SOA TTL, SOA MINIMUM).
         kind = NEGATIVE
-        neg = min(ttls[info.soa_index], info.soa_minimum, policy.denial_max_ttl_s)
+        neg = min(ttls[soa_index], soa_minimum, policy.denial_max_ttl_s)
         cacheable = neg > 0
         neg = max(neg, min(policy.min_ttl_s, policy.denial_max_ttl_s))
         base = tuple(min(t, neg) for t in ttls)
-        base = (*base[: info.soa_index], neg, *base[info.soa_index + 1 :])
+        base = (*base[:soa_index], neg, *base[soa_index + 1 :])
     elif rcode == wire.SERVFAIL:
-        return servfail_entry(info.body, info.ttl_offsets, ttls, policy, now), (
-            policy.servfail_ttl_s > 0 and not info.truncated
+        return servfail_entry(body, offsets, ttls, policy, now), (
+            policy.servfail_ttl_s > 0 and not truncated
         )
     else:
         kind = NEGATIVE if rcode in (wire.NOERROR, wire.NXDOMAIN) else SERVFAIL
         base = ttls
         cacheable = False
-    if info.truncated:
+    if truncated:
         cacheable = False
-    base_span = base[: info.authority_end]
+    base_span = base[:authority_end]
     ttl_s = min(base_span) if base_span else 0
-    body = info.body if base == ttls else wire.with_ttls(info.body, info.ttl_offsets, base)
-    return Entry(body, info.ttl_offsets, base, now, ttl_s, kind, rcode), cacheable and ttl_s > 0
+    if base != ttls:
+        body = wire.with_ttls(body, offsets, base)
+    return Entry(body, offsets, base, now, ttl_s, kind, rcode), cacheable and ttl_s > 0
 
 
 def servfail_entry(

@@ -218,8 +218,13 @@ class Forwarder:
                 return None
             i += length + 1
 
-    def submit(self, key: bytes, query: bytes, qend: int, deliver: Deliver) -> None:
-        """Resolve the question of ``query`` (a cache miss) and call ``deliver`` once."""
+    def submit(
+        self, key: bytes, query: bytes, qend: int, deliver: Deliver, now: float = -1.0
+    ) -> None:
+        """Resolve the question of ``query`` (a cache miss) and call ``deliver`` once.
+
+        ``now``: the monotonic clock, when the caller has just read it.
+        """
         pending = self._inflight.get(key)
         if pending is not None:
             if len(pending.waiters) >= self._max_waiters:
@@ -229,13 +234,14 @@ class Forwarder:
             self.stats.coalesced += 1
             pending.waiters.append(deliver)
             return
-        now = time.monotonic()
+        if now < 0:
+            now = time.monotonic()
         nx = self._cache.get_nxdomain(key, now)
         if nx is not None:
             self.stats.nxdomain_hits += 1
             deliver(nx)
             return
-        zone = self.zone_for(key[:-5])  # the key's qname
+        zone = self._only_zone or self.zone_for(key[:-5])  # the key's qname
         if zone is None:
             self.stats.no_zone += 1
             deliver(self._synth(query, qend, key, wire.REFUSED))

@@ -106,6 +106,7 @@ class _Handler:
     def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
         self.config = config
         self.cache = cache
+        self.store = cache.store
         self.forwarder = forwarder
         self.stats = ServerStats()
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
@@ -183,8 +184,10 @@ class _Handler:
             send(self.refuse(data, qend, edns), peer)
             return False
         now = time.monotonic()
-        entry = self.cache.get(key, now)
-        if entry is not None:
+        # Cache.get, inline.
+        entry = self.store.get(key)
+        if entry is not None and entry.expires_at > now:
+            self.store.move_to_end(key)
             stats.hits += 1
             stats.rcodes[entry.rcode] += 1
             limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
@@ -199,7 +202,7 @@ class _Handler:
             stats.rcodes[wire.REFUSED] += 1
             send(wire.error_reply(data, wire.REFUSED, qend, edns), peer)
             return False
-        self.forwarder.submit(key, data, qend, partial(deliver, peer, key, data, qend, edns))
+        self.forwarder.submit(key, data, qend, partial(deliver, peer, key, data, qend, edns), now)
         return True
 
     def delivered(
