@@ -1,7 +1,7 @@
 """The upstream and the systems under test: their configurations, commands and versions.
 
 Every system under test is a caching forwarder on 127.0.0.1:<port> in front of the same
-upstream, configured for at least 150,000 cached answers (the memory scenario fills
+upstream, configured for at least 450,000 cached answers (the memory scenario fills
 100,000), forwarding over TCP where it can (dnsmasq cannot: it forwards UDP queries over
 UDP). Nothing here reaches beyond loopback: the upstream refuses every name outside its
 two zones, and dnsdist's security poll (a DNS lookup of a public name) is switched off.
@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.procs import HOST, run_bounded, which
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE_ENTRIES = 150_000
+CACHE_ENTRIES = 450_000
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,8 @@ def _unbound_forwarder(workdir: Path, port: int, upstream_port: int) -> Command:
     lines = [
         *_unbound_common(workdir, port),
         "  outgoing-num-tcp: 256",
-        "  msg-cache-size: 128m",
-        "  rrset-cache-size: 256m",
+        "  msg-cache-size: 256m",
+        "  rrset-cache-size: 512m",
         # The upstream is on 127.0.0.1, which Unbound refuses to query by default.
         "  do-not-query-localhost: no",
         # test. is one of Unbound's built-in local zones; bench.test must be forwarded.
