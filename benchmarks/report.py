@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.systems import BASELINE
+from benchmarks.systems import BASELINE, CACHE_ENTRIES
 
 TARGETS = {
     "hits_qps": 100_000,
@@ -314,7 +314,8 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         f"AAAA), never repeated in a run, {perf} on a fresh process until they are used up "
         f"or {dur:g} s have passed; median of {reps} runs. Each answer is a cache miss "
         "forwarded to the upstream (transport in the table above). The question count stays "
-        "below every system's cache capacity (150,000 or more), so that the figure is the "
+        f"below every system's cache capacity ({CACHE_ENTRIES:,} or more), so that the figure is "
+        "the "
         "forwarding path's and not the eviction policy's: dnsmasq, for one, slows to about "
         "2,000 QPS once its cache is full of unexpired answers. `CPU` is the server's CPU "
         "time per second of run (1.00 = its core saturated), `upstream CPU` the upstream's, "
@@ -434,7 +435,8 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         "Resident size (VmRSS of the process group, /proc) one second after start-up, and one "
         f"second after caching {sizes['fill_entries']:,} distinct answers (A records, one "
         "query each). Bytes per entry = (full − idle) ÷ answers cached. dnsmasq and dnsdist "
-        "allocate their whole cache (sized 150,000 and 200,000) at start, so their idle "
+        f"allocate their whole cache (sized {CACHE_ENTRIES:,} and {CACHE_ENTRIES + 50_000:,}) at "
+        "start, so their idle "
         "figure holds most of it; compare the full figures too. Unbound stores each answer "
         "twice (message and RRset caches).",
         "",

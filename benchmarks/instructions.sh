@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Instructions per cache miss, counted by callgrind: a figure that does not move with the
+# machine's load, for comparing two versions of the miss path on a noisy host.
+#
+#   benchmarks/instructions.sh [QUERIES] [OFFERED_QPS]      (defaults 6000 and 5000)
+#
+# Starts Unbound on loopback (any name under bench.test answers an A record), dnsproxy
+# under `valgrind --tool=callgrind` forwarding to it over TCP, and dnsperf asking QUERIES
+# unique names at OFFERED_QPS, more than dnsproxy manages under valgrind, so it runs
+# saturated and batches as it does at full speed. Counting is switched on only around the
+# dnsperf run (callgrind_control --zero / --dump), so start-up and shutdown are not in
+# the figure. Needs valgrind, unbound, dnsperf and dig (Debian packages of those names,
+# dig in dnsutils). User-space instructions only: the kernel's share is not counted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-6000}
+QPS=${2:-5000}
+PY=${PYTHON:-.venv/bin/python}
+for tool in valgrind callgrind_control unbound dnsperf dig; do
+    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind unbound dnsperf dnsutils)" >&2; exit 2; }
+done
+work=$(mktemp -d /tmp/dnsproxy-instr-XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+read -r up_port dp_port < <("$PY" -c '
+import socket
+ports = []
+for _ in range(2):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
+print(*ports)')
+
+cat > "$work/unbound.conf" <<EOF
+server:
+  interface: 127.0.0.1@$up_port
+  port: $up_port
+  do-daemonize: no
+  use-syslog: no
+  logfile: ""
+  username: ""
+  chroot: ""
+  directory: "$work"
+  pidfile: ""
+  num-threads: 1
+  do-ip6: no
+  verbosity: 0
+  local-zone: "bench.test." redirect
+  local-data: "bench.test. 3600 IN A 169.254.1.1"
+EOF
+cat > "$work/dnsproxy.yaml" <<EOF
+listen: ["127.0.0.1:$dp_port"]
+http_listen: null
+cache: {max_entries: $((N + 1000))}
+zones:
+  - zone: "."
+    upstreams: ["tcp://127.0.0.1:$up_port"]
+    try_timeout_s: 10
+    deadline_s: 20
+log: {level: warning}
+EOF
+tag=r$RANDOM$RANDOM
+for ((i = 0; i < N; i++)); do echo "$tag-h$i.bench.test A"; done > "$work/names.txt"
+
+unbound -d -c "$work/unbound.conf" > "$work/unbound.log" 2>&1 &
+pids+=($!)
+PYTHONPATH=. valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+    "$PY" -m dnsproxy --config "$work/dnsproxy.yaml" > "$work/dnsproxy.log" 2>&1 &
+vg=$!
+pids+=($vg)
+for _ in $(seq 1 240); do
+    dig +short +time=1 +tries=1 -p "$dp_port" @127.0.0.1 "warm.$tag.bench.test" > /dev/null 2>&1 && break
+    sleep 0.5
+done
+callgrind_control --zero "$vg" > /dev/null 2>&1
+dnsperf -s 127.0.0.1 -p "$dp_port" -d "$work/names.txt" -n 1 -Q "$QPS" -c 1 -q 200 -t 10 > "$work/dnsperf.txt"
+callgrind_control --dump=load "$vg" > /dev/null 2>&1
+completed=$(awk '/Queries completed/ {print $3}' "$work/dnsperf.txt")
+dump=$(ls "$work"/cg.*.1)
+instructions=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+echo "$(grep -E 'Queries (completed|lost)' "$work/dnsperf.txt" | tr -s ' ' | tr '\n' ' ')"
+echo "instructions per miss: $((instructions / completed)) ($instructions for $completed queries)"
