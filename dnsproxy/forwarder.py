@@ -135,7 +135,7 @@ class _Resolution:
         self.question = question
         self.zone = zone
         self.waiters = [deliver]
-        self.query = wire.upstream_query_for_key(key, question)
+        self.query = wire.upstream_query(key, question)
         self.order = zone.order()
         self.attempt = 0
         self.deadline = 0.0

@@ -171,18 +171,6 @@ def question_end(data: bytes, off: int = HEADER_LEN) -> int:
     return end
 
 
-def label_suffixes(qname: bytes) -> list[bytes]:
-    """Every suffix of an uncompressed wire name that starts on a label, longest first."""
-    out = []
-    i = 0
-    while True:
-        out.append(qname[i:])
-        length = qname[i]
-        if length == 0:
-            return out
-        i += length + 1
-
-
 # --------------------------------------------------------------------------------------
 # Queries
 
@@ -749,19 +737,8 @@ def synth_body(question: bytes, rcode: int, cd: bool) -> bytes:
     return b"\x00\x00" + _U16.pack(flags) + b"\x00\x01\x00\x00\x00\x00\x00\x00" + question
 
 
-def upstream_query(question: bytes, cd: bool, do: bool, udp_size: int = _OPT_SIZE) -> bytes:
-    """The query sent upstream for a cache key: ID 0, RD, CD as asked, our OPT."""
-    flags = _RD << 8 | (_CD if cd else 0)
-    return (
-        b"\x00\x00"
-        + _U16.pack(flags)
-        + b"\x00\x01\x00\x00\x00\x00\x00\x01"
-        + question
-        + opt_record(udp_size, do)
-    )
-
-
-# upstream_query's fixed parts for each key flag byte (DO | CD << 1).
+# The fixed parts of the query sent upstream, for each key flag byte (DO | CD << 1): the
+# header (ID 0, RD, CD as asked, one question, one additional) and our OPT (DO as asked).
 _UPSTREAM_HEAD = tuple(
     b"\x00\x00" + _U16.pack(_RD << 8 | (_CD if f & 2 else 0)) + b"\x00\x01\x00\x00\x00\x00\x00\x01"
     for f in range(4)
@@ -769,8 +746,8 @@ _UPSTREAM_HEAD = tuple(
 _UPSTREAM_OPT = tuple(opt_record(_OPT_SIZE, bool(f & 1)) for f in range(4))
 
 
-def upstream_query_for_key(key: bytes, question: bytes) -> bytes:
-    """:func:`upstream_query` for the flags of cache ``key`` (one concatenation)."""
+def upstream_query(key: bytes, question: bytes) -> bytes:
+    """The query sent upstream for cache ``key`` and its ``question`` section."""
     f = key[-1]
     return _UPSTREAM_HEAD[f] + question + _UPSTREAM_OPT[f]
 

@@ -268,6 +268,23 @@ def test_key_flags_round_trip() -> None:
             assert wire.key_qname(key) == name_wire("x.example.")
 
 
+def test_upstream_query_carries_the_clients_question_do_and_cd() -> None:
+    # What goes upstream for a miss: the client's question bytes (0x20 case kept), RD,
+    # CD as the client asked, and our OPT with DO as the client asked.
+    for do in (False, True):
+        for cd in (False, True):
+            data = qwire("wWw.Example.", "AAAA", do=do, cd=cd)
+            key, qend, _ = wire.parse_query(data)
+            sent = dns.message.from_wire(wire.upstream_query(key, data[12:qend]))
+            assert sent.id == 0
+            assert str(sent.question[0].name) == "wWw.Example."
+            assert sent.question[0].rdtype == dns.rdatatype.AAAA
+            assert bool(sent.flags & dns.flags.RD)
+            assert bool(sent.flags & dns.flags.CD) == cd
+            assert sent.edns == 0 and sent.payload == 1232
+            assert bool(sent.ednsflags & dns.flags.DO) == do
+
+
 def test_additional_record_that_is_not_opt_does_not_set_do() -> None:
     # A query with ARCOUNT=1 whose record is not an OPT (e.g. a stray glue record or
     # TSIG) has no EDNS and no DO bit: it must share the plain query's cache entry,
