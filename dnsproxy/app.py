@@ -163,7 +163,10 @@ class App:
         self.server.stop_listening()
         grace = self.config.shutdown_grace_s
         if not await self.forwarder.drain(grace):
-            log.warning("in-flight queries still unanswered after %.1fs; exiting anyway", grace)
+            abandoned = self.forwarder.abandon()
+            log.warning(
+                "%d questions still in flight after %.1fs: answered SERVFAIL", abandoned, grace
+            )
         await self.server.close()
         await self.forwarder.close()
         if self._beat is not None:

@@ -340,9 +340,27 @@ class Forwarder:
         except Exception:
             # A bug here must not leave clients waiting for ever.
             log.exception("resolution of %s failed", _describe(r.question))
-            query = b"\x00" * wire.HEADER_LEN + r.question
-            entry = self._synth(query, len(query), r.key, wire.SERVFAIL)
+            entry = self._servfail(r)
         self._finish(r, entry)
+
+    def _servfail(self, r: _Resolution) -> Entry:
+        """A SERVFAIL to ``r``'s question, never cached."""
+        query = b"\x00" * wire.HEADER_LEN + r.question
+        return self._synth(query, len(query), r.key, wire.SERVFAIL)
+
+    def abandon(self) -> int:
+        """Answer every question still in flight with SERVFAIL; how many there were.
+
+        For the end of a shutdown, once the grace period is over: a client told
+        SERVFAIL retries elsewhere at once, one left unanswered waits out its timeout.
+        """
+        pending = list(self._inflight.values())
+        for r in pending:
+            if r.request is not None:
+                r.request.cancel()
+            self.stats.servfail_sent += 1
+            self._finish(r, self._servfail(r))
+        return len(pending)
 
     def _failure(self, r: _Resolution) -> Entry:
         """The answer when no server gave a usable one: the last SERVFAIL/REFUSED or ours."""

@@ -18,8 +18,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from conftest import RECORDS, proxy_with
-from fakeupstream import Close, Delay, Drop, zone_handler
+from conftest import RECORDS, make_config, proxy_with
+from fakeupstream import Close, Delay, Drop, FakeUpstream, zone_handler
 
 from dnsproxy.app import App
 from dnsproxy.cache import SERVFAIL as KIND_SERVFAIL
@@ -223,6 +223,28 @@ async def test_silent_upstream_gives_servfail_within_deadline() -> None:
     assert reply.rcode() == dns.rcode.SERVFAIL
     # Far below the 5 s a glibc client waits before retrying.
     assert elapsed < 3.0
+
+
+async def test_shutdown_answers_questions_still_in_flight_with_servfail() -> None:
+    # The upstream never answers and the deadline is far off: when the shutdown grace
+    # runs out, the waiting client gets SERVFAIL (and retries elsewhere) rather than
+    # silence and its own multi-second timeout.
+    async with FakeUpstream(lambda q, t: Drop()) as fake:
+        config = make_config(fake.port, deadline_s=20, try_timeout_s=20, shutdown_grace_s=0.2)
+        app = App(config)
+        await app.start()
+        try:
+            asking = asyncio.create_task(ask_udp(app, "www.example."))
+            for _ in range(300):
+                if app.forwarder.inflight:
+                    break
+                await asyncio.sleep(0.01)
+            assert app.forwarder.inflight == 1
+        finally:
+            await app.stop()
+        reply = await asking
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert app.forwarder.inflight == 0
 
 
 async def test_servfail_cached_briefly_but_never_over_a_good_answer() -> None:
