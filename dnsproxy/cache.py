@@ -1,9 +1,11 @@
 """Packet cache: stored replies keyed by question, with TTL policy and a bounded size.
 
 Sans-IO: every method that needs the time takes ``now`` (seconds, monotonic). Entries
-hold the reply in stored form (no OPT, ID 0, TTLs already clamped) together with the
-offsets of its TTL fields, so a hit is answered by :func:`dnsproxy.wire.render` without
-parsing. The store is an LRU bounded by entry count; evictions are counted.
+hold the reply in stored form (no OPT, AA clear, TTLs already clamped; the ID is whatever
+the upstream exchange used, since every answer gets the client's) together with the
+offsets of its TTL fields, so a hit is answered by splicing (:func:`dnsproxy.wire.splice`)
+without parsing. The store is an LRU bounded by entry count and bytes; evictions are
+counted.
 """
 
 from __future__ import annotations

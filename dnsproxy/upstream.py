@@ -457,9 +457,12 @@ class _TcpConnection(asyncio.Protocol):
         self._deadline_timer = None
         self._deadline_at = _NEVER
         now = self.loop.time()
-        late = [qid for qid, request in self.pending.items() if request.deadline <= now]
-        for qid in late:
-            self._on_timeout(qid)
+        late = [(qid, r) for qid, r in self.pending.items() if r.deadline <= now]
+        for qid, request in late:
+            # Still the same query: a callback during this sweep may have cancelled it
+            # and a new query may have drawn its ID.
+            if self.pending.get(qid) is request:
+                self._on_timeout(qid)
         if self.pending and not self._closed:
             self._arm(min(request.deadline for request in self.pending.values()))
 

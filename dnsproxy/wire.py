@@ -408,6 +408,7 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
 
     ``qend`` > 0 says the reply's single question ends there and was already checked
     against the query we sent (:func:`reply_matches`), so the walk starts after it.
+    ``data`` must be ``bytes``: the returned body may be ``data`` itself.
     """
     n = len(data)
     if n < HEADER_LEN:
@@ -439,9 +440,9 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
     span_min = low = TTL_MAX + 1
     high = -1
     answer_authority = ancount + nscount
-    try:
-        for index in range(answer_authority + arcount):
-            start = off
+    for index in range(answer_authority + arcount):
+        start = off
+        try:
             c = data[off]
             if c == pointer_12 and data[off + 1] == 12:
                 off += 2
@@ -450,40 +451,40 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
             else:
                 off = name_end(data, off)
             rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
-            off += 10
-            end = off + rdlen
-            if end > n:
-                raise WireError("record data runs past the end of the message")
-            if rtype == TYPE_OPT:
-                if index < answer_authority or opt_start >= 0 or data[start] != 0:
-                    raise WireError("misplaced or repeated OPT record")
-                opt_start, opt_end = start, end
-            else:
-                if ttl > TTL_MAX:
-                    ttl = 0
-                    top_bit.append(off - 6)
-                if rtype == qtype and index < ancount:
-                    answers_qtype = True
-                if rtype in _NAME_IN_RDATA:
-                    _check_rdata_names(data, rtype, off, end)
-                    if rtype == TYPE_SOA and soa_index < 0 and ancount <= index < answer_authority:
-                        soa_index = len(offsets)
-                        soa_minimum = _U32.unpack_from(data, end - 4)[0]
-                        if soa_minimum > TTL_MAX:
-                            soa_minimum = 0
-                offsets.append(off - 6)
-                ttls.append(ttl)
-                if ttl < low:
-                    low = ttl
-                if ttl > high:
-                    high = ttl
-                if ttl < span_min and index < answer_authority:
-                    span_min = ttl
-            if index + 1 == answer_authority:
-                authority_end = len(offsets)
-            off = end
-    except (IndexError, struct.error):
-        raise WireError("record runs past the end of the message") from None
+        except (IndexError, struct.error):
+            raise WireError("record runs past the end of the message") from None
+        off += 10
+        end = off + rdlen
+        if end > n:
+            raise WireError("record data runs past the end of the message")
+        if rtype == TYPE_OPT:
+            if index < answer_authority or opt_start >= 0 or data[start] != 0:
+                raise WireError("misplaced or repeated OPT record")
+            opt_start, opt_end = start, end
+        else:
+            if ttl > TTL_MAX:
+                ttl = 0
+                top_bit.append(off - 6)
+            if rtype == qtype and index < ancount:
+                answers_qtype = True
+            if rtype in _NAME_IN_RDATA:
+                _check_rdata_names(data, rtype, off, end)
+                if rtype == TYPE_SOA and soa_index < 0 and ancount <= index < answer_authority:
+                    soa_index = len(offsets)
+                    soa_minimum = _U32.unpack_from(data, end - 4)[0]
+                    if soa_minimum > TTL_MAX:
+                        soa_minimum = 0
+            offsets.append(off - 6)
+            ttls.append(ttl)
+            if ttl < low:
+                low = ttl
+            if ttl > high:
+                high = ttl
+            if ttl < span_min and index < answer_authority:
+                span_min = ttl
+        if index + 1 == answer_authority:
+            authority_end = len(offsets)
+        off = end
     if opt_start >= 0:
         if opt_end != n:
             # OPT before other records: cutting it out would shift the targets of later
@@ -545,7 +546,10 @@ def with_ttls(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...]) -> b
 
 
 def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
-    """RFC 5452 acceptance: QR set, our ID, exactly our question (case-insensitive)."""
+    """RFC 5452 acceptance: QR set, our ID, exactly our question (case-insensitive).
+
+    ``query_id`` empty skips the ID check, for a caller that found the query by its ID.
+    """
     if len(reply) < HEADER_LEN + len(question) or not reply[2] & _QR:
         return False
     if reply[4] or reply[5] != 1 or not reply.startswith(query_id):
