@@ -582,17 +582,29 @@ class _Reader:
         self.unknown_keys(value, path, keys, hints)
         return value
 
+    def value(self, m: dict[Any, Any], key: str, prefix: str) -> tuple[str, object] | None:
+        """(path, expanded value) of ``key`` in ``m``; None when it is absent or its
+        ${VAR} expansion failed (already reported)."""
+        if key not in m:
+            return None
+        path = _join(prefix, key)
+        value = self.expand(m[key], path)
+        return None if value is _FAILED else (path, value)
+
+    def number(self, m: dict[Any, Any], key: str, prefix: str) -> tuple[str, object] | None:
+        """:meth:`value`, with text from a ${VAR} read as a number where it is one."""
+        found = self.value(m, key, prefix)
+        if found is not None and isinstance(found[1], _EnvStr):
+            return found[0], _to_number(found[1])
+        return found
+
     def integer(
         self, m: dict[Any, Any], key: str, prefix: str, default: int, lo: int, hi: int | None
     ) -> int:
-        if key not in m:
+        found = self.number(m, key, prefix)
+        if found is None:
             return default
-        path = _join(prefix, key)
-        value = self.expand(m[key], path)
-        if value is _FAILED:
-            return default
-        if isinstance(value, _EnvStr):
-            value = _to_number(value)
+        path, value = found
         if (
             isinstance(value, bool)
             or not isinstance(value, int)
@@ -607,14 +619,10 @@ class _Reader:
     def seconds(
         self, m: dict[Any, Any], key: str, prefix: str, default: float, *, zero_ok: bool = False
     ) -> float:
-        if key not in m:
+        found = self.number(m, key, prefix)
+        if found is None:
             return default
-        path = _join(prefix, key)
-        value = self.expand(m[key], path)
-        if value is _FAILED:
-            return default
-        if isinstance(value, _EnvStr):
-            value = _to_number(value)
+        path, value = found
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -628,12 +636,10 @@ class _Reader:
         return float(value)
 
     def boolean(self, m: dict[Any, Any], key: str, prefix: str, default: bool) -> bool:
-        if key not in m:
+        found = self.value(m, key, prefix)
+        if found is None:
             return default
-        path = _join(prefix, key)
-        value = self.expand(m[key], path)
-        if value is _FAILED:
-            return default
+        path, value = found
         if isinstance(value, _EnvStr) and value.strip().lower() in ("true", "false"):
             value = value.strip().lower() == "true"
         if not isinstance(value, bool):

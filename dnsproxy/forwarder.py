@@ -160,7 +160,6 @@ class Forwarder:
         for zone in config.zones:
             servers = [self._server(u) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
-        # With only the root zone configured, every name is in it: no suffix walk.
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Resolution] = {}
         # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
@@ -205,12 +204,10 @@ class Forwarder:
 
     def zone_for(self, qname: bytes) -> _Zone | None:
         """Longest configured zone that contains the lowercased wire ``qname``."""
-        if self._only_zone is not None:
-            return self._only_zone
         zones = self._zones
         i = 0
         while True:
-            zone = zones.get(qname[i:] if i else qname)
+            zone = zones.get(qname[i:])
             if zone is not None:
                 return zone
             length = qname[i]
@@ -241,7 +238,8 @@ class Forwarder:
             self.stats.nxdomain_hits += 1
             deliver(nx)
             return
-        zone = self._only_zone or self.zone_for(key[:-5])  # the key's qname
+        # With only the root zone configured every name is in it: no suffix walk.
+        zone = self._only_zone or self.zone_for(wire.key_qname(key))
         if zone is None:
             self.stats.no_zone += 1
             deliver(self._synth(query, qend, key, wire.REFUSED))
@@ -288,11 +286,10 @@ class Forwarder:
                 r.server = server
                 r.started = now
                 timeout = r.zone.config.try_timeout_s
+                if remaining < timeout:
+                    timeout = remaining
                 r.request = server.upstream.send(
-                    r.query,
-                    timeout if timeout < remaining else remaining,
-                    partial(self._reply, r),
-                    r.question,
+                    r.query, timeout, partial(self._reply, r), r.question
                 )
                 return
         self._finish(r, self._failure(r))
@@ -311,13 +308,9 @@ class Forwarder:
                     self._failed(server)
                 self._next(r)
                 return
-            # LatencyHistogram.observe, inline.
-            latency = server.latency
             loop = self._loop
             assert loop is not None
-            seconds = loop.time() - r.started
-            latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            latency.total_s += seconds
+            server.latency.observe(loop.time() - r.started)
             try:
                 # The upstream checked that the reply's question is ours.
                 info = wire.inspect_response(reply, wire.HEADER_LEN + len(r.question))

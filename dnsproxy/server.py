@@ -63,22 +63,22 @@ class ServerStats:
         self.invalid: dict[str, int] = {}
 
 
-class Acl:
-    """Source-address allow list with a bounded memo (lookups are per packet)."""
+class Acl(dict[str, bool]):
+    """Source-address allow list: ``acl[host]`` is the verdict for an address.
+
+    A dict of the verdicts seen so far (bounded; cleared when full), so that a lookup
+    per packet is a plain dict read; an address not in it is checked by __missing__.
+    """
 
     def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
+        super().__init__()
         self._networks = networks
-        # Verdicts by address; the hot paths read it directly and call the Acl only for
-        # an address not in it.
-        self.memo: dict[str, bool] = {}
 
-    def __call__(self, host: str) -> bool:
-        ok = self.memo.get(host)
-        if ok is None:
-            ok = self._check(host)
-            if len(self.memo) >= _ACL_MEMO_MAX:
-                self.memo.clear()
-            self.memo[host] = ok
+    def __missing__(self, host: str) -> bool:
+        ok = self._check(host)
+        if len(self) >= _ACL_MEMO_MAX:
+            self.clear()
+        self[host] = ok
         return ok
 
     def _check(self, host: str) -> bool:
@@ -106,7 +106,6 @@ class _Handler:
     def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
         self.config = config
         self.cache = cache
-        self.store = cache.store
         self.forwarder = forwarder
         self.stats = ServerStats()
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
@@ -171,7 +170,7 @@ class _Handler:
                 if reply is not None:
                     send(reply, peer)
                 return False
-            qtype = (key[-5] << 8) | key[-4]
+            qtype = wire.key_qtype(key)
         else:
             key, qend, edns, _limit, _hi, _ti, _mode, qtype = parsed
         if tcp:
@@ -179,15 +178,12 @@ class _Handler:
         else:
             stats.udp_requests += 1
         stats.qtypes[qtype] += 1
-        acl = self.acl
-        if acl is not None and not (acl.memo.get(peer[0]) or acl(peer[0])):
+        if self.acl is not None and not self.acl[peer[0]]:
             send(self.refuse(data, qend, edns), peer)
             return False
         now = time.monotonic()
-        # Cache.get, inline.
-        entry = self.store.get(key)
-        if entry is not None and entry.expires_at > now:
-            self.store.move_to_end(key)
+        entry = self.cache.get(key, now)
+        if entry is not None:
             stats.hits += 1
             stats.rcodes[entry.rcode] += 1
             limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
@@ -208,21 +204,10 @@ class _Handler:
     def delivered(
         self, peer: Any, tcp: bool, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
     ) -> bytes:
-        """The reply to a miss whose resolution ended with ``entry``, counted and logged.
-
-        Unlike a cache hit this keeps no per-client cut in the entry: most entries are
-        answered from upstream once and never hit, and the cut is about 400 bytes.
-        """
+        """The reply to a miss whose resolution ended with ``entry``, counted and logged."""
         self.stats.rcodes[entry.rcode] += 1
-        if tcp:
-            limit = _TCP_MAX_REPLY
-        else:
-            limit = wire.MIN_UDP_PAYLOAD if edns < 0 else min(edns & 0xFFFF, self.max_udp)
-        age = int(time.monotonic() - entry.stored_at)
-        if age == entry.age:
-            reply = wire.splice(entry.prepared, data, qend, edns, limit)
-        else:
-            reply = wire.render(entry.body, entry.offsets, entry.ttls, age, data, qend, edns, limit)
+        limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
+        reply = entry.answer_once(data, qend, edns, time.monotonic(), limit)
         if self.log_queries:
             self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "upstream")
         return reply
@@ -261,9 +246,6 @@ class _UdpListener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
         except OSError:
             pass
-        # Bound once: the slow path hands these to every query it serves.
-        self._send = self.send
-        self._deliver_cb = self._deliver
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
@@ -283,7 +265,6 @@ class _UdpListener:
         monotonic = time.monotonic
         join = b"".join
         acl = h.acl
-        acl_memo = acl.memo if acl is not None else {}
         qtypes = stats.qtypes
         rcodes = stats.rcodes
         # One clock read per batch: ages are in whole seconds and a batch takes
@@ -305,11 +286,7 @@ class _UdpListener:
             if parsed is not None:
                 key, qend, edns, limit, hi, ti, mode, qtype = parsed
                 entry = store_get(key)
-                if (
-                    entry is not None
-                    and entry.expires_at > now
-                    and (acl is None or acl_memo.get(addr[0]) or acl(addr[0]))
-                ):
+                if entry is not None and entry.expires_at > now and (acl is None or acl[addr[0]]):
                     touch(key)
                     stats.udp_requests += 1
                     stats.hits += 1
@@ -332,7 +309,7 @@ class _UdpListener:
                         h.log_query(addr, "udp", key, entry.rcode, "cache")
                     continue
             try:
-                h.serve(data, parsed, addr, False, self._send, self._deliver_cb)
+                h.serve(data, parsed, addr, False, self.send, self._deliver)
             except Exception:
                 # A bug must cost one query, not the rest of the batch or the listener.
                 _count(stats.dropped, "internal_error")
@@ -356,11 +333,7 @@ class _UdpListener:
         if self.closed:
             _count(self.stats.dropped, "listener_closed")
             return
-        reply = self.h.delivered(addr, False, key, data, qend, edns, entry)
-        try:
-            self.sock.sendto(reply, addr)
-        except OSError as exc:
-            self._send_failed(exc)
+        self.send(self.h.delivered(addr, False, key, data, qend, edns, entry), addr)
 
 
 class _TcpConnection(asyncio.Protocol):

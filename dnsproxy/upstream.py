@@ -206,7 +206,7 @@ class _TcpRequest(Request):
     def __init__(
         self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
     ) -> None:
-        self.finished = False
+        super().__init__()
         self.owner = owner
         self.wire = wire
         self.question = question
@@ -272,29 +272,28 @@ class TcpUpstream(Upstream):
                 done(None, exc)
                 return request
         tcp_request = _TcpRequest(self, wire, question, loop.time() + timeout_s, done)
-        conn = None if self._closed else self._pick(loop)
-        if conn is not None:
-            conn.add(tcp_request)
-        else:
-            self._refuse(tcp_request)
+        self._dispatch(tcp_request, loop)
         return tcp_request
 
     def _dispatch(self, request: _TcpRequest, loop: asyncio.AbstractEventLoop) -> None:
-        conn = None if self._closed else self._pick(loop)
-        if conn is not None:
-            conn.add(request)
-        else:
-            self._refuse(request)
-
-    def _refuse(self, request: _TcpRequest) -> None:
-        """Fail a query that no connection can take: the pool is closed or full."""
         if self._closed:
             self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"))
             return
-        self.stats.pool_full += 1
-        self._fail(
-            request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
-        )
+        conn = self._pick(loop)
+        if conn is None:
+            self.stats.pool_full += 1
+            self._fail(
+                request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
+            )
+            return
+        conn.add(request)
+
+    def _succeed(self, request: _TcpRequest, reply: bytes) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        self.stats.replies += 1
+        request.done(reply, None)
 
     def _fail(self, request: _TcpRequest, error: UpstreamError) -> None:
         if request.finished:
@@ -438,13 +437,9 @@ class _TcpConnection(asyncio.Protocol):
         del self.pending[qid]
         self.stats.inflight -= 1
         if not self.pending:
-            self._drained()
-
-    def _drained(self) -> None:
-        """Nothing is in flight any more: start the idle clock, or close if retired."""
-        self._idle_since = self.loop.time()
-        if self._retired:
-            self.close()
+            self._idle_since = self.loop.time()
+            if self._retired:
+                self.close()
 
     def _arm(self, when: float) -> None:
         if self._deadline_timer is not None:
@@ -637,24 +632,15 @@ class _TcpConnection(asyncio.Protocol):
             buf += memoryview(data)[off:]
 
     def _on_reply(self, reply: bytes) -> None:
-        pending = self.pending
         qid = (reply[0] << 8) | reply[1]
-        request = pending.get(qid)
+        request = self.pending.get(qid)
         # The ID was matched by the lookup; b"" skips reply_matches' own ID check.
         if request is None or not reply_matches(reply, b"", request.question):
             self.stats.bad_replies += 1
             return
         self._replies += 1
-        # _release, inline (this runs for every reply), then the caller's callback.
-        del pending[qid]
-        stats = self.stats
-        stats.inflight -= 1
-        if not pending:
-            self._drained()
-        if not request.finished:
-            request.finished = True
-            stats.replies += 1
-            request.done(reply, None)
+        self._release(qid, request)
+        self.owner._succeed(request, reply)
 
 
 # --------------------------------------------------------------------------------------

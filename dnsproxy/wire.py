@@ -215,22 +215,28 @@ def parse_query(data: bytes) -> tuple[bytes, int, int]:
         rtype, rclass, ttl, rdlen = _unpack_rr(data, qend + 1)
         if qend + 11 + rdlen > n:
             raise BadQuery(FORMERR, "truncated", qend)
-        if rtype == TYPE_OPT:
-            size = rclass if rclass >= MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD
-            edns = size | ((ttl >> 15) & 1) << 16
-            if (ttl >> 16) & 0xFF:
-                raise BadQuery(BADVERS, "badvers", qend, edns)
-            flags = ((ttl >> 15) & 1) | ((data[3] & _CD) >> 3)
-        else:
-            edns = -1
-            flags = (data[3] & _CD) >> 3
+        edns = _opt_edns(rclass, ttl, qend) if rtype == TYPE_OPT else -1
     elif data[10] or data[11]:
         edns = _parse_query_additional(data, qend, (data[10] << 8) | data[11])
-        flags = (((edns >> 16) & 1) if edns >= 0 else 0) | ((data[3] & _CD) >> 3)
     else:
         edns = -1
-        flags = (data[3] & _CD) >> 3
-    return data[HEADER_LEN : i + 1].lower() + data[i + 1 : qend] + _KEY_FLAGS[flags], qend, edns
+    return _cache_key(data, qend, edns), qend, edns
+
+
+def _cache_key(data: bytes, qend: int, edns: int) -> bytes:
+    """Lowercased qname, qtype and qclass of a checked question, then DO | CD << 1."""
+    flags = (((edns >> 16) & 1) if edns >= 0 else 0) | ((data[3] & _CD) >> 3)
+    return data[HEADER_LEN : qend - 4].lower() + data[qend - 4 : qend] + _KEY_FLAGS[flags]
+
+
+def _opt_edns(rclass: int, ttl: int, qend: int) -> int:
+    """The ``edns`` value of a client's OPT record from its CLASS (payload size) and
+    TTL (version, DO) fields; BADVERS for a version other than 0."""
+    size = rclass if rclass >= MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD
+    edns = size | ((ttl >> 15) & 1) << 16
+    if (ttl >> 16) & 0xFF:
+        raise BadQuery(BADVERS, "badvers", qend, edns)
+    return edns
 
 
 def _parse_query_slow(data: bytes) -> tuple[bytes, int, int]:
@@ -261,10 +267,7 @@ def _parse_query_slow(data: bytes) -> tuple[bytes, int, int]:
         raise BadQuery(FORMERR, "truncated", qend) from None
     arcount = _U16.unpack_from(data, 10)[0]
     edns = _parse_query_additional(data, qend, arcount, off) if arcount else -1
-    qname_end = qend - 4
-    flags = ((edns >> 16) & 1 if edns >= 0 else 0) | ((data[3] & _CD) >> 3)
-    key = data[HEADER_LEN:qname_end].lower() + data[qname_end:qend] + _KEY_FLAGS[flags]
-    return key, qend, edns
+    return _cache_key(data, qend, edns), qend, edns
 
 
 def _skip_rr(data: bytes, off: int) -> int:
@@ -302,10 +305,7 @@ def _parse_query_additional(data: bytes, qend: int, arcount: int, off: int = -1)
             raise BadQuery(FORMERR, "multiple_opt", qend, edns)
         if data[start] != 0:
             raise BadQuery(FORMERR, "bad_opt", qend)
-        size = rclass if rclass >= MIN_UDP_PAYLOAD else MIN_UDP_PAYLOAD
-        edns = size | ((ttl >> 15) & 1) << 16
-        if (ttl >> 16) & 0xFF:
-            raise BadQuery(BADVERS, "badvers", qend, edns)
+        edns = _opt_edns(rclass, ttl, qend)
     return edns
 
 
@@ -630,20 +630,15 @@ def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -
         tail = prepared[3]
         keep_ad = query[3] & _AD
     if not query[2] & _RD or (head[1] & _AD and not keep_ad):
-        head = _fixed_flags(head, query[2] & _RD, keep_ad)
-    out = query[:2] + head + query[HEADER_LEN:qend] + tail
+        fixed = bytearray(head)
+        fixed[0] = (fixed[0] & 0xFE) | (query[2] & _RD)
+        if not keep_ad:
+            fixed[1] &= ~_AD & 0xFF
+        head = bytes(fixed)
+    out = b"".join((query[:2], head, query[HEADER_LEN:qend], tail))
     if limit and len(out) > limit:
         return truncated(out, qend, edns)
     return out
-
-
-def _fixed_flags(head: bytes, rd: int, keep_ad: int) -> bytes:
-    """Header bytes 2.. with the client's RD, and AD cleared unless ``keep_ad``."""
-    fixed = bytearray(head)
-    fixed[0] = (fixed[0] & 0xFE) | rd
-    if not keep_ad:
-        fixed[1] &= ~_AD & 0xFF
-    return bytes(fixed)
 
 
 # How a query picks from a Prepared reply: (head index, tail index, mode). Mode 0: the
@@ -676,28 +671,18 @@ def render(
     """Stored reply ``body`` aged by ``age`` seconds and answered to ``query`` in one go.
 
     The cache keeps the result of :func:`prepare` per entry and second instead; this is
-    the same transformation as :func:`splice` of it, for one-off replies (a miss answered
-    once), built with a single join.
+    the same transformation for one-off replies.
     """
-    if age > 0:
-        body = aged(body, offsets, ttls, age)
+    body = aged(body, offsets, ttls, age)
+    # Only the cut this client needs, in every slot splice might read.
     if edns < 0:
         head = body[2:HEADER_LEN]
-        keep_ad = query[3] & _AD
+        tail = body[qend:]
     else:
         arcount = ((body[10] << 8) | body[11]) + 1
         head = body[2:10] + bytes((arcount >> 8, arcount & 0xFF))
-        keep_ad = edns & 0x10000 or query[3] & _AD
-    if not query[2] & _RD or (head[1] & _AD and not keep_ad):
-        head = _fixed_flags(head, query[2] & _RD, keep_ad)
-    if edns < 0:
-        out = b"".join((query[:2], head, query[HEADER_LEN:qend], body[qend:]))
-    else:
-        opt = _OPT_DO if edns & 0x10000 else _OPT_PLAIN
-        out = b"".join((query[:2], head, query[HEADER_LEN:qend], body[qend:], opt))
-    if limit and len(out) > limit:
-        return truncated(out, qend, edns)
-    return out
+        tail = body[qend:] + (_OPT_DO if edns & 0x10000 else _OPT_PLAIN)
+    return splice((head, head, tail, tail, tail), query, qend, edns, limit)
 
 
 def truncated(reply: bytes, qend: int, edns: int) -> bytes:
