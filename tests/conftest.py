@@ -1,9 +1,16 @@
-"""Shared fixtures: a dnsproxy App in-process on loopback port 0, in front of a fake upstream."""
+"""Shared fixtures: a dnsproxy App in-process on loopback port 0, in front of a fake upstream.
+
+Also the helpers more than one test module uses: ``python -m dnsproxy`` run to completion,
+and the check that a shipped YAML file comments every key.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -87,6 +94,32 @@ async def proxy_with(
         config = make_config(fake.port, **config_args)
         async with running(config) as app:
             yield app, fake
+
+
+def dnsproxy_cmd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m dnsproxy ARGS`` run to completion from the repository root, no stdin."""
+    return subprocess.run(
+        [sys.executable, "-m", "dnsproxy", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+def undocumented_keys(yaml_file: Path) -> list[str]:
+    """The key lines of ``yaml_file`` with no comment on the line right above them."""
+    lines = yaml_file.read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        if re.match(r"\s*(- )?[a-z_]+:", line):
+            before = lines[i - 1].strip() if i else ""
+            if not before.startswith(("#", "- #")):
+                undocumented.append(line.strip())
+    return undocumented
 
 
 def pytest_asyncio_loop_factories(

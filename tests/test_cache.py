@@ -16,6 +16,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from dnsmsg import reply_to, rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +31,6 @@ SOA = "ns1.example. hostmaster.example. 2024010101 3600 600 86400 {minimum}"
 
 # --------------------------------------------------------------------------------------
 # Helpers
-
-
-def rrset(name: str, ttl: int, rdtype: str, *rdatas: str) -> dns.rrset.RRset:
-    return dns.rrset.from_text(name, ttl, "IN", rdtype, *rdatas)
 
 
 def soa(ttl: int, minimum: int, owner: str = "example.") -> dns.rrset.RRset:
@@ -51,14 +48,8 @@ def upstream_reply(
     tc: bool = False,
 ) -> bytes:
     q = dns.message.make_query(qname, rdtype, use_edns=0, id=0)
-    r = dns.message.make_response(q, recursion_available=True)
-    r.set_rcode(dns.rcode.Rcode.make(rcode))
-    if tc:
-        r.flags |= dns.flags.TC
-    r.answer.extend(answer)
-    r.authority.extend(authority)
-    r.additional.extend(additional)
-    return r.to_wire()
+    flags = dns.flags.TC if tc else 0
+    return reply_to(q, answer, authority, additional, rcode=rcode, flags=flags).to_wire()
 
 
 def build(

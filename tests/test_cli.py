@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import dnsproxy_cmd
 
 import dnsproxy
 from dnsproxy.cli import main
@@ -29,17 +28,6 @@ zones:
   - zone: .
     upstreams: ["127.0.0.1:70000"]
 """
-
-
-def dnsproxy_cmd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dnsproxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:

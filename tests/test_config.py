@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import undocumented_keys
 
 from dnsproxy.config import (
     CachePolicy,
@@ -845,11 +846,4 @@ def test_shipped_config_lists_every_key() -> None:
 
 
 def test_shipped_config_comments_every_key() -> None:
-    lines = SHIPPED.read_text().splitlines()
-    undocumented = []
-    for i, line in enumerate(lines):
-        if re.match(r"\s*(- )?[a-z_]+:", line):
-            before = lines[i - 1].strip() if i else ""
-            if not before.startswith(("#", "- #")):
-                undocumented.append(line.strip())
-    assert undocumented == []
+    assert undocumented_keys(SHIPPED) == []

@@ -13,10 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shlex
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +22,7 @@ from typing import Any
 import dns.asyncquery
 import dns.message
 import pytest
-from conftest import RECORDS, make_config
+from conftest import RECORDS, dnsproxy_cmd, make_config, undocumented_keys
 from fakeupstream import FakeUpstream, zone_handler
 
 import dnsproxy.app
@@ -814,28 +811,10 @@ def test_shipped_nodelocal_config() -> None:
 
 
 def test_shipped_nodelocal_config_comments_every_key() -> None:
-    lines = NODELOCAL.read_text().splitlines()
-    undocumented = []
-    for i, line in enumerate(lines):
-        if re.match(r"\s*(- )?[a-z_]+:", line):
-            before = lines[i - 1].strip() if i else ""
-            if not before.startswith(("#", "- #")):
-                undocumented.append(line.strip())
-    assert undocumented == []
+    assert undocumented_keys(NODELOCAL) == []
 
 
 # --- the command line -------------------------------------------------------------------
-
-
-def dnsproxy_cmd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dnsproxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 def env_with(**extra: str) -> dict[str, str]:

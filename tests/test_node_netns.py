@@ -21,8 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from netns import (
     topology,
     wait_for,
 )
+from test_process import http_get, metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
 NODELOCAL = ROOT / "config" / "nodelocal.yaml"
@@ -163,14 +162,6 @@ def upstream(topo: Topology, tmp_path: Path) -> Iterator[Upstream]:
 # -- the proxy under test
 
 
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 class Proxy:
     """``python -m dnsproxy`` inside the node namespace; stderr kept for failure messages."""
 
@@ -214,11 +205,7 @@ class Proxy:
 
     def metric(self, sample: str) -> float:
         _, text = self.get(METRICS_URL + "/metrics")
-        for line in text.splitlines():
-            key, _, value = line.rpartition(" ")
-            if key == sample:
-                return float(value)
-        raise AssertionError(f"{sample} not in /metrics")
+        return metric_value(text, sample)
 
     def alive(self) -> None:
         if self.proc.poll() is not None:

@@ -27,6 +27,7 @@ import dns.asyncquery
 import dns.message
 import dns.rcode
 import pytest
+from conftest import dnsproxy_cmd
 from fakeupstream import Delay, FakeUpstream, zone_handler
 
 import dnsproxy
@@ -212,23 +213,11 @@ def answers(response: dns.message.Message) -> list[str]:
     return sorted(rd.to_text() for rrset in response.answer for rd in rrset)
 
 
-def run_dnsproxy(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dnsproxy", *args],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 # -- version
 
 
 def test_version_from_python_module() -> None:
-    result = run_dnsproxy("--version")
+    result = dnsproxy_cmd("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"dnsproxy {dnsproxy.__version__}\n"
 
@@ -385,7 +374,7 @@ def test_bad_config_key_exits_2_naming_the_key(tmp_path: Path) -> None:
         "  - zone: .\n"
         f'    upstreams: ["{HOST}:{free_port()}"]\n'
     )
-    result = run_dnsproxy("--config", str(config), "--http-listen", "none")
+    result = dnsproxy_cmd("--config", str(config), "--http-listen", "none")
     assert result.returncode == 2
     assert "cache.max_tll_s" in result.stderr
     assert "unknown key" in result.stderr
@@ -402,7 +391,7 @@ def test_address_in_use_exits_nonzero_with_a_clear_message(tmp_path: Path, taken
             holder.listen()
         dns_port = port if taken != "http" else free_port()
         http_port = port if taken == "http" else free_port()
-        result = run_dnsproxy(
+        result = dnsproxy_cmd(
             "--listen",
             f"{HOST}:{dns_port}",
             "--http-listen",

@@ -18,13 +18,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
 import pytest
-from test_process import HOST, DnsProxyProcess, free_port, metric_value
+from test_process import HOST, DnsProxyProcess, dnsproxy_process, free_port, metric_value
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 START_TIMEOUT_S = 10.0
@@ -65,6 +66,18 @@ def tool(name: str, package: str) -> str:
     if path is None:
         pytest.skip(f"{name} not installed (apt-get install {package})")
     return path
+
+
+def stop(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    """SIGTERM ``proc`` if it still runs (SIGKILL after 5 s), then close its log file."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    log.close()
 
 
 # -- Unbound
@@ -161,25 +174,14 @@ def start_unbound(directory: Path) -> Iterator[Unbound]:
             time.sleep(0.02)
         yield Unbound(port, conf, control)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        log.close()
+        stop(proc, log)
 
 
-@contextlib.contextmanager
-def start_proxy(directory: Path, upstream: str) -> Iterator[DnsProxyProcess]:
+def start_proxy(
+    directory: Path, upstream: str
+) -> contextlib.AbstractContextManager[DnsProxyProcess]:
     directory.mkdir(parents=True, exist_ok=True)
-    proxy = DnsProxyProcess(directory, "--upstream", upstream)
-    try:
-        proxy.wait_ready()
-        yield proxy
-    finally:
-        proxy.close()
+    return dnsproxy_process(directory, "--upstream", upstream)
 
 
 @pytest.fixture(scope="module")
@@ -372,11 +374,4 @@ def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
             assert kdig(proxy.port, "dm.test", "A", "+tcp", "+short") == "169.254.9.9\n"
             assert "status: REFUSED" in dig(proxy.port, "elsewhere.example", "A")
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        log.close()
+        stop(proc, log)

@@ -16,7 +16,16 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import pytest
-from fakeupstream import Close, Delay, Drop, FakeUpstream, Raw, zone_handler
+from fakeupstream import (
+    Action,
+    Close,
+    Delay,
+    Drop,
+    FakeUpstream,
+    Raw,
+    SyncHandler,
+    zone_handler,
+)
 
 from dnsproxy.config import Transport, UpstreamConfig, UpstreamPoolConfig
 from dnsproxy.upstream import (
@@ -59,6 +68,19 @@ def addresses(reply: bytes) -> list[str]:
 
 def frame(message: bytes) -> bytes:
     return struct.pack(">H", len(message)) + message
+
+
+def first_then_zone(first: Action) -> SyncHandler:
+    """A handler that answers the first query with ``first`` and every later one from RECORDS."""
+    base = zone_handler(RECORDS)
+    calls = 0
+
+    def handler(msg: dns.message.Message, transport: str) -> Action:
+        nonlocal calls
+        calls += 1
+        return first if calls == 1 else base(msg, transport)
+
+    return handler
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
@@ -223,15 +245,7 @@ async def test_framing_split_and_coalesced(make: MakeUpstream) -> None:
 
 
 async def test_garbage_framing_closes_connection_and_retries(make: MakeUpstream) -> None:
-    base = zone_handler(RECORDS)
-    calls = 0
-
-    def handler(msg: dns.message.Message, transport: str) -> Any:
-        nonlocal calls
-        calls += 1
-        return Raw(b"\x00\x05hello") if calls == 1 else base(msg, transport)
-
-    async with FakeUpstream(handler) as server:
+    async with FakeUpstream(first_then_zone(Raw(b"\x00\x05hello"))) as server:
         up = make(server)
         reply = await up.query(query("www.example."), 2.0)
         assert addresses(reply) == ["169.254.1.1"]
@@ -241,15 +255,7 @@ async def test_garbage_framing_closes_connection_and_retries(make: MakeUpstream)
 
 
 async def test_server_close_midflight_is_retried(make: MakeUpstream) -> None:
-    base = zone_handler(RECORDS)
-    calls = 0
-
-    def handler(msg: dns.message.Message, transport: str) -> Any:
-        nonlocal calls
-        calls += 1
-        return Close() if calls == 1 else base(msg, transport)
-
-    async with FakeUpstream(handler) as server:
+    async with FakeUpstream(first_then_zone(Close())) as server:
         up = make(server)
         reply = await up.query(query("www.example."), 2.0)
         assert addresses(reply) == ["169.254.1.1"]

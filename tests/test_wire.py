@@ -23,6 +23,7 @@ import dns.rdatatype
 import dns.rrset
 import dns.update
 import pytest
+from dnsmsg import reply_to, rrset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -100,15 +101,15 @@ def pointer(offset: int) -> bytes:
     return bytes([0xC0 | (offset >> 8), offset & 0xFF])
 
 
+# The question "www.example. A IN", uncompressed, as upstream replies built by hand carry it.
+WWW_A_QUESTION = raw_name(b"www", b"example") + struct.pack(">HH", 1, 1)
+
+
 def name_wire(name: str) -> bytes:
     """Uncompressed wire form of ``name``, case preserved (dnspython)."""
     data = dns.name.from_text(name).to_wire()
     assert data is not None
     return data
-
-
-def rrset(name: str, ttl: int, rdtype: str, *rdatas: str) -> dns.rrset.RRset:
-    return dns.rrset.from_text(name, ttl, "IN", rdtype, *rdatas)
 
 
 def response(
@@ -125,15 +126,10 @@ def response(
 ) -> dns.message.Message:
     """An upstream reply as dnspython would send it (ID UPSTREAM_ID, optional OPT)."""
     q = query(qname, rdtype, edns=edns, do=do, qid=UPSTREAM_ID)
-    r = dns.message.make_response(q, recursion_available=True)
+    flags = dns.flags.AA if aa else 0
+    r = reply_to(q, answer, authority, additional, rcode=rcode, flags=flags)
     if edns:
         r.use_edns(0, dns.flags.DO if do else 0, 4096)
-    r.set_rcode(dns.rcode.Rcode.make(rcode))
-    if aa:
-        r.flags |= dns.flags.AA
-    r.answer.extend(answer)
-    r.authority.extend(authority)
-    r.additional.extend(additional)
     return r
 
 
@@ -220,6 +216,16 @@ def all_rrsets(msg: dns.message.Message) -> list[tuple[str, dns.rrset.RRset]]:
         )
         for rr in rrs
     ]
+
+
+def rejected(data: bytes) -> tuple[wire.BadQuery, dns.message.Message]:
+    """What ``parse_query`` raises for ``data``, and the error reply built from it as
+    dnspython reads it."""
+    with pytest.raises(wire.BadQuery) as exc:
+        wire.parse_query(data)
+    err = exc.value
+    assert err.rcode is not None
+    return err, parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
 
 
 # --------------------------------------------------------------------------------------
@@ -339,13 +345,10 @@ def test_two_opt_records_formerr() -> None:
 
 def test_edns_version_1_badvers() -> None:
     data = qwire("www.example.", edns=True, version=1, payload=2048)
-    with pytest.raises(wire.BadQuery) as exc:
-        wire.parse_query(data)
-    err = exc.value
+    err, reply = rejected(data)
     assert err.rcode == wire.BADVERS == dns.rcode.BADVERS
     assert err.qend == len(data) - 11
     assert err.edns == 2048
-    reply = parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
     assert reply.id == CLIENT_ID
     assert reply.rcode() == dns.rcode.BADVERS
     assert reply.edns == 0
@@ -372,11 +375,8 @@ def test_short_packet_dropped() -> None:
 
 def test_qdcount_zero_formerr() -> None:
     data = raw_header(qd=0)
-    with pytest.raises(wire.BadQuery) as exc:
-        wire.parse_query(data)
-    err = exc.value
+    err, reply = rejected(data)
     assert err.rcode == wire.FORMERR
-    reply = parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
     assert reply.id == CLIENT_ID
     assert reply.rcode() == dns.rcode.FORMERR
     assert reply.question == []
@@ -389,11 +389,8 @@ def test_qdcount_two_formerr() -> None:
     )
     data = q.to_wire()
     assert struct.unpack_from(">H", data, 4)[0] == 2
-    with pytest.raises(wire.BadQuery) as exc:
-        wire.parse_query(data)
-    err = exc.value
+    err, reply = rejected(data)
     assert err.rcode == wire.FORMERR
-    reply = parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
     assert reply.id == CLIENT_ID
     assert reply.rcode() == dns.rcode.FORMERR
     assert reply.flags & dns.flags.QR
@@ -403,11 +400,8 @@ def test_opcode_notify_notimp() -> None:
     q = query("example.", "SOA")
     q.set_opcode(dns.opcode.NOTIFY)
     data = q.to_wire()
-    with pytest.raises(wire.BadQuery) as exc:
-        wire.parse_query(data)
-    err = exc.value
+    err, reply = rejected(data)
     assert err.rcode == wire.NOTIMP
-    reply = parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
     assert reply.id == CLIENT_ID
     assert reply.rcode() == dns.rcode.NOTIMP
     assert reply.opcode() == dns.opcode.NOTIFY
@@ -419,11 +413,8 @@ def test_opcode_update_notimp() -> None:
     u = dns.update.UpdateMessage("example.", id=CLIENT_ID)
     u.add("www", 300, "A", "169.254.2.1")
     data = u.to_wire()
-    with pytest.raises(wire.BadQuery) as exc:
-        wire.parse_query(data)
-    err = exc.value
+    err, reply = rejected(data)
     assert err.rcode == wire.NOTIMP
-    reply = parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
     assert reply.id == CLIENT_ID
     assert reply.rcode() == dns.rcode.NOTIMP
     assert reply.opcode() == dns.opcode.UPDATE
@@ -634,12 +625,11 @@ def test_render_clears_ad_for_clients_without_ad_or_do(
 
 def test_opt_in_middle_of_additional_is_removed() -> None:
     hdr = raw_header(UPSTREAM_ID, 0x8180, 1, 1, 0, 3)
-    question = raw_name(b"www", b"example") + struct.pack(">HH", 1, 1)
     ans = raw_rr(pointer(12), 1, 300, bytes([169, 254, 2, 1]))
     add1 = raw_rr(raw_name(b"ns1", b"example"), 1, 200, bytes([169, 254, 2, 53]))
     opt = raw_opt(4096, 0x8000, b"\x00\x03\x00\x04nsid")
     add2 = raw_rr(raw_name(b"ns2", b"example"), 28, 100, bytes(15) + b"\x01")
-    upstream = hdr + question + ans + add1 + opt + add2
+    upstream = hdr + WWW_A_QUESTION + ans + add1 + opt + add2
     assert parse(upstream).edns == 0  # dnspython accepts OPT in the middle
 
     info, out = _render(upstream, qwire("WWW.example."), 30)
@@ -658,10 +648,9 @@ def test_opt_in_middle_with_later_compression_pointer() -> None:
     # the OPT. Removing the OPT shifts that name, so the pointer must still resolve to
     # ns1.example. (dnspython itself sees ns1.example. twice in the upstream reply).
     hdr = raw_header(UPSTREAM_ID, 0x8180, 1, 1, 0, 3)
-    question = raw_name(b"www", b"example") + struct.pack(">HH", 1, 1)
     ans = raw_rr(pointer(12), 1, 300, bytes([169, 254, 2, 1]))
     opt = raw_opt(4096)
-    before = hdr + question + ans + opt
+    before = hdr + WWW_A_QUESTION + ans + opt
     ns1_at = len(before)
     add1 = raw_rr(b"\x03ns1" + pointer(16), 1, 300, bytes([169, 254, 2, 53]))
     add2 = raw_rr(pointer(ns1_at), 28, 300, bytes(15) + b"\x01")
@@ -677,7 +666,6 @@ def test_opt_in_middle_with_later_compression_pointer() -> None:
 
 def test_ttl_with_top_bit_reads_as_zero() -> None:
     hdr = raw_header(UPSTREAM_ID, 0x8180, 1, 2, 1, 0)
-    question = raw_name(b"www", b"example") + struct.pack(">HH", 1, 1)
     a1 = raw_rr(pointer(12), 1, 0x80000000, bytes([169, 254, 2, 1]))
     a2 = raw_rr(pointer(12), 1, 0xFFFFFFFF, bytes([169, 254, 2, 2]))
     soa_rdata = (
@@ -686,7 +674,7 @@ def test_ttl_with_top_bit_reads_as_zero() -> None:
         + struct.pack(">IIIII", 1, 2, 3, 4, 0x80000005)
     )
     ns = raw_rr(pointer(16), wire.TYPE_SOA, 0x7FFFFFFF, soa_rdata)
-    upstream = hdr + question + a1 + a2 + ns
+    upstream = hdr + WWW_A_QUESTION + a1 + a2 + ns
     parse(upstream)  # well-formed for dnspython
     info = wire.inspect_response(upstream)
     assert info.ttls == (0, 0, 0x7FFFFFFF)
@@ -818,11 +806,10 @@ def test_read_name_follows_pointers_and_escapes() -> None:
 
 def _reply_with_answer(owner: bytes, rtype: int = 1, rdata: bytes = b"\xa9\xfe\x02\x01") -> bytes:
     hdr = raw_header(UPSTREAM_ID, 0x8180, 1, 1, 0, 0)
-    question = raw_name(b"www", b"example") + struct.pack(">HH", 1, 1)
-    return hdr + question + raw_rr(owner, rtype, 300, rdata)
+    return hdr + WWW_A_QUESTION + raw_rr(owner, rtype, 300, rdata)
 
 
-ANSWER_AT = wire.HEADER_LEN + len(raw_name(b"www", b"example")) + 4
+ANSWER_AT = wire.HEADER_LEN + len(WWW_A_QUESTION)
 
 
 def _cname_self_loop() -> bytes:
@@ -834,12 +821,11 @@ def _loop_through_rdata() -> bytes:
     # Record 1's A rdata holds a pointer to record 2's owner; record 2's owner points
     # back into record 1's rdata: a loop made only of "backward-looking" name starts.
     hdr = raw_header(UPSTREAM_ID, 0x8180, 1, 2, 0, 0)
-    question = raw_name(b"www", b"example") + struct.pack(">HH", 1, 1)
     rdata_at = ANSWER_AT + 2 + 10
     second_owner_at = rdata_at + 4
     rr1 = raw_rr(pointer(12), 1, 300, pointer(second_owner_at) + b"\x00\x00")
     rr2 = raw_rr(pointer(rdata_at), 1, 300, b"\xa9\xfe\x02\x02")
-    return hdr + question + rr1 + rr2
+    return hdr + WWW_A_QUESTION + rr1 + rr2
 
 
 MALFORMED_POINTERS: dict[str, Callable[[], bytes]] = {
