@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.report is not None:
         data = json.loads(args.report.read_text())
-        write_outputs(data, args.report.resolve().parent, full=data["mode"] == "full")
+        write_outputs(data, args.report.resolve().parent)
         return 0
     # Also SIGINT: a shell starts background jobs with it ignored, and then Python would
     # not turn it into KeyboardInterrupt.
@@ -146,16 +146,18 @@ def run(args: argparse.Namespace) -> int:
     sizes = zone.SMOKE if smoke else zone.FULL
     scenarios = list(dict.fromkeys(args.scenario or SCENARIOS))
     full = not smoke and scenarios == list(SCENARIOS) and not args.systems
-    name = args.name or ("smoke" if smoke else "full" if full else "partial")
+    mode = "smoke" if smoke else "full" if full else "partial"
+    name = args.name or mode
     notes: list[str] = []
     pinned = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
     if not pinned:
         notes.append("processes not pinned to CPUs (--no-pin, fewer than 2 CPUs or no taskset)")
+    duration_s = args.duration or (1.0 if smoke else 10.0)
     settings = Settings(
-        duration_s=args.duration or (1.0 if smoke else 10.0),
+        duration_s=duration_s,
         repeats=args.repeats or (1 if smoke else 3),
         latency_qps=args.latency_qps,
-        latency_duration_s=args.duration or (1.0 if smoke else 10.0),
+        latency_duration_s=duration_s,
         startup_repeats=1 if smoke else 5,
         sut_cpu=SUT_CPU if pinned else None,
         client_cpu=CLIENT_CPU if pinned else None,
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dnsproxy-bench-"))
     data: dict[str, Any] = {
         "name": name,
-        "mode": "smoke" if smoke else "full" if full else "partial",
+        "mode": mode,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:])]),
         "load": {"before": list(os.getloadavg())},
@@ -237,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             say(f"work directory kept: {workdir}")
-    json_path = write_outputs(data, out_dir, full=full)
+    json_path = write_outputs(data, out_dir)
     if smoke:
         status = check_smoke(json_path, [s.key for s in chosen], "hits" in scenarios)
         if status == 0 and args.out_dir is None:
@@ -261,15 +263,18 @@ def _mix_stats(path: Path) -> dict[str, Any]:
 
 
 def _brief(r: dict[str, Any]) -> str:
-    keys = ("p50_ms", "p99_ms", "p999_ms", "idle_rss_kib", "full_rss_kib", "bytes_per_entry")
-    parts = [f"{k}={r[k]}" for k in (*keys, "median_ms") if k in r]
-    return ", ".join(parts)
+    """One line for a memory or start-up result (the others say their own as they run)."""
+    keys = ("idle_rss_kib", "full_rss_kib", "bytes_per_entry", "median_ms")
+    return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
 
 
-def write_outputs(data: dict[str, Any], out_dir: Path, *, full: bool) -> Path:
+def write_outputs(data: dict[str, Any], out_dir: Path) -> Path:
+    """The JSON, the PNG and the Markdown of a run into ``out_dir``; the Markdown of a full
+    run into benchmarks/RESULTS.md instead when ``out_dir`` is benchmarks/results."""
     name = data["name"]
     json_path = out_dir / f"{name}.json"
     png_path = out_dir / f"{name}.png"
+    full = data["mode"] == "full"
     md_path = HERE / "RESULTS.md" if full and out_dir == RESULTS else out_dir / f"{name}.md"
     skipped = report.plot(data, png_path)
     if skipped:

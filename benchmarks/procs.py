@@ -251,8 +251,12 @@ def wait_answering(
     try:
         return time_to_first_answer(port, name, time.monotonic(), proc, timeout_s, 0.05)
     except HarnessError as e:
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise HarnessError(f"{what} did not start: {e}\n{tail}") from None
+        raise HarnessError(f"{what} did not start: {e}\n{log_tail(log, 2000)}") from None
+
+
+def log_tail(log: Path, chars: int) -> str:
+    """The last ``chars`` characters of a process log, or "" if there is none."""
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
 # -- memory

@@ -9,6 +9,7 @@ Every ratio compares two figures of the same run: the system's and dnsproxy (uvl
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Callable
@@ -265,12 +266,27 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
     reps = st["repeats"]
     sizes = data["sizes"]
 
-    def qps_row(extra: Callable[[dict[str, Any]], list[str]]) -> Any:
-        def row(key: str, r: dict[str, Any], base: dict[str, Any]) -> list[str]:
-            spread = f"{_fmt(r['qps_min'])}–{_fmt(r['qps_max'])}"
-            return [_fmt(r["qps"]), _ratio(r["qps"], base.get("qps")), spread, *extra(r)]
+    def qps_table(
+        scenario: str,
+        qps_header: str,
+        headers: list[str],
+        extra: Callable[[dict[str, Any]], list[str]],
+    ) -> None:
+        """A throughput scenario's table (results of ``Bench._repeated``): the columns every
+        one of them has, then ``headers`` filled by ``extra``."""
 
-        return row
+        def row(key: str, r: dict[str, Any], base: dict[str, Any]) -> list[str]:
+            return [
+                _fmt(r["qps"]),
+                _ratio(r["qps"], base.get("qps")),
+                f"{_fmt(r['qps_min'])}–{_fmt(r['qps_max'])}",
+                _fmt(r["avg_latency_ms"], 3),
+                _fmt(r["lost"]),
+                *extra(r),
+            ]
+
+        common = [qps_header, "× dnsproxy", "min–max", "avg latency ms", "lost"]
+        d.table(scenario, [*common, *headers], row)
 
     d.add(
         "## 1. Cache hits",
@@ -285,27 +301,15 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         "hypervisor took from this virtual machine (steal), in cores (0 / 0 = quiet).",
         "",
     )
-    d.table(
+    qps_table(
         "hits",
-        [
-            "QPS",
-            "× dnsproxy",
-            "min–max",
-            "avg latency ms",
-            "lost",
-            "upstream q.",
-            "CPU",
-            "other / steal",
+        "QPS",
+        ["upstream q.", "CPU", "other / steal"],
+        lambda r: [
+            _fmt(r["runs"][0].get("upstream_queries")),
+            _fmt(r.get("server_cpu"), 2),
+            _noise(r),
         ],
-        qps_row(
-            lambda r: [
-                _fmt(r["avg_latency_ms"], 3),
-                _fmt(r["lost"]),
-                _fmt(r["runs"][0].get("upstream_queries")),
-                _fmt(r.get("server_cpu"), 2),
-                _noise(r),
-            ]
-        ),
     )
     d.add(
         "## 2. Miss path",
@@ -322,29 +326,16 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         "which shares the client core with dnsperf.",
         "",
     )
-    d.table(
+    qps_table(
         "miss",
-        [
-            "answered QPS",
-            "× dnsproxy",
-            "min–max",
-            "avg latency ms",
-            "lost",
-            "CPU",
-            "upstream CPU",
-            "other / steal",
-            "rcodes (run 1)",
+        "answered QPS",
+        ["CPU", "upstream CPU", "other / steal", "rcodes (run 1)"],
+        lambda r: [
+            _fmt(r.get("server_cpu"), 2),
+            _fmt(r.get("upstream_cpu"), 2),
+            _noise(r),
+            ", ".join(f"{k} {v:,}" for k, v in r["runs"][0]["rcodes"].items()),
         ],
-        qps_row(
-            lambda r: [
-                _fmt(r["avg_latency_ms"], 3),
-                _fmt(r["lost"]),
-                _fmt(r.get("server_cpu"), 2),
-                _fmt(r.get("upstream_cpu"), 2),
-                _noise(r),
-                ", ".join(f"{k} {v:,}" for k, v in r["runs"][0]["rcodes"].items()),
-            ]
-        ),
     )
     lat = st["latency_qps"]
     d.add(
@@ -407,27 +398,11 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         "answered queries.",
         "",
     )
-    d.table(
+    qps_table(
         "mix",
-        [
-            "QPS",
-            "× dnsproxy",
-            "min–max",
-            "avg latency ms",
-            "lost",
-            "hit ratio",
-            "CPU",
-            "other / steal",
-        ],
-        qps_row(
-            lambda r: [
-                _fmt(r["avg_latency_ms"], 3),
-                _fmt(r["lost"]),
-                _fmt(r.get("hit_ratio"), 3),
-                _fmt(r.get("server_cpu"), 2),
-                _noise(r),
-            ]
-        ),
+        "QPS",
+        ["hit ratio", "CPU", "other / steal"],
+        lambda r: [_fmt(r.get("hit_ratio"), 3), _fmt(r.get("server_cpu"), 2), _noise(r)],
     )
     d.add(
         "## 5. Memory",
@@ -573,6 +548,4 @@ def plot(data: dict[str, Any], path: Path) -> str | None:
 
 
 def _nines(p: float) -> float:
-    import math
-
     return -math.log10(max(1e-9, 1 - p))

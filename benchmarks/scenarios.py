@@ -27,6 +27,7 @@ from benchmarks.procs import (
     HarnessError,
     Procs,
     free_port,
+    log_tail,
     rss_kib,
     run_bounded,
     time_to_first_answer,
@@ -53,7 +54,7 @@ FILL = dnsperf.Load(clients=1, threads=1, outstanding=50)
 @dataclass(frozen=True)
 class Settings:
     duration_s: float  # one throughput run (hits, miss, mix)
-    repeats: int  # throughput runs per system (hits, miss); the median is reported
+    repeats: int  # runs per system (hits, miss, mix, latency); the median is reported
     latency_qps: int  # offered load of the latency scenario
     latency_duration_s: float
     startup_repeats: int
@@ -128,23 +129,32 @@ class Bench:
             raise HarnessError("upstream not started")
         return self.upstream
 
-    @contextlib.contextmanager
-    def running(self, system: System) -> Iterator[Running]:
-        """The system started afresh and answering; stopped (with its group) afterwards."""
+    def _spawn(self, system: System) -> tuple[Running, float]:
+        """A fresh instance of ``system`` in a directory of its own, pinned to the server
+        core, not yet answering; and the monotonic time just before it was spawned."""
         self._starts += 1
         directory = self.workdir / f"{system.key}-{self._starts}"
         port = free_port()
         cmd = system.command(directory, port, self._upstream().port)
         log = directory / "stderr.log"
+        start = time.monotonic()
         proc = self.procs.start(cmd.argv, log, cpu=self.settings.sut_cpu, env=cmd.env)
+        return Running(system, port, proc, log), start
+
+    @contextlib.contextmanager
+    def running(self, system: System) -> Iterator[Running]:
+        """The system started afresh and answering; stopped (with its group) afterwards."""
+        run, _ = self._spawn(system)
         try:
-            wait_answering(port, self.files.probe_name, proc, START_TIMEOUT_S, system.label, log)
-            yield Running(system, port, proc, log)
+            wait_answering(
+                run.port, self.files.probe_name, run.proc, START_TIMEOUT_S, system.label, run.log
+            )
+            yield run
         finally:
-            status = self.procs.stop(proc)
+            status = self.procs.stop(run.proc)
             if status not in (0, -15, 143, None):
-                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
-                self.notes.append(f"{system.label} exited with status {status}: {tail.strip()}")
+                tail = log_tail(run.log, 500).strip()
+                self.notes.append(f"{system.label} exited with status {status}: {tail}")
 
     def perf(self, run: Running, datafile: Path, load: dnsperf.Load, **kw: Any) -> dnsperf.Result:
         return dnsperf.run(run.port, datafile, load, cpu=self.settings.client_cpu, **kw)
@@ -163,25 +173,52 @@ class Bench:
 
     # -- scenarios
 
+    def _perf_cpu(
+        self,
+        run: Running,
+        datafile: Path,
+        load: dnsperf.Load,
+        *,
+        upstream: Upstream | None,
+        **kw: Any,
+    ) -> tuple[dnsperf.Result, dict[str, float]]:
+        """A dnsperf run and how busy the machine was meanwhile, in cores (CPU seconds per
+        second of run: 1.0 = one full core): the server (``server_cpu``); with ``upstream``,
+        the upstream (``upstream_cpu``) and softirq (``softirq_cpu``, mostly this run's own
+        loopback packets), without it the upstream counts among the rest; the rest of the
+        machine beyond the harness and its children (``other_cpu``: the noise this run had
+        to live with); and what the hypervisor took from this virtual machine (steal)."""
+        sut0 = cpu_seconds(run.proc.pid)
+        up0 = cpu_seconds(upstream.proc.pid) if upstream is not None else 0.0
+        (busy0, soft0, steal0), own0 = machine_cpu_seconds(), own_cpu_seconds()
+        r = self.perf(run, datafile, load, **kw)
+        (busy1, soft1, steal1), own1 = machine_cpu_seconds(), own_cpu_seconds()
+        sut = cpu_seconds(run.proc.pid) - sut0
+        up = cpu_seconds(upstream.proc.pid) - up0 if upstream is not None else 0.0
+
+        def cores(seconds: float) -> float:
+            return round(seconds / r.runtime_s, 3)
+
+        # Key order as the JSON has always had it.
+        cpu = {"server_cpu": cores(sut)}
+        if upstream is not None:
+            cpu["upstream_cpu"] = cores(up)
+        cpu["other_cpu"] = cores(max(0.0, busy1 - busy0 - (sut + up + (own1 - own0))))
+        if upstream is not None:
+            cpu["softirq_cpu"] = cores(soft1 - soft0)
+        cpu["steal_cpu"] = cores(steal1 - steal0)
+        return r, cpu
+
     def _timed(self, run: Running, datafile: Path, **kw: Any) -> dict[str, Any]:
         """One saturating dnsperf run; also what reached the upstream and how busy the
-        server and the upstream were (CPU seconds per second of run: 1.0 = one full core)."""
+        machine was (:meth:`_perf_cpu`)."""
         up = self._upstream()
-        q0, up0, sut0 = up.queries(), cpu_seconds(up.proc.pid), cpu_seconds(run.proc.pid)
-        (busy0, soft0, steal0), own0 = machine_cpu_seconds(), own_cpu_seconds()
-        r = self.perf(run, datafile, self.settings.throughput, interval=True, **kw)
-        (busy1, soft1, steal1), own1 = machine_cpu_seconds(), own_cpu_seconds()
-        q1, up1, sut1 = up.queries(), cpu_seconds(up.proc.pid), cpu_seconds(run.proc.pid)
-        out = r.summary()
-        out["server_cpu"] = round((sut1 - sut0) / r.runtime_s, 3)
-        out["upstream_cpu"] = round((up1 - up0) / r.runtime_s, 3)
-        # CPU the rest of the machine used meanwhile: the noise this run had to live with.
-        ours = (sut1 - sut0) + (up1 - up0) + (own1 - own0)
-        out["other_cpu"] = round(max(0.0, busy1 - busy0 - ours) / r.runtime_s, 3)
-        # Diagnostics: softirq (mostly this run's own loopback packets) and time the
-        # hypervisor took from this virtual machine (steal), both in cores.
-        out["softirq_cpu"] = round((soft1 - soft0) / r.runtime_s, 3)
-        out["steal_cpu"] = round((steal1 - steal0) / r.runtime_s, 3)
+        q0 = up.queries()
+        r, cpu = self._perf_cpu(
+            run, datafile, self.settings.throughput, upstream=up, interval=True, **kw
+        )
+        q1 = up.queries()
+        out: dict[str, Any] = {**r.summary(), **cpu}
         if q0 is not None and q1 is not None:
             out["upstream_queries"] = q1 - q0
             if r.completed:
@@ -212,44 +249,27 @@ class Bench:
         figures (and the curve) of the run with the median p99 are reported."""
         s = self.settings
         load = dnsperf.Load(clients=1, threads=1, outstanding=2000, max_qps=s.latency_qps)
-        runs: dict[str, list[dict[str, Any]]] = {system.key: [] for system in self.systems}
-        errors: dict[str, str] = {}
 
         def one(run: Running) -> dict[str, Any]:
             self.warm(run, self.files.hits, self.sizes.hit_names)
             lines = self.workdir / f"latency-{run.system.key}.txt"
-            (busy0, _, steal0), own0 = machine_cpu_seconds(), own_cpu_seconds()
-            sut0 = cpu_seconds(run.proc.pid)
-            r = self.perf(
-                run, self.files.hits, load, duration_s=s.latency_duration_s, per_query=lines
+            r, cpu = self._perf_cpu(
+                run,
+                self.files.hits,
+                load,
+                upstream=None,
+                duration_s=s.latency_duration_s,
+                per_query=lines,
             )
-            (busy1, _, steal1), own1 = machine_cpu_seconds(), own_cpu_seconds()
-            sut1 = cpu_seconds(run.proc.pid)
             lines.unlink(missing_ok=True)
-            figures = {**latency_figures(r.latencies_s), **r.summary()}
-            figures["server_cpu"] = round((sut1 - sut0) / r.runtime_s, 3)
-            other = busy1 - busy0 - (sut1 - sut0) - (own1 - own0)
-            figures["other_cpu"] = round(max(0.0, other) / r.runtime_s, 3)
-            figures["steal_cpu"] = round((steal1 - steal0) / r.runtime_s, 3)
-            return figures
+            return {**latency_figures(r.latencies_s), **r.summary(), **cpu}
 
-        for _ in range(s.repeats):
-            for system in self.systems:
-                if system.key in errors:
-                    continue
-                try:
-                    figures = self._measure(
-                        system,
-                        one,
-                        lambda f: (
-                            f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, "
-                            f"p99.9 {f.get('p999_ms')} ms"
-                        ),
-                    )
-                    runs[system.key].append(figures)
-                except HarnessError as e:
-                    errors[system.key] = str(e)
-                    say(f"  {system.label}: ERROR {e}")
+        def brief(f: dict[str, Any]) -> str:
+            return (
+                f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, p99.9 {f.get('p999_ms')} ms"
+            )
+
+        runs, errors = self._round_robin(one, brief)
         out: dict[str, Any] = {}
         for system in self.systems:
             rs = [r for r in runs[system.key] if r.get("n")]
@@ -312,20 +332,15 @@ class Bench:
         return out
 
     def _start_once(self, system: System) -> float:
-        self._starts += 1
-        directory = self.workdir / f"{system.key}-{self._starts}"
-        port = free_port()
-        cmd = system.command(directory, port, self._upstream().port)
-        log = directory / "stderr.log"
-        start = time.monotonic()
-        proc = self.procs.start(cmd.argv, log, cpu=self.settings.sut_cpu, env=cmd.env)
+        run, start = self._spawn(system)
         try:
-            return time_to_first_answer(port, self.files.probe_name, start, proc, START_TIMEOUT_S)
+            return time_to_first_answer(
+                run.port, self.files.probe_name, start, run.proc, START_TIMEOUT_S
+            )
         except HarnessError as e:
-            tail = log.read_text(errors="replace")[-1000:] if log.exists() else ""
-            raise HarnessError(f"{system.label}: {e}\n{tail}") from None
+            raise HarnessError(f"{system.label}: {e}\n{log_tail(run.log, 1000)}") from None
         finally:
-            self.procs.stop(proc)
+            self.procs.stop(run.proc)
 
     # -- helpers
 
@@ -353,9 +368,14 @@ class Bench:
         say(f"  {system.label}: {brief(r)} (steal {steal:.2f})")
         return r
 
-    def _repeated(self, one: Callable[[Running], dict[str, Any]], key: str) -> dict[str, Any]:
-        """``one`` on a fresh instance of every system, round-robin, ``repeats`` times; the
-        median of ``key`` (and of the average latency) over the runs."""
+    def _round_robin(
+        self,
+        one: Callable[[Running], dict[str, Any]],
+        brief: Callable[[dict[str, Any]], str],
+    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+        """``one`` on a fresh instance of every system (:meth:`_measure`), round-robin,
+        ``repeats`` times: each system's results, and the error of each system that failed
+        (it is not run again)."""
         runs: dict[str, list[dict[str, Any]]] = {s.key: [] for s in self.systems}
         errors: dict[str, str] = {}
         for _ in range(self.settings.repeats):
@@ -363,18 +383,23 @@ class Bench:
                 if system.key in errors:
                     continue
                 try:
-                    r = self._measure(
-                        system,
-                        one,
-                        lambda r: (
-                            f"{r[key]:,.0f} QPS, avg {r['avg_latency_ms']:.3f} ms, "
-                            f"lost {r['lost']}, {r['rcodes']}"
-                        ),
-                    )
-                    runs[system.key].append(r)
+                    runs[system.key].append(self._measure(system, one, brief))
                 except HarnessError as e:
                     errors[system.key] = str(e)
                     say(f"  {system.label}: ERROR {e}")
+        return runs, errors
+
+    def _repeated(self, one: Callable[[Running], dict[str, Any]], key: str) -> dict[str, Any]:
+        """``one`` on a fresh instance of every system, round-robin, ``repeats`` times; the
+        median of ``key`` (and of the average latency) over the runs."""
+
+        def brief(r: dict[str, Any]) -> str:
+            return (
+                f"{r[key]:,.0f} QPS, avg {r['avg_latency_ms']:.3f} ms, "
+                f"lost {r['lost']}, {r['rcodes']}"
+            )
+
+        runs, errors = self._round_robin(one, brief)
         out: dict[str, Any] = {}
         for system in self.systems:
             rs = runs[system.key]
@@ -440,12 +465,6 @@ def machine_cpu_seconds() -> tuple[float, float, float]:
     # user nice system idle iowait irq softirq steal ...
     tick = os.sysconf("SC_CLK_TCK")
     return sum(fields[0:3]) / tick, fields[6] / tick, fields[7] / tick
-
-
-def machine_busy_seconds() -> float:
-    """User and kernel time of all CPUs so far, interrupts left out: the kernel charges
-    the run's own loopback traffic there."""
-    return machine_cpu_seconds()[0]
 
 
 def own_cpu_seconds() -> float:

@@ -265,4 +265,5 @@ BASELINE = "dnsproxy-uvloop"
 
 
 def unbound_version() -> str:
-    return _first_line_version(["unbound", "-V"], r"Version (\S+)", "unbound")()
+    """Version of the upstream, which is the same program as the ``unbound`` system."""
+    return SYSTEMS["unbound"].get_version()

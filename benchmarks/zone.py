@@ -88,17 +88,16 @@ def _v6(i: int, net: int = 0) -> str:
     return f"2001:db8:{net:x}::{i >> 16:x}:{i & 0xFFFF:x}"
 
 
-def _soa(zone: str, minimum: int) -> str:
-    return f"{zone}. {minimum} IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 {minimum}"
+def _soa(zone: str, ttl: int, minimum: int) -> str:
+    return f"{zone}. {ttl} IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 {minimum}"
 
 
 def _local_data(sizes: Sizes) -> list[str]:
     lines = [
         f'local-zone: "{ZONE}." static',
         f'local-zone: "{CLUSTER}." static',
-        f"local-data: '{ZONE}. 3600 IN SOA ns.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 "
-        f"{NEGATIVE_TTL_S}'",
-        f"local-data: '{_soa(CLUSTER, CLUSTER_TTL_S)}'",
+        f"local-data: '{_soa(ZONE, 3600, NEGATIVE_TTL_S)}'",
+        f"local-data: '{_soa(CLUSTER, CLUSTER_TTL_S, CLUSTER_TTL_S)}'",
     ]
     for i in range(sizes.hosts):
         lines.append(f"local-data: '{host(i)}. {HOST_TTL_S} IN A {_v4(i)}'")
