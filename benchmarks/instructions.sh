@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Instructions per cache miss, counted by callgrind: a figure that does not move with the
-# machine's load, for comparing two versions of the miss path on a noisy host.
+# Instructions per cache miss and per cache hit, counted by callgrind: figures that do not
+# move with the machine's load, for comparing two versions of the query paths on a noisy host.
 #
-#   benchmarks/instructions.sh [QUERIES] [OFFERED_QPS]      (defaults 6000 and 5000)
+#   benchmarks/instructions.sh [QUERIES] [OFFERED_QPS] [HIT_QPS]   (defaults 6000, 5000, 20000)
 #
 # Starts Unbound on loopback (any name under bench.test answers an A record), dnsproxy
 # under `valgrind --tool=callgrind` forwarding to it over TCP, and dnsperf asking QUERIES
 # unique names at OFFERED_QPS, more than dnsproxy manages under valgrind, so it runs
 # saturated and batches as it does at full speed. Counting is switched on only around the
 # dnsperf run (callgrind_control --zero / --dump), so start-up and shutdown are not in
-# the figure. Needs valgrind, unbound, dnsperf and dig (Debian packages of those names,
+# the figure. Then the same QUERIES names are asked again, now all cached, at HIT_QPS (also
+# more than dnsproxy answers under valgrind) and counted the same way. Needs valgrind, unbound, dnsperf and dig (Debian packages of those names,
 # dig in dnsutils). User-space instructions only: the kernel's share is not counted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-6000}
 QPS=${2:-5000}
+HIT_QPS=${3:-20000}
 PY=${PYTHON:-.venv/bin/python}
 for tool in valgrind callgrind_control unbound dnsperf dig; do
     command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind unbound dnsperf dnsutils)" >&2; exit 2; }
@@ -73,9 +75,16 @@ for _ in $(seq 1 240); do
 done
 callgrind_control --zero "$vg" > /dev/null 2>&1
 dnsperf -s 127.0.0.1 -p "$dp_port" -d "$work/names.txt" -n 1 -Q "$QPS" -c 1 -q 200 -t 10 > "$work/dnsperf.txt"
-callgrind_control --dump=load "$vg" > /dev/null 2>&1
-completed=$(awk '/Queries completed/ {print $3}' "$work/dnsperf.txt")
-dump=$(ls "$work"/cg.*.1)
-instructions=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
-echo "$(grep -E 'Queries (completed|lost)' "$work/dnsperf.txt" | tr -s ' ' | tr '\n' ' ')"
-echo "instructions per miss: $((instructions / completed)) ($instructions for $completed queries)"
+callgrind_control --dump=miss "$vg" > /dev/null 2>&1
+callgrind_control --zero "$vg" > /dev/null 2>&1
+dnsperf -s 127.0.0.1 -p "$dp_port" -d "$work/names.txt" -n 5 -Q "$HIT_QPS" -c 1 -q 200 -t 10 > "$work/dnsperf-hit.txt"
+callgrind_control --dump=hit "$vg" > /dev/null 2>&1
+report() {  # dnsperf output, callgrind dump, label
+    local completed instructions
+    completed=$(awk '/Queries completed/ {print $3}' "$1")
+    instructions=$(awk '/^(summary|totals):/ {print $2; exit}' "$2")
+    echo "$(grep -E 'Queries (completed|lost)' "$1" | tr -s ' ' | tr '\n' ' ')"
+    echo "instructions per $3: $((instructions / completed)) ($instructions for $completed queries)"
+}
+report "$work/dnsperf.txt" "$(ls "$work"/cg.*.1)" miss
+report "$work/dnsperf-hit.txt" "$(ls "$work"/cg.*.2)" hit
