@@ -12,7 +12,8 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
 
 _TCP_MAX_REPLY = 65535
+_TCP_BACKLOG = 1024
 _UDP_RCVBUF = 4 * 1024 * 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
@@ -247,6 +249,11 @@ class _UdpListener:
         except OSError:
             pass
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def pause(self) -> None:
+        """Stop reading; the socket stays open for answers to queries already read."""
+        if not self.closed:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
 
     def close(self) -> None:
         if not self.closed:
@@ -485,79 +492,207 @@ class _TcpConnection(asyncio.Protocol):
         self._process()
 
 
+@dataclass(slots=True)
+class _Listener:
+    """The UDP and TCP sockets of one listen address, and what serves them."""
+
+    udp: _UdpListener
+    tcp: asyncio.Server
+    tcp_sock: socket.socket  # kept for its file descriptor, which a handover passes on
+    adopted: bool  # taken over from the instance this one replaced
+
+
 class DnsServer:
-    """Every listener of one process; start binds them all or none."""
+    """Every listener of one process; start binds (or adopts) them all or none."""
 
     def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
         self.handler = _Handler(config, cache, forwarder)
         self.stats = self.handler.stats
         self.connections: set[_TcpConnection] = set()
-        self._udp: list[_UdpListener] = []
-        self._tcp: list[asyncio.Server] = []
-        self.bound: list[HostPort] = []
+        self._listeners: dict[HostPort, _Listener] = {}  # by configured address
+        # Listeners taken out of service (a reload dropped their address) that still send
+        # the answers to queries they read before: closed by close_retired().
+        self._retired: list[_Listener] = []
 
-    async def start(self) -> list[HostPort]:
-        loop = asyncio.get_running_loop()
+    @property
+    def bound(self) -> list[HostPort]:
+        """The addresses served, with port 0 of the config resolved to the real port."""
+        return [_local(listener.udp.sock) for listener in self._listeners.values()]
+
+    async def start(self, inherited: Inherited | None = None) -> list[HostPort]:
+        """Serve every configured address: adopt (and take out of ``inherited``) the
+        sockets from a handover that match one, bind the others. All or none: raises
+        OSError naming the address that could not be bound, with nothing left open."""
         try:
-            for hp in self.handler.config.listen:
-                self.bound.append(await self._bind(loop, hp))
+            await self.add_listeners(self.handler.config.listen, inherited)
         except BaseException:
             await self.close()
             raise
         return self.bound
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, hp: HostPort) -> HostPort:
-        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-        # Port 0 (tests): take the kernel's UDP port and bind TCP to the same number.
-        for _ in range(20):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setblocking(False)
-                sock.bind((hp.host, hp.port))
-            except OSError as exc:
-                sock.close()
-                raise OSError(exc.errno, f"cannot bind UDP {hp}: {exc.strerror}") from None
-            except BaseException:
-                sock.close()
-                raise
-            port = sock.getsockname()[1]
-            try:
-                server = await loop.create_server(
-                    lambda: _TcpConnection(self.handler, self),
-                    hp.host,
-                    port,
-                    family=family,
-                    reuse_address=True,
-                    backlog=1024,
-                )
-            except OSError:
-                sock.close()
-                if hp.port:
-                    raise
-                continue
-            self._udp.append(_UdpListener(self.handler, sock))
-            self._tcp.append(server)
-            log.info("listening on %s (udp, tcp)", HostPort(hp.host, port))
-            return HostPort(hp.host, port)
-        raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+    async def add_listeners(
+        self, addresses: Iterable[HostPort], inherited: Inherited | None = None
+    ) -> list[HostPort]:
+        """Start serving ``addresses`` (those not served yet); the ones added.
+
+        All or none: when one cannot be bound, the ones this call added are closed again
+        and OSError names the address.
+        """
+        loop = asyncio.get_running_loop()
+        added: list[HostPort] = []
+        try:
+            for hp in addresses:
+                if hp in self._listeners:
+                    continue
+                self._listeners[hp] = await self._listen(loop, hp, inherited or {})
+                added.append(hp)
+        except BaseException:
+            for hp in added:
+                self._close_listener(self._listeners.pop(hp))
+            raise
+        return added
+
+    def remove_listeners(self, addresses: Iterable[HostPort]) -> None:
+        """Stop reading and accepting on ``addresses``; their UDP sockets stay open for the
+        answers still in flight until :meth:`close_retired`."""
+        for hp in addresses:
+            listener = self._listeners.pop(hp, None)
+            if listener is not None:
+                listener.udp.pause()
+                listener.tcp.close()
+                self._retired.append(listener)
+                log.info("stopped listening on %s", _local(listener.udp.sock))
+
+    def close_retired(self) -> None:
+        for listener in self._retired:
+            self._close_listener(listener)
+        self._retired.clear()
+
+    async def _listen(
+        self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
+    ) -> _Listener:
+        udp = inherited.pop(("udp", hp), None)
+        tcp = inherited.pop(("tcp", hp), None)
+        adopted = udp is not None and tcp is not None
+        if udp is None or tcp is None:
+            # A half handed over (never sent, but cheap to allow) is bound afresh.
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
+            udp, tcp = _bind_pair(hp)
+        try:
+            server = await loop.create_server(
+                lambda: _TcpConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
+            )
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        where = _local(udp)
+        log.info("listening on %s (udp, tcp%s)", where, ", taken over" if adopted else "")
+        return _Listener(_UdpListener(self.handler, udp), server, tcp, adopted)
+
+    def sockets(self) -> dict[tuple[str, HostPort], socket.socket]:
+        """The listening sockets by kind and bound address, for a handover."""
+        out: dict[tuple[str, HostPort], socket.socket] = {}
+        for listener in self._listeners.values():
+            hp = _local(listener.udp.sock)
+            out["udp", hp] = listener.udp.sock
+            out["tcp", hp] = listener.tcp_sock
+        return out
+
+    def reconfigure(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
+        """Serve with a reloaded ``config``, its ``cache`` and ``forwarder`` from the next
+        query on (the fast path reads them once per batch).
+
+        Listeners are not touched (see :meth:`add_listeners`/:meth:`remove_listeners`);
+        TCP clients already connected keep the limits they started with.
+        """
+        h = self.handler
+        h.config = config
+        h.cache = cache
+        h.forwarder = forwarder
+        h.acl = Acl(config.allow) if config.allow else None
+        h.max_udp = config.limits.udp_payload_size
+        h.log_queries = config.log.queries
+        # Memoized queries carry a reply limit from the old udp_payload_size.
+        h.memo = {}
+        h.memo_max = max(1024, config.cache_max_entries)
+
+    def pause(self) -> None:
+        """Stop reading UDP and accepting TCP, keeping the sockets: after a handover the
+        new instance reads what is queued. Answers still in flight go out as usual."""
+        for listener in self._listeners.values():
+            listener.udp.pause()
+            listener.tcp.close()
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""
         self.handler.closing = True
-        for server in self._tcp:
-            server.close()
+        for listener in self._listeners.values():
+            listener.tcp.close()
+
+    def _close_listener(self, listener: _Listener) -> None:
+        listener.tcp.close()
+        listener.udp.close()
 
     async def close(self) -> None:
         self.handler.closing = True
-        for server in self._tcp:
-            server.close()
+        listeners = [*self._listeners.values(), *self._retired]
+        for listener in listeners:
+            listener.tcp.close()
         for conn in list(self.connections):
             conn.close()
-        for listener in self._udp:
-            listener.close()
-        for server in self._tcp:
-            await server.wait_closed()
-        self._udp.clear()
-        self._tcp.clear()
+        for listener in listeners:
+            listener.udp.close()
+        for listener in listeners:
+            await listener.tcp.wait_closed()
+        self._listeners.clear()
+        self._retired.clear()
+
+
+# Listening sockets handed over between instances, by kind ("udp", "tcp", "http") and the
+# address they are bound to. A listener that adopts one takes it out of the mapping.
+Inherited = dict[tuple[str, HostPort], socket.socket]
+
+
+def _local(sock: socket.socket) -> HostPort:
+    addr = sock.getsockname()
+    return HostPort(addr[0], addr[1])
+
+
+def _bind_pair(hp: HostPort) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a listening TCP socket on ``hp``; port 0 picks one free for both."""
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    for _ in range(20):
+        udp = _socket(family, socket.SOCK_DGRAM, hp, "UDP")
+        port = udp.getsockname()[1]
+        try:
+            tcp = _socket(family, socket.SOCK_STREAM, HostPort(hp.host, port), "TCP")
+        except OSError:
+            udp.close()
+            if hp.port:
+                raise
+            continue
+        return udp, tcp
+    raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+
+
+def _socket(family: int, kind: int, hp: HostPort, name: str) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        sock.bind((hp.host, hp.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(_TCP_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind {name} {hp}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
