@@ -88,7 +88,8 @@ def _run(argv: list[str]) -> int:
     # depend on) the event loop and network stack.
     from dnsproxy.app import run
 
-    return run(config)
+    # The file and flags again: a reload (SIGHUP, or the file changed) reads them anew.
+    return run(config, parsed.config, overrides)
 
 
 def _check_config(argv: list[str]) -> int:

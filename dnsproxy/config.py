@@ -23,6 +23,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Transport = Literal["tcp", "udp"]
 Policy = Literal["sequential", "random", "round_robin"]
 RulesBackend = Literal["iptables", "nftables", "auto", "none"]
+WhenReplaced = Literal["exit", "wait"]
 
 
 class ConfigError(Exception):
@@ -118,6 +119,18 @@ class NodeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HandoverConfig:
+    """Zero-loss replacement of a running instance through a Unix socket (dnsproxy.handover)."""
+
+    path: str | None = None  # the Unix socket; None: no handover, bind as usual
+    timeout_s: float = 3.0  # wait for each message of the other instance at most this long
+    cache: bool = True  # the cache travels too (a bounded snapshot)
+    # What a replaced instance does once its in-flight queries are answered: exit, or wait
+    # for its SIGTERM without serving (a container that exits by itself is restarted).
+    when_replaced: WhenReplaced = "exit"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[HostPort, ...]
     zones: tuple[ZoneConfig, ...]
@@ -135,6 +148,9 @@ class Config:
     # After SIGTERM, /ready is 503 but queries are still served for this long.
     shutdown_lameduck_s: float = 0.0
     node: NodeConfig | None = None
+    handover: HandoverConfig = field(default_factory=HandoverConfig)
+    # Poll the config file this often and reload when it changed; 0 disables the watch.
+    reload_watch_interval_s: float = 5.0
 
 
 # --- parsing and validation -------------------------------------------------------------
@@ -159,6 +175,8 @@ _TOP_KEYS = (
     "log",
     "shutdown",
     "node",
+    "handover",
+    "reload",
 )
 _TTL_KEYS = ("min_ttl_s", "max_ttl_s", "denial_max_ttl_s", "servfail_ttl_s")
 _ZONE_KEYS = ("zone", "upstreams", "policy", "try_timeout_s", "deadline_s", "cache")
@@ -171,6 +189,9 @@ _NODE_KEYS = tuple(f.name for f in fields(NodeConfig))
 _RULES_BACKENDS = ("iptables", "nftables", "auto", "none")
 _DNS_PORT = 53  # the port the node rules cover, so the one a local IP must be served on
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1; no '/', ':' or spaces
+_HANDOVER_KEYS = tuple(f.name for f in fields(HandoverConfig))
+_WHEN_REPLACED = ("exit", "wait")
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 _VAR_RE = re.compile(r"\$\{([^}]*)\}")
 _VAR_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
@@ -710,6 +731,9 @@ class _Reader:
         else:
             lameduck_s = self.seconds(shutdown, "lameduck_s", "shutdown", 0.0, zero_ok=True)
         node = self.node(data, overrides, listen, health_listen)
+        handover = self.handover(self.section(data, "handover", "", _HANDOVER_KEYS))
+        reload = self.section(data, "reload", "", ("watch_interval_s",))
+        watch_s = self.seconds(reload, "watch_interval_s", "reload", 5.0, zero_ok=True)
 
         if self.problems:
             raise _Stop
@@ -727,6 +751,32 @@ class _Reader:
             shutdown_grace_s=grace_s,
             shutdown_lameduck_s=lameduck_s,
             node=node,
+            handover=handover,
+            reload_watch_interval_s=watch_s,
+        )
+
+    def handover(self, m: dict[Any, Any]) -> HandoverConfig:
+        d = HandoverConfig()
+        path = d.path
+        found = self.value(m, "path", "handover")
+        if found is not None and found[1] is not None:
+            key, value = found
+            if not isinstance(value, str) or not value.startswith("/"):
+                self.problem(key, f"must be an absolute file path or null (got {_show(value)})")
+            elif len(os.fsencode(value)) > _MAX_UNIX_PATH:
+                self.problem(key, f"a Unix socket path is at most {_MAX_UNIX_PATH} bytes long")
+            else:
+                path = str(value)
+        when: str = d.when_replaced
+        if "when_replaced" in m:
+            when = self.choice(
+                m["when_replaced"], "handover.when_replaced", _WHEN_REPLACED, d.when_replaced
+            )
+        return HandoverConfig(
+            path=path,
+            timeout_s=self.seconds(m, "timeout_s", "handover", d.timeout_s),
+            cache=self.boolean(m, "cache", "handover", d.cache),
+            when_replaced="wait" if when == "wait" else "exit",
         )
 
     def listen(self, data: dict[Any, Any], flags: tuple[str, ...]) -> tuple[HostPort, ...]:

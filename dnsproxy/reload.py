@@ -1,0 +1,148 @@
+"""Live reload: what a new configuration may change in a running instance, and how.
+
+Sans-IO apart from reading a file's status: the running :class:`dnsproxy.app.App` loads and
+validates the file, asks here what cannot change without a restart, which cached entries
+lost their meaning, and whether the file changed since it was read.
+
+A reload applies the whole new configuration or nothing. Restart-only settings (the node
+role's addresses, interface and rules backend, the handover path) are refused with a
+reason, so that the running configuration is always one file, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+
+from dnsproxy import wire
+from dnsproxy.cache import Cache
+from dnsproxy.config import Config, UpstreamConfig
+
+_YIELD_EVERY = 2048  # entries copied between two turns of the event loop
+
+FileSignature = tuple[str, int, int, int, int]
+
+
+def config_hash(config: Config) -> str:
+    """A short stable digest of a configuration (after flags and ${VAR} expansion)."""
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
+
+
+def restart_only(old: Config, new: Config) -> list[str]:
+    """One ``"key: reason"`` line per setting that differs and a reload cannot apply."""
+    problems: list[str] = []
+    if (old.node is None) != (new.node is None):
+        state = "on" if new.node is not None else "off"
+        problems.append(f"node: turning the node role {state} needs a restart")
+    elif old.node is not None and new.node is not None:
+        for key in ("local_ips", "interface", "setup_interface", "rules", "health_port"):
+            before, after = getattr(old.node, key), getattr(new.node, key)
+            if before != after:
+                problems.append(
+                    f"node.{key}: changing it ({_show(before)} -> {_show(after)}) needs a "
+                    "restart (the node's addresses and rules would have to move)"
+                )
+    if old.handover.path != new.handover.path:
+        problems.append(
+            f"handover.path: changing it ({_show(old.handover.path)} -> "
+            f"{_show(new.handover.path)}) needs a restart (a successor looks at the old one)"
+        )
+    return problems
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+Routes = dict[bytes, tuple[UpstreamConfig, ...]]
+
+
+def _routes(config: Config) -> Routes:
+    routes = {wire.name_to_wire(zone.zone): zone.upstreams for zone in config.zones}
+    # A zone whose upstreams are those its parent zone would use routes nothing differently.
+    return {
+        name: upstreams
+        for name, upstreams in routes.items()
+        if name == b"\x00" or _route(routes, name[name[0] + 1 :]) != upstreams
+    }
+
+
+def _route(routes: Routes, name: bytes) -> tuple[UpstreamConfig, ...] | None:
+    i = 0
+    while i < len(name):
+        found = routes.get(name[i:])
+        if found is not None:
+            return found
+        if name[i] == 0:
+            return None
+        i += name[i] + 1
+    return None
+
+
+def key_name(key: bytes) -> bytes:
+    """The wire name a cache key starts with (question keys and NXDOMAIN aliases alike)."""
+    i = 0
+    while i < len(key) and key[i]:
+        i += key[i] + 1
+    return key[: i + 1]
+
+
+def is_question_key(key: bytes) -> bool:
+    """True for a question key (name, type, class, flags); False for the NXDOMAIN alias
+    (name, class, flags), which Cache.put files by itself next to its question key."""
+    return len(key) - len(key_name(key)) == 5
+
+
+def route_changed(old: Config, new: Config) -> Callable[[bytes], bool] | None:
+    """A test for cache keys whose name is now sent to other upstreams, or None when no
+    name is (the usual reload: every cached entry keeps its meaning).
+
+    A cached answer stands for "what these upstreams say about this question"; when the
+    zone that routes its name changes upstreams (a zone added, removed or pointed
+    elsewhere), the entry no longer means that and is dropped. A change of policy,
+    timeouts or TTL limits leaves every entry as it is (TTL limits apply to new entries).
+    """
+    before, after = _routes(old), _routes(new)
+    if before == after:
+        return None
+
+    def changed(key: bytes) -> bool:
+        name = key_name(key)
+        return _route(before, name) != _route(after, name)
+
+    return changed
+
+
+async def rebuilt_cache(cache: Cache, max_entries: int, drop: Callable[[bytes], bool]) -> Cache:
+    """A new cache with the entries of ``cache`` that ``drop`` keeps, in LRU order.
+
+    Built aside (the old one keeps serving, with a turn for the event loop every few
+    thousand entries) and then swapped in by the caller.
+    """
+    fresh = Cache(max_entries, cache.max_bytes)
+    items = list(cache.store.items())
+    for i, (key, entry) in enumerate(items, 1):
+        if is_question_key(key) and not drop(key):
+            fresh.put(key, entry, entry.stored_at)
+        if i % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+    return fresh
+
+
+def file_signature(path: str) -> FileSignature | None:
+    """What changes when a file is rewritten or replaced, also through symlinks.
+
+    A Kubernetes ConfigMap volume replaces the file by swapping the ``..data`` symlink to
+    a new directory: the resolved path and inode change even when size and time do not.
+    None when the file cannot be read (gone for a moment while being replaced).
+    """
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path)
+    except OSError:
+        return None
+    return (real, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
