@@ -130,15 +130,13 @@ class App:
             self.node = NodeManager(node_config, detect_backend(node_config.rules))
             self.node.check_tools()
             self.registry.register(NodeCollector(self.node.stats))
-            try:
-                await self.node.setup_interface()
-            except NodeError:
-                if node_config.teardown:
-                    await self.node.teardown(rules=False)
-                raise
         taken = await self._take_over()
         inherited: Inherited = taken.sockets if taken is not None else {}
         try:
+            if self.node is not None:
+                # Taken over: the addresses are there (the sockets are bound to them), and
+                # this verifies it; otherwise a listener cannot bind without them.
+                await self.node.setup_interface()
             if taken is not None and taken.cache is not None:
                 # Before the first read: the first queries are then hits, not misses.
                 self.handover_entries = await handover.restore_cache(
@@ -154,11 +152,11 @@ class App:
             )
         except BaseException:
             if taken is not None:
-                taken.close()
+                taken.close()  # the running instance goes on serving, addresses and all
             await self.server.close()
             if self.http is not None:
                 self.http.stop()
-            if self.node is not None and node_config is not None and node_config.teardown:
+            if taken is None and self.node is not None and self.node.config.teardown:
                 await self.node.teardown(rules=False)
             raise
         if taken is not None:
@@ -298,7 +296,8 @@ class App:
     async def _successor(self, channel: handover.Channel, pid: int) -> bool:
         """Hand over to the instance ``pid`` on ``channel``; True once replaced."""
         settings = self.config.handover
-        async with self._handover_lock:
+        # A reload under way finishes first: what is offered is then what is served.
+        async with self._handover_lock, self._reload_lock:
             try:
                 given = await handover.give(
                     channel, settings.timeout_s, self._offer, _TAKEN_TIMEOUT_S
@@ -575,17 +574,20 @@ class App:
             self._hurry = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), lameduck)
+        async with self._reload_lock:
+            pass  # a reload under way ends first; none starts any more (_stopping)
         async with self._handover_lock:
             # A handover conversation has ended either way; none can start from here on.
             self._tearing_down = not self.handed_over
         if self.handed_over:
             await self.replaced.wait()
-            await self._cancel_tasks()
+            await self._cancel_periodic()
+            await self._finish_tasks()
             log.info("stopped")
             return
         if self._handover is not None:
             self._handover.close()
-        await self._cancel_tasks()
+        await self._cancel_periodic()
         if self.node is not None:
             if self.node.config.teardown:
                 await self.node.teardown()
@@ -597,18 +599,24 @@ class App:
         await self.server.close()
         await self.forwarder.close()
         await self._stop_endpoints()
+        await self._finish_tasks()
         log.info("stopped")
 
-    async def _cancel_tasks(self) -> None:
-        tasks = [self._sync_task, self._watch_task, self._handover_task]
-        tasks += [t for t in self._tasks if t.get_name() != "dnsproxy-reload-drain"]
-        for task in tasks:
-            if task is not None and task is not asyncio.current_task():
+    async def _cancel_periodic(self) -> None:
+        periodic = [self._sync_task, self._watch_task, self._handover_task]
+        periodic += [t for t in self._tasks if t.get_name() == "dnsproxy-handover-done"]
+        for task in periodic:
+            if task is not None:
                 task.cancel()
-        for task in tasks:
-            if task is not None and task is not asyncio.current_task():
+        for task in periodic:
+            if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _finish_tasks(self) -> None:
+        """The bounded tasks left (drains, endpoint stops) finish before the loop ends."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

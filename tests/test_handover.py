@@ -432,3 +432,31 @@ def test_shipped_nodelocal_config_hands_over_through_the_host_directory() -> Non
         path="/run/dnsproxy/handover.sock", when_replaced="wait"
     )
     assert config.reload_watch_interval_s == 5.0
+
+
+async def test_successor_may_take_over_during_the_lameduck_and_nothing_is_torn_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    async with FakeUpstream(zone_handler(RECORDS)) as fake:
+        config = dataclasses.replace(
+            handover_config(fake.port, port, tmp_path / "handover.sock"), shutdown_lameduck_s=30.0
+        )
+        old = App(config)
+        await old.start()
+        stopping = asyncio.ensure_future(old.stop())  # SIGTERM: lameduck, still serving
+        try:
+            await asyncio.sleep(0.1)
+            assert not old.ready
+            async with started(dataclasses.replace(config, shutdown_lameduck_s=0.0)) as new:
+                # The lameduck of 30 s ends as soon as the successor serves.
+                await asyncio.wait_for(stopping, 10)
+                answered = await ask(port, "www.example.")
+                how = new.started_by
+        finally:
+            stopping.cancel()
+    assert how == "handover"
+    assert [r.to_text() for r in answered.answer[0]] == ["169.254.1.1"]
+    assert "lameduck: /ready is 503" in caplog.text
+    assert "replaced by pid" in caplog.text
