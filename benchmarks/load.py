@@ -39,8 +39,9 @@ class LoadResult:
     answered: int = 0  # within timeout_s, with a matching ID
     rcodes: Counter[int] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
+    answered_sent_at: list[float] = field(default_factory=list)  # from the start, per latency
     unanswered_at: list[float] = field(default_factory=list)  # send times, from the start
-    longest_gap_s: float = 0.0  # longest time without service (see UdpLoad.join)
+    longest_gap_s: float = 0.0  # longest outage (see UdpLoad.join); 0 when none was lost
     gap_at_s: float = 0.0  # when that gap began, from the start
 
     @property
@@ -50,6 +51,14 @@ class LoadResult:
     @property
     def slow(self) -> int:
         return sum(1 for lat in self.latencies_s if lat > SLOW_S)
+
+    def slow_within(self, windows: list[tuple[float, float]]) -> int:
+        """Slow answers to queries sent within one of ``windows`` (seconds from the start)."""
+        return sum(
+            1
+            for lat, at in zip(self.latencies_s, self.answered_sent_at, strict=True)
+            if lat > SLOW_S and any(lo <= at <= hi for lo, hi in windows)
+        )
 
     def percentile_ms(self, p: float) -> float:
         if not self.latencies_s:
@@ -154,8 +163,7 @@ class UdpLoad:
             if deadline is not None and time.monotonic() > deadline:
                 break
             for key, _ in selector.select(0.05):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                sock = self.socks[key.data]
                 while True:
                     try:
                         data = sock.recv(4096)
@@ -196,23 +204,22 @@ class UdpLoad:
                 result.answered += 1
                 result.rcodes[self.rcode[i]] += 1
                 result.latencies_s.append(self.answered_at[i] - self.sent_at[i])
+                result.answered_sent_at.append(self.sent_at[i] - self.start_time)
             else:
                 result.unanswered_at.append(self.sent_at[i] - self.start_time)
-        # The longest time a client went without service: a run of unanswered queries
-        # counts from the last answered one sent before it to the first answered after;
-        # an answered query counts its own latency. Pauses of the sender count for nothing.
+        # The longest outage: a run of unanswered queries lasts from the send of the last
+        # answered query before it to the send of the first answered one after it (to
+        # the end of the run plus the timeout if none is). Pauses of the sender, and
+        # slow answers, are not outages (the latencies show those).
         last_ok = self.sent_at[0] if self.sent else 0.0
         lost = False
         for i in range(self.sent):
             if not self.answered_at[i]:
                 lost = True
                 continue
-            span = self.sent_at[i] - last_ok if lost else 0.0
-            latency = self.answered_at[i] - self.sent_at[i]
-            for length, began in ((span, last_ok), (latency, self.sent_at[i])):
-                if length > result.longest_gap_s:
-                    result.longest_gap_s = length
-                    result.gap_at_s = began - self.start_time
+            if lost and self.sent_at[i] - last_ok > result.longest_gap_s:
+                result.longest_gap_s = self.sent_at[i] - last_ok
+                result.gap_at_s = last_ok - self.start_time
             last_ok, lost = self.sent_at[i], False
         if lost:
             span = self.sent_at[self.sent - 1] - last_ok + self.timeout_s
