@@ -432,7 +432,7 @@ async def test_frame_parser_any_chunking(make: MakeUpstream) -> None:
             assert await wait_for(lambda: len(server.queries) == sent)  # noqa: B023
             conn = up._active[0]
             stream = b""
-            for qid, entry in list(conn.pending.items()):
+            for qid, entry in list(conn.pipeline.pending.items()):
                 name, _ = dns.name.from_wire(entry.question, 0)
                 msg = dns.message.make_query(name, "A")
                 msg.id = qid
