@@ -32,7 +32,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from dnsproxy import __version__
 from dnsproxy.cache import KIND_NAMES
-from dnsproxy.forwarder import LATENCY_BUCKETS
+from dnsproxy.resolution import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from dnsproxy.app import App
