@@ -33,7 +33,7 @@ from dnsproxy import __version__
 from dnsproxy.cache import Cache
 from dnsproxy.config import Config, HostPort
 from dnsproxy.forwarder import Forwarder
-from dnsproxy.metrics import HttpEndpoint, StatsCollector
+from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
 from dnsproxy.server import DnsServer
 
@@ -52,7 +52,10 @@ class App:
         self.forwarder = Forwarder(config, self.cache)
         self.server = DnsServer(config, self.cache, self.forwarder)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(self))
+        self.metrics = StatsCollector(
+            [BuildInfo(loop_name), self.server, self.cache, self.forwarder]
+        )
+        self.registry.register(self.metrics)
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
@@ -73,7 +76,7 @@ class App:
             # Resolving "auto" runs `iptables -V` once; nothing is being served yet.
             self.node = NodeManager(node_config, detect_backend(node_config.rules))
             self.node.check_tools()
-            self.registry.register(NodeCollector(self.node.stats))
+            self.metrics.sources.append(NodeCollector(self.node.stats))
             try:
                 await self.node.setup_interface()
             except NodeError:

@@ -16,14 +16,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, Cache, Entry
 from dnsproxy.config import Config, UpstreamConfig
+from dnsproxy.metrics import buckets, by_reason, labelled
 from dnsproxy.resolution import (
+    LATENCY_BUCKETS,
     PROBE_TIMEOUT_S,
     Resolution,
     ServerState,
@@ -60,6 +69,37 @@ class _Server(ServerState):
         self.probe_timer: asyncio.TimerHandle | None = None
         self.probe_request: Request | None = None
 
+    def collect(self) -> Iterator[Metric]:
+        """This server's families: its upstream's counters, its health, its latency."""
+        label = self.label
+        yield from self.upstream.collect()
+        yield labelled(
+            GaugeMetricFamily,
+            "dnsproxy_upstream_up",
+            "1 while the upstream server is healthy, 0 while it is marked down and probed.",
+            "upstream",
+            label,
+            1 if self.up else 0,
+        )
+        yield labelled(
+            CounterMetricFamily,
+            "dnsproxy_upstream_healthcheck_failures",
+            "Failed health probes of a server marked down.",
+            "upstream",
+            label,
+            self.probe_failures,
+        )
+        latency = HistogramMetricFamily(
+            "dnsproxy_upstream_request_duration_seconds",
+            "Time from sending a query to an upstream server to its valid reply.",
+            labels=["upstream"],
+        )
+        histogram = self.latency
+        latency.add_metric(
+            [label], buckets(LATENCY_BUCKETS, histogram.counts.copy()), histogram.total_s
+        )
+        yield latency
+
 
 class _Question(Resolution[_Server]):
     """One distinct question on its way upstream, and the clients waiting for it."""
@@ -75,7 +115,7 @@ class Forwarder:
     """Resolves cache misses through the configured zones' upstreams.
 
     Used by the server (:meth:`submit`) and the app (:meth:`drain`, :meth:`abandon`,
-    :meth:`close`, :attr:`inflight`).
+    :meth:`close`, :attr:`inflight`); :meth:`collect` is its metrics source.
     """
 
     def __init__(self, config: Config, cache: Cache) -> None:
@@ -108,6 +148,39 @@ class Forwarder:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    def collect(self) -> Iterator[Metric]:
+        """The forwarder's metric families, then those of every upstream server."""
+        f = self.stats
+        yield CounterMetricFamily(
+            "dnsproxy_coalesced",
+            "Queries that joined an identical upstream query already in flight.",
+            value=f.coalesced,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_nxdomain_name_hits",
+            "Misses answered by an NXDOMAIN cached for another type of the same name.",
+            value=f.nxdomain_hits,
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_inflight", "Distinct queries waiting for an upstream.", self.inflight
+        )
+        yield by_reason(
+            "dnsproxy_forward_rejects",
+            "Misses not forwarded, by reason (answered SERVFAIL or REFUSED).",
+            {
+                "max_inflight": f.inflight_rejects,
+                "max_waiters": f.waiter_rejects,
+                "no_zone": f.no_zone,
+            },
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_upstream_servfail",
+            "Resolutions that ended without a usable upstream reply (SERVFAIL sent).",
+            value=f.servfail_sent,
+        )
+        for server in list(self.servers.values()):
+            yield from server.collect()
 
     def zone_for(self, qname: bytes) -> Zone[_Server] | None:
         """Longest configured zone that contains the lowercased wire ``qname``."""

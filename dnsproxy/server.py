@@ -12,14 +12,17 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, cast
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
 from dnsproxy.config import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
+from dnsproxy.metrics import by_reason, qtype_name, rcode_name
 
 log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
@@ -495,6 +498,48 @@ class DnsServer:
         self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.Server] = []
         self.bound: list[HostPort] = []
+
+    def collect(self) -> Iterator[Metric]:
+        """The client side's metric families, from :class:`ServerStats`."""
+        s = self.stats
+        m = CounterMetricFamily("dnsproxy_requests", "Valid queries received.", labels=["proto"])
+        m.add_metric(["udp"], s.udp_requests)
+        m.add_metric(["tcp"], s.tcp_requests)
+        yield m
+        m = CounterMetricFamily(
+            "dnsproxy_requests_by_type", "Valid queries by type.", labels=["type"]
+        )
+        qtypes = s.qtypes
+        for qtype in range(len(qtypes)):
+            if qtypes[qtype]:
+                m.add_metric([qtype_name(qtype)], qtypes[qtype])
+        yield m
+        m = CounterMetricFamily("dnsproxy_responses", "Responses sent, by rcode.", labels=["rcode"])
+        rcodes = s.rcodes
+        for rcode in range(len(rcodes)):
+            if rcodes[rcode]:
+                m.add_metric([rcode_name(rcode)], rcodes[rcode])
+        yield m
+        yield by_reason(
+            "dnsproxy_dropped", "Packets dropped without a reply, by reason.", s.dropped
+        )
+        yield by_reason(
+            "dnsproxy_invalid_queries",
+            "Queries answered with FORMERR, NOTIMP or BADVERS, by reason.",
+            s.invalid,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_acl_refused", "Queries refused by the source ACL.", value=s.refused_acl
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_tcp_clients", "Open client TCP connections.", s.tcp_clients
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_hits", "Queries answered from the cache.", value=s.hits
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_misses", "Queries not answered from the cache.", value=s.misses
+        )
 
     async def start(self) -> list[HostPort]:
         loop = asyncio.get_running_loop()

@@ -24,12 +24,15 @@ import asyncio
 import logging
 import random
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any, Protocol, cast
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from .config import UpstreamConfig, UpstreamPoolConfig
 from .framing import NEVER
+from .metrics import labelled
 from .pipeline import (
     MAX_IDS,
     OPEN,
@@ -67,6 +70,25 @@ _MAX_MESSAGE = 0xFFFF
 # replies (RFC 5452), so it comes from the OS.
 _tcp_id = random.getrandbits
 _udp_id = random.SystemRandom().getrandbits
+
+
+# The metric families of every upstream server, by UpstreamStats field.
+_COUNTERS = (
+    ("queries", "Queries sent to the upstream server."),
+    ("replies", "Valid replies received from the upstream server."),
+    ("failures", "Queries that failed for a reason other than a timeout."),
+    ("timeouts", "Queries that got no valid reply in time."),
+    ("bad_replies", "Replies dropped: wrong ID or question, malformed, unsolicited."),
+    ("connects", "Connections opened to the upstream server."),
+    ("connect_failures", "Failed connection attempts."),
+    ("retries", "Queries retried after the server closed a connection."),
+    ("tc_fallbacks", "Truncated UDP replies retried over TCP."),
+    ("pool_full", "Queries refused because every pooled connection was full."),
+)
+_GAUGES = (
+    ("open_connections", "Open connections to the upstream server."),
+    ("inflight", "Queries sent to the upstream server and not yet answered."),
+)
 
 
 # Called exactly once per request: ``(reply, None)`` with the validated reply, or
@@ -139,6 +161,21 @@ class Upstream:
     async def close(self) -> None:
         """Close every socket and fail the queries in flight."""
         raise NotImplementedError
+
+    def collect(self) -> Iterator[Metric]:
+        """This server's counters and gauges, labelled ``upstream``."""
+        stats = self.stats
+        label = self.label
+        for name, doc in _COUNTERS:
+            value = getattr(stats, name)
+            yield labelled(
+                CounterMetricFamily, f"dnsproxy_upstream_{name}", doc, "upstream", label, value
+            )
+        for name, doc in _GAUGES:
+            value = getattr(stats, name)
+            yield labelled(
+                GaugeMetricFamily, f"dnsproxy_upstream_{name}", doc, "upstream", label, value
+            )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
