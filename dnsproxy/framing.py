@@ -91,6 +91,11 @@ class FrameReader:
             self.partial_since = NEVER
         return frames
 
+    def resume(self, now: float) -> None:
+        """Reading was paused by the receiver: an incomplete frame is dated from now."""
+        if self._buf:
+            self.partial_since = now
+
     def expiry(self, idle_since: float, idle_s: float, partial_s: float) -> float:
         """When the stream is due to be closed if nothing more arrives.
 
