@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Callable
 
 import dns.asyncquery
 import dns.message
 import dns.rcode
-from conftest import RECORDS, proxy_with
+from conftest import RECORDS, proxy_with, wait_for
 from fakeupstream import Delay, zone_handler
 
 from dnsproxy.app import App
@@ -29,14 +28,6 @@ def slow_for_some(query: dns.message.Message, transport: str) -> object:
     if query.question[0].name.to_text().startswith("slow"):
         return Delay(1.0, answer)
     return answer
-
-
-async def poll(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return condition()
 
 
 def framed(name: str) -> bytes:
@@ -83,28 +74,29 @@ async def test_abandoned_clients_free_their_slots_at_once() -> None:
         assert reply.rcode() == dns.rcode.NOERROR
         assert reply.answer[0][0].to_text() == "169.254.1.1"
         stats = app.server.stats
-        assert await poll(lambda: stats.tcp_clients == 0, 5.0)
+        assert await wait_for(lambda: stats.tcp_clients == 0, 5.0)
         assert "tcp_client_limit" not in stats.dropped
         assert stats.dropped.get("tcp_partial_frame", 0) > 0
         # Answers to clients that left with a query unanswered are dropped and counted.
-        assert await poll(lambda: stats.dropped.get("tcp_client_gone", 0) > 0, 5.0)
+        assert await wait_for(lambda: stats.dropped.get("tcp_client_gone", 0) > 0, 5.0)
 
 
 async def test_client_with_unanswered_queries_frees_its_slot_when_it_closes() -> None:
-    async with proxy_with(slow_for_some) as (app, _fake):
+    async with proxy_with(slow_for_some, try_timeout_s=5, deadline_s=5) as (app, _fake):
         hp = app.listen[0]
         _reader, writer = await asyncio.open_connection(hp.host, hp.port)
         writer.write(framed("slow.example."))
         await writer.drain()
         stats = app.server.stats
-        assert await poll(lambda: app.forwarder.inflight == 1)
+        assert await wait_for(lambda: app.forwarder.inflight == 1, 10.0)
         assert stats.tcp_clients == 1
         writer.close()
         await writer.wait_closed()
         # Freed while the upstream is still working on the query (it takes 1 s).
-        assert await poll(lambda: stats.tcp_clients == 0)
-        assert await poll(lambda: app.forwarder.inflight == 0)
-        assert await poll(lambda: stats.dropped.get("tcp_client_gone", 0) == 1)
+        assert await wait_for(lambda: stats.tcp_clients == 0, 10.0)
+        assert app.forwarder.inflight == 1
+        assert await wait_for(lambda: app.forwarder.inflight == 0, 10.0)
+        assert await wait_for(lambda: stats.dropped.get("tcp_client_gone", 0) == 1, 10.0)
 
 
 async def test_a_frame_left_incomplete_is_abandoned_long_before_the_idle_timeout() -> None:
@@ -118,7 +110,7 @@ async def test_a_frame_left_incomplete_is_abandoned_long_before_the_idle_timeout
         assert await asyncio.wait_for(reader.read(), 30) == b""
         writer.close()
         stats = app.server.stats
-        assert await poll(lambda: stats.tcp_clients == 0)
+        assert await wait_for(lambda: stats.tcp_clients == 0, 10.0)
         assert stats.dropped.get("tcp_partial_frame") == 1
 
 
@@ -146,7 +138,7 @@ async def test_client_slots_are_bounded_per_source_address() -> None:
         hp = app.listen[0]
         held = [await asyncio.open_connection(hp.host, hp.port) for _ in range(2)]
         stats = app.server.stats
-        assert await poll(lambda: stats.tcp_clients == 2)
+        assert await wait_for(lambda: stats.tcp_clients == 2, 10.0)
         # A third connection from the same address is refused at once...
         reader, writer = await asyncio.open_connection(hp.host, hp.port)
         assert await asyncio.wait_for(reader.read(), 10) == b""
@@ -164,9 +156,9 @@ async def test_client_slots_are_bounded_per_source_address() -> None:
         writer.close()
         # Once the address closes one of its connections, it may open another.
         held[0][1].close()
-        assert await poll(lambda: stats.tcp_clients == 1)
+        assert await wait_for(lambda: stats.tcp_clients == 1, 10.0)
         reply = await ask_tcp(app, "www.example.")
         assert reply.rcode() == dns.rcode.NOERROR
         for _, w in held[1:]:
             w.close()
-        assert await poll(lambda: stats.tcp_clients == 0)
+        assert await wait_for(lambda: stats.tcp_clients == 0, 10.0)
