@@ -368,7 +368,6 @@ class _ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.processing = False
         self.closed = False
-        self.has_slot = False
         self.last_activity = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = NEVER
@@ -387,7 +386,6 @@ class _ClientConnection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
             return
-        self.has_slot = True
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -408,9 +406,7 @@ class _ClientConnection(asyncio.Protocol):
     def _end(self) -> None:
         """The connection is over: free the slot, count the input it leaves unread."""
         self.closed = True
-        if self.has_slot:
-            self.has_slot = False
-            self.server.free_slot(self)
+        self.server.free_slot(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -566,7 +562,7 @@ class DnsServer:
         return None
 
     def free_slot(self, conn: _ClientConnection) -> None:
-        """Give back the slot ``conn`` holds."""
+        """Give back the slot ``conn`` holds, if it holds one."""
         if conn in self.connections:
             self.connections.discard(conn)
             self.stats.tcp_clients = len(self.connections)

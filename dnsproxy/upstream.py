@@ -287,16 +287,16 @@ class TcpUpstream(Upstream):
 
     def _complete(self, request: _TcpRequest, now: float) -> None:
         """A connection is done with ``request``: its reply, or an error."""
+        if request.finished:
+            return  # cancelled meanwhile
         error = request.error
         if error is None:
-            if not request.finished:
-                request.finished = True
-                self.stats.replies += 1
-                request.done(request.reply, None)
+            request.finished = True
+            self.stats.replies += 1
+            request.done(request.reply, None)
         elif type(error) is ConnectionLost and request.retry(now):
-            if not request.finished:
-                self.stats.retries += 1
-                self._dispatch(request, now)
+            self.stats.retries += 1
+            self._dispatch(request, now)
         else:
             self._fail(request, error)
 
