@@ -48,7 +48,7 @@ from dnsproxy import reload as reloading
 from dnsproxy.cache import Cache
 from dnsproxy.config import Config, ConfigError, HostPort, Overrides, load_config
 from dnsproxy.forwarder import Forwarder
-from dnsproxy.metrics import HttpEndpoint, StatsCollector
+from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
 from dnsproxy.server import DnsServer, Inherited
 
@@ -60,6 +60,7 @@ _HEARTBEAT_S = 0.5
 # dies closes the connection and ends the wait at once.
 _TAKEN_TIMEOUT_S = 60.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+_YIELD_EVERY = 2048  # cache entries copied on reload between two turns of the event loop
 # Signals with no meaning here whose default action would end the process.
 _IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGALRM)
 
@@ -86,8 +87,10 @@ class App:
         self.forwarder = Forwarder(config, self.cache)
         self.server = DnsServer(config, self.cache, self.forwarder)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(self))
-        self.registry.register(_LifecycleCollector(self))
+        self.metrics = StatsCollector(
+            [BuildInfo(loop_name), self.server, self.cache, self.forwarder, _Lifecycle(self)]
+        )
+        self.registry.register(self.metrics)
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
@@ -129,7 +132,7 @@ class App:
             # Resolving "auto" runs `iptables -V` once; nothing is being served yet.
             self.node = NodeManager(node_config, detect_backend(node_config.rules))
             self.node.check_tools()
-            self.registry.register(NodeCollector(self.node.stats))
+            self.metrics.sources.append(NodeCollector(self.node.stats))
         taken = await self._take_over()
         inherited: Inherited = taken.sockets if taken is not None else {}
         try:
@@ -439,12 +442,15 @@ class App:
         changed = reloading.route_changed(old, new)
         if changed is not None:
             before = len(cache)
-            cache = await reloading.rebuilt_cache(cache, new.cache_max_entries, changed)
+            cache = await _rebuilt(cache, new.cache_max_entries, changed)
             dropped = before - len(cache)
         cache.max_entries = new.cache_max_entries
         forwarder = Forwarder(new, cache)
         previous = self.forwarder
         self.server.reconfigure(new, cache, forwarder)
+        sources = self.metrics.sources
+        sources[sources.index(self.cache)] = cache
+        sources[sources.index(self.forwarder)] = forwarder
         self.cache, self.forwarder = cache, forwarder
         removed = [hp for hp in old.listen if hp not in new.listen]
         self.server.remove_listeners(removed)
@@ -652,19 +658,31 @@ class App:
         await self.stop()
 
 
+async def _rebuilt(cache: Cache, max_entries: int, drop: Callable[[bytes], bool]) -> Cache:
+    """A new cache with the entries of ``cache`` that ``drop`` keeps, in LRU order.
+
+    Built aside, with a turn for the event loop every few thousand entries (the old cache
+    serves meanwhile), then swapped in by the caller; the replaced forwarder's late
+    answers then land in the old one, never in this.
+    """
+    fresh = Cache(max_entries, cache.max_bytes)
+    for i, (key, entry) in enumerate(reloading.kept_entries(cache, drop), 1):
+        fresh.put(key, entry, entry.stored_at)
+        if i % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+    return fresh
+
+
 async def _stopped(endpoint: HttpEndpoint) -> None:
     """Stop ``endpoint`` off the event loop (its server thread polls twice a second)."""
     await asyncio.to_thread(endpoint.stop)
 
 
-class _LifecycleCollector:
-    """Reload and handover figures of a running :class:`App`, read at scrape time."""
+class _Lifecycle:
+    """Reload and handover figures of a running :class:`App`, as a metric source."""
 
     def __init__(self, app: App) -> None:
         self.app = app
-
-    def describe(self) -> Iterable[Metric]:
-        return []
 
     def collect(self) -> Iterator[Metric]:
         app = self.app

@@ -1,8 +1,9 @@
 """Live reload: what a new configuration may change in a running instance, and how.
 
-Sans-IO apart from reading a file's status: the running :class:`dnsproxy.app.App` loads and
-validates the file, asks here what cannot change without a restart, which cached entries
-lost their meaning, and whether the file changed since it was read.
+No I/O apart from reading a file's status (no sockets, no event loop, no clock): the
+running :class:`dnsproxy.app.App` loads and validates the file, asks here what cannot
+change without a restart, which cached entries lost their meaning, and whether the file
+changed since it was read.
 
 A reload applies the whole new configuration or nothing. Restart-only settings (the node
 role's addresses, interface and rules backend, the handover path) are refused with a
@@ -11,16 +12,13 @@ reason, so that the running configuration is always one file, never a mix.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from dnsproxy import wire
-from dnsproxy.cache import Cache
+from dnsproxy.cache import Cache, Entry
 from dnsproxy.config import Config, UpstreamConfig
-
-_YIELD_EVERY = 2048  # entries copied between two turns of the event loop
 
 FileSignature = tuple[str, int, int, int, int]
 
@@ -117,20 +115,13 @@ def route_changed(old: Config, new: Config) -> Callable[[bytes], bool] | None:
     return changed
 
 
-async def rebuilt_cache(cache: Cache, max_entries: int, drop: Callable[[bytes], bool]) -> Cache:
-    """A new cache with the entries of ``cache`` that ``drop`` keeps, in LRU order.
-
-    Built aside (the old one keeps serving, with a turn for the event loop every few
-    thousand entries) and then swapped in by the caller.
-    """
-    fresh = Cache(max_entries, cache.max_bytes)
-    items = list(cache.store.items())
-    for i, (key, entry) in enumerate(items, 1):
+def kept_entries(cache: Cache, drop: Callable[[bytes], bool]) -> Iterator[tuple[bytes, Entry]]:
+    """The entries of ``cache`` that ``drop`` keeps, least recently used first: put into
+    a new cache in this order, they rebuild the LRU order. NXDOMAIN aliases are left out
+    (Cache.put files them again next to their question)."""
+    for key, entry in list(cache.store.items()):
         if is_question_key(key) and not drop(key):
-            fresh.put(key, entry, entry.stored_at)
-        if i % _YIELD_EVERY == 0:
-            await asyncio.sleep(0)
-    return fresh
+            yield key, entry
 
 
 def file_signature(path: str) -> FileSignature | None:
