@@ -84,7 +84,8 @@ def dnsproxy_command(workdir: Path, port: int, upstream_port: int, handover: boo
     conf = workdir / "dnsproxy.yaml"
     doc = {
         "listen": [f"{HOST}:{port}"],
-        "http_listen": None,
+        # As deployed: with the metrics endpoint, which a handover passes on too.
+        "http_listen": f"{HOST}:{free_port()}",
         "zones": [{"zone": ".", "upstreams": [f"tcp://{HOST}:{upstream_port}"]}],
         "log": {"level": "info"},
         "handover": {"path": str(workdir / "handover.sock") if handover else None},
