@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from dnsproxy import wire
-from dnsproxy.config import CachePolicy
+from dnsproxy.config_types import CachePolicy
 
 # Bound on reply bytes in the cache besides the entry count, so that big answers (TXT,
 # many records) cannot grow memory past what max_entries suggests.

@@ -18,7 +18,7 @@ from functools import partial
 
 from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, Cache, Entry, make_entry, servfail_entry
-from dnsproxy.config import Config, UpstreamConfig, ZoneConfig
+from dnsproxy.config_types import Config, UpstreamConfig, ZoneConfig
 from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
 
 log = logging.getLogger(__name__)

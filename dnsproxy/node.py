@@ -48,7 +48,7 @@ from typing import Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dnsproxy.config import NodeConfig
+from dnsproxy.config_types import NodeConfig
 
 log = logging.getLogger(__name__)
 

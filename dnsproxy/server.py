@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
-from dnsproxy.config import Config, HostPort, IPNetwork
+from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from .config import UpstreamConfig, UpstreamPoolConfig
+from .config_types import UpstreamConfig, UpstreamPoolConfig
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [

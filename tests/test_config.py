@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -847,3 +849,53 @@ def test_shipped_config_lists_every_key() -> None:
 
 def test_shipped_config_comments_every_key() -> None:
     assert undocumented_keys(SHIPPED) == []
+
+
+# --- the modules ------------------------------------------------------------------------
+
+
+def test_components_import_the_config_types_without_yaml() -> None:
+    # The sans-IO cache (and every component built from a Config) must not pull in the
+    # file loader: the types live in config_types, which imports no YAML.
+    code = (
+        "import sys\n"
+        "import dnsproxy.cache, dnsproxy.forwarder, dnsproxy.upstream, dnsproxy.server\n"
+        "import dnsproxy.node\n"
+        "assert 'yaml' not in sys.modules, 'yaml was imported'\n"
+        "import dnsproxy.config\n"
+        "assert 'yaml' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_still_exports_every_name_it_did() -> None:
+    import dnsproxy.config
+    import dnsproxy.config_types
+
+    for name in (
+        "CachePolicy",
+        "Config",
+        "HostPort",
+        "IPNetwork",
+        "LogConfig",
+        "NodeConfig",
+        "Policy",
+        "RulesBackend",
+        "ServerLimits",
+        "Transport",
+        "UpstreamConfig",
+        "UpstreamPoolConfig",
+        "ZoneConfig",
+    ):
+        assert getattr(dnsproxy.config, name) is getattr(dnsproxy.config_types, name)
+    for name in (
+        "ConfigError",
+        "DEFAULT_RESOLV_CONF",
+        "Overrides",
+        "load_config",
+        "parse_config",
+        "parse_resolv_conf",
+        "parse_upstream",
+    ):
+        assert hasattr(dnsproxy.config, name)
