@@ -37,6 +37,7 @@ from dnsproxy.config_types import (
     UpstreamPoolConfig,
     ZoneConfig,
 )
+from dnsproxy.errors import DnsproxyError
 
 __all__ = [
     "DEFAULT_RESOLV_CONF",
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 
-class ConfigError(Exception):
+class ConfigError(DnsproxyError):
     """Invalid configuration; ``problems`` holds one ``"key.path: reason"`` per problem."""
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
@@ -154,7 +155,7 @@ class Overrides:
         )
 
 
-class _Invalid(ValueError):
+class _Invalid(DnsproxyError):
     """A reason without a key path; the caller knows the path and adds it."""
 
 
@@ -169,7 +170,7 @@ class _EnvStr(str):
     __slots__ = ()
 
 
-class _Stop(Exception):
+class _Stop(DnsproxyError):
     """Nothing more can be checked; the problems gathered so far are the answer."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from .config_types import UpstreamConfig, UpstreamPoolConfig
+from .errors import DnsproxyError
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [
@@ -58,7 +59,7 @@ _tcp_id = random.getrandbits
 _udp_id = random.SystemRandom().getrandbits
 
 
-class UpstreamError(Exception):
+class UpstreamError(DnsproxyError):
     """The upstream could not answer: connect refused or reset, closed, pool full, etc."""
 
 
