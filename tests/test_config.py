@@ -30,6 +30,7 @@ from dnsproxy.config import (
     parse_resolv_conf,
     parse_upstream,
 )
+from dnsproxy.config_schema import all_keys
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "dnsproxy.yaml"
 UPSTREAM = "127.0.0.1:5300"
@@ -447,6 +448,24 @@ def test_wildcard_listen_loops_to_loopback_upstream() -> None:
     ]
 
 
+def test_problems_are_listed_in_document_order_whichever_check_finds_them() -> None:
+    # A loop and a duplicate are found after every key has been read, and still listed
+    # at their entry, before the problems of the keys that follow it.
+    doc = base_doc()
+    doc["zones"][0].update(
+        upstreams=["127.0.0.1:5353", "kube-dns", "127.0.0.2", "127.0.0.2"], policy="fastest"
+    )
+    doc["log"] = {"level": "loud"}
+    assert problems(doc) == [
+        "zones[0].upstreams[0]: tcp://127.0.0.1:5353 is this proxy's own listen address "
+        "127.0.0.1:5353 (queries would loop)",
+        "zones[0].upstreams[1]: 'kube-dns' is a hostname; an IP address is required here",
+        "zones[0].upstreams[3]: tcp://127.0.0.2:53 is listed twice (also zones[0].upstreams[2])",
+        "zones[0].policy: must be one of sequential, random, round_robin (got 'fastest')",
+        "log.level: must be one of debug, info, warning, error (got 'loud')",
+    ]
+
+
 def test_document_that_is_not_a_mapping() -> None:
     assert problems(["listen"]) == ["(top level): must be a mapping of keys (got a list)"]
 
@@ -721,6 +740,43 @@ def test_flag_errors_name_the_flag() -> None:
         "--log-level: must be one of debug, info, warning, error (got 'loud')",
         "--log-format: must be one of text, json (got 'xml')",
     ]
+
+
+def test_flag_values_are_taken_literally() -> None:
+    # The shell (or Kubernetes' $(VAR)) has expanded a flag already; ${...} left in one
+    # is not a reference to expand again.
+    overrides = Overrides(rules="${RULES}", listen=("169.254.20.10:53",))
+    assert problems(base_doc(), {"RULES": "iptables"}, overrides=overrides) == [
+        "--rules: must be one of iptables, nftables, auto, none (got '${RULES}')"
+    ]
+
+
+def test_flag_for_a_section_that_is_not_a_mapping_is_still_read() -> None:
+    doc = base_doc()
+    doc["log"] = "verbose"
+    assert problems(doc, overrides=Overrides(log_level="loud")) == [
+        "log: must be a mapping (got 'verbose')",
+        "--log-level: must be one of debug, info, warning, error (got 'loud')",
+    ]
+
+
+def test_a_bad_upstream_flag_replaces_nothing() -> None:
+    doc = file_doc()
+    doc["zones"][1]["upstreams"] = ["${KUBE_DNS_UPSTREAM_SERVICE_HOST}"]
+    overrides = Overrides(upstreams=("127.0.0.2", "cluster.local=kube-dns"))
+    # The zone keeps its own upstreams, so they are read (and their problem shown).
+    assert problems(doc, overrides=overrides) == [
+        "--upstream[1]: 'kube-dns' is a hostname; an IP address is required here",
+        "zones[1].upstreams[0]: environment variable KUBE_DNS_UPSTREAM_SERVICE_HOST is not set",
+    ]
+
+
+def test_every_flag_names_a_key_of_the_table() -> None:
+    keys = set(all_keys())
+    for spec in fields(Overrides):
+        flag, key = spec.metadata["flag"], spec.metadata["key"]
+        assert flag.startswith("--")
+        assert key is None or key in keys, (flag, key)
 
 
 def test_built_in_defaults_with_an_upstream_flag() -> None:
