@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -1436,8 +1437,8 @@ def json_schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "dnsproxy configuration",
-        "description": "Generated from dnsproxy's own table of keys (dnsproxy print-schema); "
-        "strings may use ${VAR} or ${VAR:-default}.",
+        "description": "Generated from the table of keys in dnsproxy/config_schema.py "
+        "(make schema). Any string may use ${VAR} or ${VAR:-default}.",
         **DOCUMENT.schema(),
         "$defs": {
             "env": {
@@ -1448,3 +1449,8 @@ def json_schema() -> dict[str, Any]:
             }
         },
     }
+
+
+def schema_text() -> str:
+    """:func:`json_schema` as published in config/dnsproxy.schema.json."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"

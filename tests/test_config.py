@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import jsonschema
 import pytest
 import yaml
 from conftest import undocumented_keys
@@ -30,9 +32,11 @@ from dnsproxy.config import (
     parse_resolv_conf,
     parse_upstream,
 )
-from dnsproxy.config_schema import all_keys
+from dnsproxy.config_schema import all_keys, documented_keys, json_schema, schema_text
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "dnsproxy.yaml"
+NODELOCAL = SHIPPED.with_name("nodelocal.yaml")
+SCHEMA = SHIPPED.with_name("dnsproxy.schema.json")
 UPSTREAM = "127.0.0.1:5300"
 
 
@@ -905,6 +909,125 @@ def test_shipped_config_lists_every_key() -> None:
 
 def test_shipped_config_comments_every_key() -> None:
     assert undocumented_keys(SHIPPED) == []
+
+
+# Key lines: "key:", "- key:" (a list entry), "# key:" (a key left commented out, written
+# with one space after the '#'; prose and examples in comments indent further or start
+# with a capital).
+_YAML_LINE = re.compile(
+    r"(?P<indent> *)(?P<item>- )?(?P<hash># )?(?P<key>[a-z_][a-z0-9_]*:(\s|$))?"
+)
+
+
+def file_keys(path: Path) -> dict[str, bool]:
+    """The key paths a YAML file writes out, as the table names them (``zones[].zone``),
+    commented-out ones included, each with whether a comment is on the line right above."""
+    lines = path.read_text().splitlines()
+    open_: list[tuple[int, str]] = []  # (column, path) of the keys and list entries open
+    found: dict[str, bool] = {}
+    for i, line in enumerate(lines):
+        m = _YAML_LINE.match(line)
+        assert m is not None
+        column = len(m["indent"])
+        if m["item"]:  # a list entry opens under the key above it
+            while open_ and open_[-1][0] >= column:
+                open_.pop()
+            open_.append((column, (open_[-1][1] if open_ else "") + "[]"))
+            column += 2
+        if not m["key"] or (m["hash"] and m["item"]):
+            continue
+        while open_ and open_[-1][0] >= column:
+            open_.pop()
+        name = m["key"].split(":")[0]
+        key_path = f"{open_[-1][1]}.{name}" if open_ else name
+        above = lines[i - 1].strip() if i else ""
+        found[key_path] = above.startswith("#") or (not m["item"] and above.startswith("- #"))
+        open_.append((column, key_path))
+    return found
+
+
+def test_shipped_config_documents_exactly_the_keys_of_the_table() -> None:
+    # Each key once, in the table's order, with its comment right above it; the keys of
+    # the Kubernetes node role are described in nodelocal.yaml instead.
+    found = file_keys(SHIPPED)
+    assert list(found) == documented_keys("proxy")
+    assert [k for k, commented in found.items() if not commented] == []
+
+
+def test_nodelocal_config_documents_the_node_role_keys() -> None:
+    found = file_keys(NODELOCAL)
+    node_keys = documented_keys("node")
+    assert [k for k in found if k in node_keys] == node_keys
+    assert [k for k in found if k not in all_keys()] == []
+    assert [k for k, commented in found.items() if not commented] == []
+    # node.local_ips is left commented out: its default follows listen.
+    assert "local_ips" not in yaml.safe_load(NODELOCAL.read_text())["node"]
+
+
+def test_file_keys_sees_what_a_file_lacks_or_adds(tmp_path: Path) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_text(
+        "# About the file.\n# Default: ignored prose.\nlisten: []\nzones:\n"
+        "  - # The zone.\n    zone: .\n    upstreams: [x]\ncache:\n"
+        "  # A key left out.\n  # max_entries: 5\n  typo_s: 1\n"
+    )
+    assert file_keys(path) == {
+        "listen": True,
+        "zones": False,
+        "zones[].zone": True,
+        "zones[].upstreams": False,
+        "cache": False,
+        "cache.max_entries": True,
+        "cache.typo_s": True,
+    }
+
+
+def test_published_schema_is_what_the_table_generates() -> None:
+    # `make schema` writes it; this fails until it is run after a key changes.
+    assert SCHEMA.read_text(encoding="utf-8") == schema_text()
+
+
+def schema_problems(doc: object) -> list[str]:
+    validator = jsonschema.Draft202012Validator(json_schema())
+    return [e.message for e in validator.iter_errors(doc)]
+
+
+def test_shipped_configs_validate_against_the_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(json.loads(SCHEMA.read_text()))
+    for path in (SHIPPED, NODELOCAL):
+        assert schema_problems(yaml.safe_load(path.read_text())) == [], path
+
+
+def test_schema_takes_what_dnsproxy_takes_and_refuses_what_it_refuses() -> None:
+    good = base_doc()
+    good["listen"] = ["169.254.20.10:53"]
+    good["log"] = {"level": "WARNING", "queries": "${LOG_QUERIES:-false}"}
+    good["cache"] = {"max_entries": "${CACHE_SIZE}", "max_ttl_s": 600}
+    good["node"] = {"health_port": "none", "interface": "dnsp0", "sync_interval_s": 1.5}
+    good["zones"][0]["cache"] = {"min_ttl_s": 5}
+    env = {"CACHE_SIZE": "500"}
+    parse(good, env)
+    assert schema_problems(good) == []
+    for key, value in [
+        ("cache.max_tll_s", 5),
+        ("cache.max_ttl_s", 604801),
+        ("log.level", "loud"),
+        ("upstream.connect_timeout_s", 0),
+        ("limits.udp_payload_size", 511),
+        ("node.interface", "a/b"),
+        ("node.health_port", 70000),
+        ("zones[0].policy", "fastest"),
+        ("zones[0].cache.max_entries", 5),
+        ("acl", []),
+    ]:
+        bad = base_doc()
+        _set(key, value)(bad)
+        with pytest.raises(ConfigError):
+            parse(bad, env)
+        assert schema_problems(bad) != [], key
+    assert schema_problems(cast(dict[str, Any], {"listen": ["127.0.0.1:53"]})) == [
+        "'zones' is a required property"
+    ]
 
 
 # --- the modules ------------------------------------------------------------------------
