@@ -13,7 +13,8 @@ CONFIG ?= config/dnsproxy.yaml
 
 .PHONY: run test lint typecheck unit venv clean schema
 
-$(STAMP): pyproject.toml
+# dnsproxy/__init__.py holds the version, which the installed metadata records.
+$(STAMP): pyproject.toml dnsproxy/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
