@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import sys
+from dataclasses import fields
+from typing import Any
 
 from dnsproxy import __version__
 from dnsproxy.config import Config, ConfigError, Overrides, load_config
@@ -189,22 +191,14 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(parsed: argparse.Namespace) -> Overrides:
-    return Overrides(
-        listen=tuple(parsed.listen),
-        upstreams=tuple(getattr(parsed, "upstream", ())),
-        http_listen=getattr(parsed, "http_listen", None),
-        log_level=getattr(parsed, "log_level", None),
-        log_format=getattr(parsed, "log_format", None),
-        health_listen=getattr(parsed, "health_listen", None),
-        lameduck=getattr(parsed, "lameduck", None),
-        local_ips=tuple(parsed.local_ip),
-        interface=parsed.interface,
-        setup_interface=parsed.setup_interface,
-        rules=parsed.rules,
-        sync_interval=parsed.sync_interval,
-        teardown=parsed.teardown,
-        health_port=parsed.health_port,
-    )
+    """The flags given, by the name each has in Overrides' metadata (``--local-ip`` is
+    argparse's ``local_ip``); a subcommand without a flag leaves it unset."""
+    given: dict[str, Any] = {}
+    for spec in fields(Overrides):
+        value = getattr(parsed, spec.metadata["flag"][2:].replace("-", "_"), None)
+        if value is not None:
+            given[spec.name] = tuple(value) if isinstance(value, list) else value
+    return Overrides(**given)
 
 
 def _node_setup(argv: list[str]) -> int:

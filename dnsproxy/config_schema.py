@@ -868,8 +868,9 @@ def _health_port_from_health_listen(ctx: _Context, path: str) -> object:
 # value's way into the Config come from there. A key at the top level or in acl, cache
 # or shutdown needs its line in ``_build`` too. A check that involves other keys is a
 # function in CHECKS (below). A command-line flag for it is a field of config.Overrides
-# naming the key. Then describe the key in config/dnsproxy.yaml (role="node":
-# config/nodelocal.yaml) and run `make schema`; tests fail until both are done.
+# naming the key, and its argparse argument in cli.py. Then describe the key in
+# config/dnsproxy.yaml (role="node": config/nodelocal.yaml) and run `make schema`; tests
+# fail until both are done.
 
 _LISTEN_DEFAULT = ["127.0.0.1:5353", "[::1]:5353"]
 # Loopback only: a file that forgets the acl section must not make an open resolver.
