@@ -48,7 +48,8 @@ from typing import Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dnsproxy.config import NodeConfig
+from dnsproxy.config_types import NodeConfig
+from dnsproxy.errors import DnsproxyError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _COMMENT_RE = re.compile(r'comment "([^"]*)"')
 
 
-class NodeError(Exception):
+class NodeError(DnsproxyError):
     """The node role cannot start (a tool is missing, the interface cannot be made)."""
 
 
