@@ -6,7 +6,8 @@ the host itself sends, and the liveness probe on the health port, skip conntrack
 conntrack there is no UDP insert race, and in transparent mode (the kube-dns ClusterIP as a
 local IP) kube-proxy's DNAT never applies, so pods reach this cache instead of CoreDNS.
 
-Two backends:
+Each rules backend implements :class:`RulesBackend` (``plan``, ``sync``, ``remove``,
+``check_tools``); :class:`NodeManager` drives whichever the configuration chose:
 
 - ``iptables`` (``ip6tables`` for IPv6): every rule carries a unique comment; a rule is
   present when one line of ``iptables -S CHAIN`` carries its comment, inserted with ``-I``
@@ -16,6 +17,7 @@ Two backends:
 - ``nftables``: one table of our own, ``inet dnsproxy``, with raw-priority chains for NOTRACK
   and filter chains for ACCEPT, replaced atomically by one ``nft -f -`` transaction and
   deleted on teardown; verified by listing it and comparing the rule comments.
+- ``none``: something else owns the rules; only the addresses are managed.
 
 ``auto`` picks nftables when ``nft`` exists and the ``iptables`` in use is nf_tables-based (or
 absent), and iptables otherwise (a legacy-iptables host keeps its firewall there, and an
@@ -31,6 +33,7 @@ type in :class:`NodeStats` and retried at the next sync; they never stop the pro
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import ipaddress
@@ -44,7 +47,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -327,12 +330,7 @@ def plan(config: NodeConfig, backend: Backend) -> str:
         lines.append(shlex.join(["ip", "link", "add", name, "type", "dummy"]))
         lines.append(shlex.join(["ip", "link", "set", name, "up"]))
         lines += [shlex.join(_addr_cmd("add", ip, name)) for ip in config.local_ips]
-    if backend == "iptables":
-        lines += [shlex.join(r.iptables_argv("-I")) for r in rules]
-    elif backend == "nftables":
-        lines.append("nft -f - <<'EOF'")
-        lines.append(nft_ruleset(rules).rstrip("\n"))
-        lines.append("EOF")
+    lines += rules_backend(backend, rules).plan()
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +359,184 @@ def _iptables_error(result: CommandResult) -> str:
     return "iptables_lock" if "xtables lock" in result.stderr.lower() else "iptables"
 
 
+class _Commands:
+    """Runs the node's commands for the manager and its rules backend; counts failures."""
+
+    def __init__(self, runner: Runner, stats: NodeStats) -> None:
+        self._run = runner
+        self._stats = stats
+
+    async def __call__(self, argv: Sequence[str], stdin: str | None = None) -> CommandResult:
+        timeout = (
+            _IPTABLES_TIMEOUT_S if argv[0] in ("iptables", "ip6tables") else _COMMAND_TIMEOUT_S
+        )
+        return await self._run(list(argv), stdin, timeout)
+
+    def error(self, kind: str, what: str, result: CommandResult) -> None:
+        """Count a failed command under ``kind`` (a label of the errors metric) and log it."""
+        self._stats.errors[kind] = self._stats.errors.get(kind, 0) + 1
+        log.warning("node setup: %s failed (%s): %s", what, kind, result.message)
+
+
+@dataclass(frozen=True, slots=True)
+class RulesStatus:
+    """What one sync of the rules found and did."""
+
+    ok: bool  # every rule is in place afterwards
+    present: int  # our rules in place afterwards
+    added: tuple[str, ...] = ()  # comments of the rules that were missing and were put back
+
+
+class RulesBackend(abc.ABC):
+    """One way of putting a list of :class:`Rule` in place; :class:`NodeManager` drives it.
+
+    ``plan`` is pure; ``sync`` and ``remove`` run their commands through the runner they
+    are given, which counts and logs every failure, so they never raise for one.
+    """
+
+    name: ClassVar[Backend]
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+
+    @abc.abstractmethod
+    def tools(self) -> list[str]:
+        """The commands this backend runs."""
+
+    def check_tools(self) -> list[str]:
+        """The commands this backend runs that are not installed here."""
+        return [tool for tool in self.tools() if find_tool(tool) is None]
+
+    @abc.abstractmethod
+    def plan(self) -> list[str]:
+        """Shell lines that install the rules on a fresh node."""
+
+    @abc.abstractmethod
+    async def sync(self, run: _Commands) -> RulesStatus:
+        """Verify the rules, add what is missing, remove extra copies."""
+
+    @abc.abstractmethod
+    async def remove(self, run: _Commands) -> None:
+        """Delete every rule (and every copy of one)."""
+
+
+class NoRules(RulesBackend):
+    """``none``: something else owns the rules."""
+
+    name = "none"
+
+    def tools(self) -> list[str]:
+        return []
+
+    def plan(self) -> list[str]:
+        return []
+
+    async def sync(self, run: _Commands) -> RulesStatus:
+        return RulesStatus(ok=True, present=0)
+
+    async def remove(self, run: _Commands) -> None:
+        return None
+
+
+class IptablesRules(RulesBackend):
+    """``iptables``/``ip6tables``: rules found again by comment, inserted one by one."""
+
+    name = "iptables"
+
+    def tools(self) -> list[str]:
+        return sorted({r.iptables for r in self.rules})
+
+    def plan(self) -> list[str]:
+        return [shlex.join(r.iptables_argv("-I")) for r in self.rules]
+
+    async def sync(self, run: _Commands) -> RulesStatus:
+        ok = True
+        present = 0
+        added: list[str] = []
+        chains = sorted({(r.iptables, r.table, r.chain) for r in self.rules})
+        for tool, table, chain in chains:
+            wait = ["-w", str(XTABLES_WAIT_S)]
+            listing = await run([tool, *wait, "-t", table, "-S", chain])
+            if listing.rc != 0:
+                run.error(_iptables_error(listing), f"{tool} -t {table} -S {chain}", listing)
+                ok = False
+                continue
+            counts = Counter(iptables_comments(listing.stdout))
+            for rule in self.rules:
+                if (rule.iptables, rule.table, rule.chain) != (tool, table, chain):
+                    continue
+                copies = counts[rule.comment]
+                if copies == 0:
+                    result = await run(rule.iptables_argv("-I"))
+                    if result.rc != 0:
+                        run.error(_iptables_error(result), f"inserting '{rule.comment}'", result)
+                        ok = False
+                        continue
+                    added.append(rule.comment)
+                for _ in range(copies - 1):
+                    # Someone (or an old bug) added a copy: keep exactly one.
+                    result = await run(rule.iptables_argv("-D"))
+                    if result.rc != 0:
+                        run.error(
+                            _iptables_error(result), f"deleting a copy of '{rule.comment}'", result
+                        )
+                        ok = False
+                        break
+                present += 1
+        return RulesStatus(ok, present, tuple(added))
+
+    async def remove(self, run: _Commands) -> None:
+        for rule in self.rules:
+            for _ in range(_MAX_DELETES):  # every copy, as node-cache does
+                result = await run(rule.iptables_argv("-D"))
+                if result.rc == 0:
+                    continue
+                # "Bad rule (does a matching rule exist in that chain?)": none left.
+                if "does a matching rule exist" not in result.stderr:
+                    run.error(_iptables_error(result), f"deleting '{rule.comment}'", result)
+                break
+
+
+class NftRules(RulesBackend):
+    """``nftables``: table ``inet dnsproxy``, replaced whole by one transaction."""
+
+    name = "nftables"
+
+    def tools(self) -> list[str]:
+        return ["nft"]
+
+    def plan(self) -> list[str]:
+        return ["nft -f - <<'EOF'", nft_ruleset(self.rules).rstrip("\n"), "EOF"]
+
+    async def sync(self, run: _Commands) -> RulesStatus:
+        listing = await run(["nft", "list", "table", "inet", NFT_TABLE])
+        counts = Counter(nft_comments(listing.stdout) if listing.rc == 0 else [])
+        missing = [r.comment for r in self.rules if counts[r.comment] == 0]
+        present = len(self.rules) - len(missing)
+        if not missing and sum(counts.values()) == present:
+            return RulesStatus(ok=True, present=present)
+        result = await run(["nft", "-f", "-"], nft_ruleset(self.rules))
+        if result.rc != 0:
+            run.error("nftables", f"applying table inet {NFT_TABLE}", result)
+            return RulesStatus(ok=False, present=present)
+        return RulesStatus(ok=True, present=len(self.rules), added=tuple(missing))
+
+    async def remove(self, run: _Commands) -> None:
+        result = await run(["nft", "delete", "table", "inet", NFT_TABLE])
+        if result.rc != 0 and "no such file" not in result.stderr.lower():
+            run.error("nftables", f"deleting table inet {NFT_TABLE}", result)
+
+
+_BACKENDS: dict[str, type[RulesBackend]] = {
+    cls.name: cls for cls in (IptablesRules, NftRules, NoRules)
+}
+
+
+def rules_backend(backend: Backend, rules: Sequence[Rule]) -> RulesBackend:
+    """The implementation of ``backend`` (``auto`` already resolved) for ``rules``."""
+    return _BACKENDS[backend](rules)
+
+
 class NodeManager:
     """Installs, verifies, re-adds and removes the local addresses and the rules."""
 
@@ -369,7 +545,8 @@ class NodeManager:
         self.backend = backend
         self.stats = NodeStats()
         self.rules = build_rules(config.local_ips, config.health_port)
-        self._run = runner
+        self._rules = rules_backend(backend, self.rules)
+        self._cmd = _Commands(runner, self.stats)
         self._device: str | None = None  # where the addresses go: the link, or lo
         self._installed = False  # after the first full install, additions are re-adds
 
@@ -378,30 +555,17 @@ class NodeManager:
         return self._device
 
     def check_tools(self) -> None:
-        """Refuse to start when a command the configuration needs is missing."""
-        needed: list[str] = []
-        if self.config.setup_interface:
-            needed.append("ip")
-        if self.backend == "nftables":
-            needed.append("nft")
-        elif self.backend == "iptables":
-            needed += sorted({r.iptables for r in self.rules})
-        missing = [tool for tool in needed if find_tool(tool) is None]
+        """Refuse to start when a command the configuration needs is missing.
+
+        Raises :class:`NodeError` naming every missing command.
+        """
+        missing = [] if not self.config.setup_interface or find_tool("ip") else ["ip"]
+        missing += self._rules.check_tools()
         if missing:
             raise NodeError(
                 f"node setup needs {', '.join(missing)}, not found in PATH or sbin "
                 f"(rules backend {self.backend})"
             )
-
-    def _error(self, kind: str, what: str, result: CommandResult) -> None:
-        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
-        log.warning("node setup: %s failed (%s): %s", what, kind, result.message)
-
-    async def _cmd(self, argv: Sequence[str], stdin: str | None = None) -> CommandResult:
-        timeout = (
-            _IPTABLES_TIMEOUT_S if argv[0] in ("iptables", "ip6tables") else _COMMAND_TIMEOUT_S
-        )
-        return await self._run(list(argv), stdin, timeout)
 
     # -- interface --
 
@@ -438,7 +602,7 @@ class NodeManager:
             self._device = "lo"
             shown = await self._cmd(["ip", "-j", "link", "show", "dev", "lo"])
             return await self._ensure_up("lo", shown.stdout)
-        self._error("interface_add", f"creating {name}", added)
+        self._cmd.error("interface_add", f"creating {name}", added)
         return False
 
     async def _ensure_up(self, device: str, shown: str) -> bool:
@@ -451,7 +615,7 @@ class NodeManager:
             return True
         result = await self._cmd(["ip", "link", "set", device, "up"])
         if result.rc != 0:
-            self._error("interface_add", f"bringing {device} up", result)
+            self._cmd.error("interface_add", f"bringing {device} up", result)
             return False
         return True
 
@@ -481,7 +645,7 @@ class NodeManager:
                 return False
             present = await self._addresses(self._device)
         if present is None:
-            self._error(
+            self._cmd.error(
                 "interface_check",
                 f"listing addresses of {self._device}",
                 CommandResult(1, "", "ip addr show failed"),
@@ -493,7 +657,7 @@ class NodeManager:
                 continue
             result = await self._cmd(_addr_cmd("add", ip, self._device))
             if result.rc != 0 and "exists" not in result.stderr.lower():
-                self._error("interface_add", f"adding {ip} to {self._device}", result)
+                self._cmd.error("interface_add", f"adding {ip} to {self._device}", result)
                 ok = False
                 continue
             if self._installed:
@@ -513,91 +677,13 @@ class NodeManager:
             if kind == "dummy":
                 result = await self._cmd(["ip", "link", "del", device])
                 if result.rc != 0 and shown.rc == 0:
-                    self._error("interface_add", f"deleting {device}", result)
+                    self._cmd.error("interface_add", f"deleting {device}", result)
                 return
         for ip in self.config.local_ips:
             result = await self._cmd(_addr_cmd("del", ip, device))
             text = result.stderr.lower()
             if result.rc != 0 and "cannot assign" not in text and "cannot find" not in text:
-                self._error("interface_add", f"removing {ip} from {device}", result)
-
-    # -- rules --
-
-    async def _sync_iptables(self) -> bool:
-        ok = True
-        present = 0
-        chains = sorted({(r.iptables, r.table, r.chain) for r in self.rules})
-        for tool, table, chain in chains:
-            wait = ["-w", str(XTABLES_WAIT_S)]
-            listing = await self._cmd([tool, *wait, "-t", table, "-S", chain])
-            if listing.rc != 0:
-                self._error(_iptables_error(listing), f"{tool} -t {table} -S {chain}", listing)
-                ok = False
-                continue
-            counts = Counter(iptables_comments(listing.stdout))
-            for rule in self.rules:
-                if (rule.iptables, rule.table, rule.chain) != (tool, table, chain):
-                    continue
-                copies = counts[rule.comment]
-                if copies == 0:
-                    result = await self._cmd(rule.iptables_argv("-I"))
-                    if result.rc != 0:
-                        self._error(_iptables_error(result), f"inserting '{rule.comment}'", result)
-                        ok = False
-                        continue
-                    if self._installed:
-                        self.stats.rules_readded += 1
-                        log.warning("node: rule '%s' was missing; added it again", rule.comment)
-                for _ in range(copies - 1):
-                    # Someone (or an old bug) added a copy: keep exactly one.
-                    result = await self._cmd(rule.iptables_argv("-D"))
-                    if result.rc != 0:
-                        self._error(
-                            _iptables_error(result), f"deleting a copy of '{rule.comment}'", result
-                        )
-                        ok = False
-                        break
-                present += 1 if copies else 0
-        self.stats.rules_present = present
-        return ok
-
-    async def _sync_nftables(self) -> bool:
-        listing = await self._cmd(["nft", "list", "table", "inet", NFT_TABLE])
-        counts = Counter(nft_comments(listing.stdout) if listing.rc == 0 else [])
-        missing = [r for r in self.rules if counts[r.comment] == 0]
-        self.stats.rules_present = len(self.rules) - len(missing)
-        extra = sum(counts.values()) != len(self.rules) - len(missing)
-        if not missing and not extra:
-            return True
-        result = await self._cmd(["nft", "-f", "-"], nft_ruleset(self.rules))
-        if result.rc != 0:
-            self._error("nftables", f"applying table inet {NFT_TABLE}", result)
-            return False
-        if self._installed and missing:
-            self.stats.rules_readded += len(missing)
-            log.warning(
-                "node: %d rule(s) of table inet %s were missing; table replaced",
-                len(missing),
-                NFT_TABLE,
-            )
-        self.stats.rules_present = len(self.rules)
-        return True
-
-    async def _remove_iptables(self) -> None:
-        for rule in self.rules:
-            for _ in range(_MAX_DELETES):  # every copy, as node-cache does
-                result = await self._cmd(rule.iptables_argv("-D"))
-                if result.rc == 0:
-                    continue
-                # "Bad rule (does a matching rule exist in that chain?)": none left.
-                if "does a matching rule exist" not in result.stderr:
-                    self._error(_iptables_error(result), f"deleting '{rule.comment}'", result)
-                break
-
-    async def _remove_nftables(self) -> None:
-        result = await self._cmd(["nft", "delete", "table", "inet", NFT_TABLE])
-        if result.rc != 0 and "no such file" not in result.stderr.lower():
-            self._error("nftables", f"deleting table inet {NFT_TABLE}", result)
+                self._cmd.error("interface_add", f"removing {ip} from {device}", result)
 
     # -- the cycle --
 
@@ -606,10 +692,17 @@ class NodeManager:
         ok = True
         if self.config.setup_interface:
             ok = await self._sync_interface()
-        if self.backend == "iptables":
-            ok = await self._sync_iptables() and ok
-        elif self.backend == "nftables":
-            ok = await self._sync_nftables() and ok
+        status = await self._rules.sync(self._cmd)
+        self.stats.rules_present = status.present
+        if self._installed and status.added:
+            self.stats.rules_readded += len(status.added)
+            log.warning(
+                "node: %d %s rule(s) were missing; added them again: %s",
+                len(status.added),
+                self.backend,
+                "; ".join(status.added),
+            )
+        ok = status.ok and ok
         self.stats.syncs += 1
         if ok and not self._installed:
             self._installed = True
@@ -617,7 +710,7 @@ class NodeManager:
                 "node: %s on %s, %d %s rules in place",
                 ", ".join(self.config.local_ips),
                 self._device or "(not managed)",
-                len(self.rules) if self.backend != "none" else 0,
+                status.present,
                 self.backend,
             )
         return ok
@@ -625,10 +718,8 @@ class NodeManager:
     async def teardown(self, *, rules: bool = True) -> None:
         """Remove the rules first (so a ClusterIP falls back to kube-proxy), then addresses."""
         errors = sum(self.stats.errors.values())
-        if rules and self.backend == "iptables":
-            await self._remove_iptables()
-        elif rules and self.backend == "nftables":
-            await self._remove_nftables()
+        if rules:
+            await self._rules.remove(self._cmd)
         if self.config.setup_interface:
             await self._remove_interface()
         if sum(self.stats.errors.values()) == errors:
@@ -671,6 +762,6 @@ class NodeCollector:
         )
         yield GaugeMetricFamily(
             "dnsproxy_node_rules_present",
-            "Our rules found in place by the last check.",
+            "Our rules in place after the last sync.",
             value=s.rules_present,
         )
