@@ -115,6 +115,12 @@ class NodeConfig:
     sync_interval_s: float = 60.0  # verify and re-add addresses and rules this often
     teardown: bool = True  # remove rules and addresses at exit
     health_port: int | None = None  # TCP port the health rules cover; None: no such rules
+    # Fail-safe: NOTRACK a query only while a socket is bound to its local IP, so that a
+    # killed proxy's rules stop applying and a ClusterIP falls back to kube-proxy's DNAT.
+    fallback: bool = True
+    # Where queries to the local IPs of its family go while no socket holds them (the
+    # kube-dns-upstream ClusterIP); None: no such rules. nftables backend only.
+    fallback_ip: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -921,6 +927,8 @@ class _Reader:
         else:
             health_port = default_port
 
+        fallback = self.boolean(m, "fallback", "node", d.fallback)
+        fallback_ip = self.fallback_ip(m, fallback, local_ips, listen)
         return NodeConfig(
             local_ips=local_ips,
             interface=interface,
@@ -929,7 +937,54 @@ class _Reader:
             sync_interval_s=sync_s,
             teardown=teardown,
             health_port=health_port,
+            fallback=fallback,
+            fallback_ip=fallback_ip,
         )
+
+    def fallback_ip(
+        self,
+        m: dict[Any, Any],
+        fallback: bool,
+        local_ips: tuple[str, ...],
+        listen: tuple[HostPort, ...],
+    ) -> str | None:
+        if fallback:
+            # The rules look for a socket bound to the address itself: a wildcard listener
+            # would never count, so every query would go to the fallback instead of here.
+            for ip in local_ips:
+                addr = ipaddress.ip_address(ip)
+                if not any(
+                    hp.port == _DNS_PORT and ipaddress.ip_address(hp.host) == addr for hp in listen
+                ):
+                    self.problem(
+                        "node.fallback",
+                        f"{ip} is served only by a wildcard listener; the fail-safe rules need "
+                        f"a socket bound to the address: add {HostPort(ip, _DNS_PORT)} to listen "
+                        "(or set fallback: false)",
+                    )
+        value = self.expand(m.get("fallback_ip"), "node.fallback_ip")
+        if value is None or value is _FAILED:
+            return None
+        try:
+            target = ipaddress.ip_address(str(value).strip())
+        except ValueError:
+            self.problem("node.fallback_ip", f"{_show(value)} is not an IP address")
+            return None
+        if not fallback:
+            self.problem("node.fallback_ip", "needs fallback: true")
+        elif str(target) in local_ips:
+            self.problem(
+                "node.fallback_ip",
+                f"{target} is a local IP: queries would come back here (use the "
+                "kube-dns-upstream ClusterIP)",
+            )
+        elif target.is_unspecified or target.is_loopback or target.is_multicast:
+            self.problem("node.fallback_ip", f"{target} cannot take DNS queries (use a unicast IP)")
+        elif not any(ipaddress.ip_address(ip).version == target.version for ip in local_ips):
+            self.problem("node.fallback_ip", f"no local IP is IPv{target.version} like {target}")
+        else:
+            return str(target)
+        return None
 
     def local_ips(
         self, m: dict[Any, Any], flags: tuple[str, ...], listen: tuple[HostPort, ...]

@@ -140,16 +140,22 @@ async def run_command(argv: Sequence[str], stdin: str | None, timeout_s: float) 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One rule, rendered either as an iptables command or as an nft rule line."""
+    """One rule, rendered either as an iptables command or as an nft rule line.
+
+    ``REWRITE`` and ``DNAT`` are the two halves of the link-local fallback (nft only): a
+    new connection to ``ip`` that no socket took is sent to ``to`` instead.
+    """
 
     ip: str
-    table: Literal["raw", "filter"]
+    table: Literal["raw", "filter", "mangle", "nat"]
     chain: Literal["PREROUTING", "INPUT", "OUTPUT"]
     proto: Literal["tcp", "udp"]
     direction: Literal["dst", "src"]  # -d IP --dport PORT, or -s IP --sport PORT
     port: int
-    target: Literal["NOTRACK", "ACCEPT"]
+    target: Literal["NOTRACK", "ACCEPT", "REWRITE", "DNAT"]
     comment: str  # unique per rule: how a rule is found again in a listing
+    bound: bool = False  # match only while a socket is bound to ip:port itself
+    to: str = ""  # REWRITE and DNAT: the fallback address
 
     @property
     def ipv6(self) -> bool:
@@ -160,10 +166,12 @@ class Rule:
         return "ip6tables" if self.ipv6 else "iptables"
 
     def spec(self) -> list[str]:
-        """The match and target, as given to ``-I`` and ``-D``."""
+        """The match and target, as given to ``-I`` and ``-D`` (NOTRACK and ACCEPT only)."""
         addr, port = ("-d", "--dport") if self.direction == "dst" else ("-s", "--sport")
+        # --nowildcard: a socket on 0.0.0.0:53 (someone else's) does not count as ours.
+        bound = ("-m", "socket", "--nowildcard") if self.bound else ()
         return [
-            *("-p", self.proto, addr, self.ip, port, str(self.port)),
+            *("-p", self.proto, addr, self.ip, port, str(self.port), *bound),
             *("-m", "comment", "--comment", self.comment, "-j", self.target),
         ]
 
@@ -173,35 +181,72 @@ class Rule:
 
     def nft_line(self) -> str:
         family = "ip6" if self.ipv6 else "ip"
+        comment = f'comment "{self.comment}"'
+        if self.target == "REWRITE":
+            # Stateless, after conntrack has recorded the original destination and before
+            # the DNAT hooks: kube-proxy's DNAT of `to` then applies, and its reverse
+            # gives replies the local IP back as their source.
+            return (
+                f"{family} daddr {self.ip} {self.proto} dport {self.port} ct state new "
+                f"{family} daddr set {self.to} {comment}"
+            )
+        if self.target == "DNAT":
+            # Only connections rewritten above that no earlier DNAT (kube-proxy) bound: a
+            # `to` that is a local address (IPVS) or an endpoint needs the binding here.
+            return (
+                f"{family} daddr {self.to} {self.proto} dport {self.port} "
+                f"ct original {family} daddr {self.ip} dnat {family} to {self.to} {comment}"
+            )
         addr = "daddr" if self.direction == "dst" else "saddr"
         port = "dport" if self.direction == "dst" else "sport"
+        bound = "socket wildcard 0 " if self.bound else ""
         verdict = "notrack" if self.target == "NOTRACK" else "accept"
         return (
-            f"{family} {addr} {self.ip} {self.proto} {port} {self.port} {verdict} "
-            f'comment "{self.comment}"'
+            f"{family} {addr} {self.ip} {self.proto} {port} {self.port} {bound}{verdict} {comment}"
         )
 
 
-def build_rules(local_ips: Iterable[str], health_port: int | None) -> list[Rule]:
-    """node-cache's rules (REFERENCE.md §2): ten per IP for port 53, two for the health port."""
+def build_rules(
+    local_ips: Iterable[str],
+    health_port: int | None,
+    *,
+    when_bound: bool = False,
+    fallback_ip: str | None = None,
+) -> list[Rule]:
+    """node-cache's rules (REFERENCE.md §2): ten per IP for port 53, two for the health port.
+
+    ``when_bound`` (``node.fallback``) makes the NOTRACK of arriving queries conditional on
+    a socket bound to the local IP, so that while none is (a killed proxy, a restart) the
+    queries are tracked and kube-proxy's DNAT of a ClusterIP applies again. ``fallback_ip``
+    adds two rules per IP of its family and protocol that send such queries there.
+    """
     rules: list[Rule] = []
     protos: tuple[Literal["tcp", "udp"], ...] = ("tcp", "udp")
     for ip in local_ips:
         for p in protos:
             where = f"{ip} {p}/{DNS_PORT}"
+            bound = " while bound" if when_bound else ""
             rules += [
                 Rule(ip, "raw", "PREROUTING", p, "dst", DNS_PORT, "NOTRACK",
-                     f"dnsproxy: notrack queries to {where}"),
+                     f"dnsproxy: notrack queries to {where}{bound}", bound=when_bound),
                 Rule(ip, "filter", "INPUT", p, "dst", DNS_PORT, "ACCEPT",
                      f"dnsproxy: accept queries to {where}"),
                 Rule(ip, "raw", "OUTPUT", p, "src", DNS_PORT, "NOTRACK",
                      f"dnsproxy: notrack replies from {where}"),
                 Rule(ip, "filter", "OUTPUT", p, "src", DNS_PORT, "ACCEPT",
                      f"dnsproxy: accept replies from {where}"),
-                # Queries from the host itself (hostNetwork pods) leave through OUTPUT.
+                # Queries from the host itself (hostNetwork pods) leave through OUTPUT,
+                # where the kernel cannot look up the receiving socket: unconditional.
                 Rule(ip, "raw", "OUTPUT", p, "dst", DNS_PORT, "NOTRACK",
                      f"dnsproxy: notrack local queries to {where}"),
             ]  # fmt: skip
+            if fallback_ip is not None and (":" in fallback_ip) == (":" in ip):
+                rules += [
+                    Rule(ip, "mangle", "PREROUTING", p, "dst", DNS_PORT, "REWRITE",
+                         f"dnsproxy: fallback of {where} to {fallback_ip}", to=fallback_ip),
+                    Rule(ip, "nat", "PREROUTING", p, "dst", DNS_PORT, "DNAT",
+                         f"dnsproxy: fallback nat of {where} to {fallback_ip}", to=fallback_ip),
+                ]  # fmt: skip
         if health_port is not None:
             where = f"{ip} tcp/{health_port}"
             # kubelet's liveness probe runs on the host: both directions pass OUTPUT.
@@ -214,13 +259,27 @@ def build_rules(local_ips: Iterable[str], health_port: int | None) -> list[Rule]
     return rules
 
 
-# nft chain per (iptables table, chain): raw-priority chains run before conntrack (-200),
-# which is what lets notrack keep packets out of it (and out of kube-proxy's DNAT).
-_NFT_CHAINS: dict[tuple[str, str], tuple[str, str, str]] = {
-    ("raw", "PREROUTING"): ("raw_prerouting", "prerouting", "raw"),
-    ("raw", "OUTPUT"): ("raw_output", "output", "raw"),
-    ("filter", "INPUT"): ("filter_input", "input", "filter"),
-    ("filter", "OUTPUT"): ("filter_output", "output", "filter"),
+def config_rules(config: NodeConfig) -> list[Rule]:
+    """:func:`build_rules` for a node configuration."""
+    return build_rules(
+        config.local_ips,
+        config.health_port,
+        when_bound=config.fallback,
+        fallback_ip=config.fallback_ip if config.fallback else None,
+    )
+
+
+# nft chain per (iptables table, chain): name, type, hook, priority. The raw-priority chains
+# run before conntrack (-200), which is what lets notrack keep packets out of it (and out of
+# kube-proxy's DNAT); the fallback runs between conntrack and kube-proxy's DNAT (-100), and
+# its nat half after it.
+_NFT_CHAINS: dict[tuple[str, str], tuple[str, str, str, str]] = {
+    ("raw", "PREROUTING"): ("raw_prerouting", "filter", "prerouting", "raw"),
+    ("raw", "OUTPUT"): ("raw_output", "filter", "output", "raw"),
+    ("filter", "INPUT"): ("filter_input", "filter", "input", "filter"),
+    ("filter", "OUTPUT"): ("filter_output", "filter", "output", "filter"),
+    ("mangle", "PREROUTING"): ("fallback", "filter", "prerouting", "mangle"),
+    ("nat", "PREROUTING"): ("fallback_nat", "nat", "prerouting", "dstnat + 10"),
 }
 
 
@@ -235,21 +294,25 @@ def nft_ruleset(rules: Sequence[Rule]) -> str:
         f"delete table inet {NFT_TABLE}",
         f"table inet {NFT_TABLE} {{",
     ]
-    for key, (name, hook, priority) in _NFT_CHAINS.items():
+    for key, (name, kind, hook, priority) in _NFT_CHAINS.items():
         chain_rules = [r for r in rules if (r.table, r.chain) == key]
         if not chain_rules:
             continue
         lines.append(f"\tchain {name} {{")
-        lines.append(f"\t\ttype filter hook {hook} priority {priority}; policy accept;")
+        lines.append(f"\t\ttype {kind} hook {hook} priority {priority}; policy accept;")
         lines += [f"\t\t{r.nft_line()}" for r in chain_rules]
         lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def iptables_comments(listing: str) -> list[str]:
-    """The ``--comment`` of each rule line of ``iptables -S CHAIN`` output."""
-    found: list[str] = []
+def iptables_rule_lines(listing: str) -> list[tuple[str, list[str]]]:
+    """(comment, words) of each commented rule line of ``iptables -S CHAIN`` output.
+
+    The words after ``-A`` are the rule's spec as iptables prints it, which ``-D CHAIN``
+    accepts as it is: how a rule we no longer build is deleted.
+    """
+    found: list[tuple[str, list[str]]] = []
     for line in listing.splitlines():
         if not line.startswith("-A "):
             continue
@@ -259,8 +322,14 @@ def iptables_comments(listing: str) -> list[str]:
             continue
         for i, word in enumerate(words[:-1]):
             if word == "--comment":
-                found.append(words[i + 1])
+                found.append((words[i + 1], words[1:]))
+                break
     return found
+
+
+def iptables_comments(listing: str) -> list[str]:
+    """The ``--comment`` of each rule line of ``iptables -S CHAIN`` output."""
+    return [comment for comment, _ in iptables_rule_lines(listing)]
 
 
 def nft_comments(listing: str) -> list[str]:
@@ -319,18 +388,32 @@ def _addr_cmd(op: str, ip: str, device: str) -> list[str]:
     return ["ip", "addr", op, f"{ip}/32", "dev", device]
 
 
+def _no_fallback(backend: Backend, config: NodeConfig) -> str:
+    return (
+        f"node.fallback_ip {config.fallback_ip} is not applied: the {backend} backend cannot "
+        "rewrite a destination between conntrack and kube-proxy's DNAT (nftables can)"
+    )
+
+
 def plan(config: NodeConfig, backend: Backend) -> str:
     """What setup applies on a fresh node, as a shell script an operator can review."""
-    rules = build_rules(config.local_ips, config.health_port)
+    rules = rules_backend(backend, config_rules(config))
     chosen = f"{backend} (auto, on this machine)" if config.rules == "auto" else backend
     lines = [f"# dnsproxy node setup: rules {chosen}, local IPs {', '.join(config.local_ips)}"]
+    if config.fallback and backend != "none":
+        lines.append(
+            "# fail-safe: queries arriving for a local IP skip conntrack only while a socket "
+            "is bound to it"
+        )
+        if rules.unsupported:
+            lines.append(f"# {_no_fallback(backend, config)}")
     if config.setup_interface:
         name = config.interface
         lines.append("# (where the kernel has no dummy links, the addresses go on lo instead)")
         lines.append(shlex.join(["ip", "link", "add", name, "type", "dummy"]))
         lines.append(shlex.join(["ip", "link", "set", name, "up"]))
         lines += [shlex.join(_addr_cmd("add", ip, name)) for ip in config.local_ips]
-    lines += rules_backend(backend, rules).plan()
+    lines += rules.plan()
     return "\n".join(lines) + "\n"
 
 
@@ -345,7 +428,8 @@ class NodeStats:
     rules_readded: int = 0
     addresses_readded: int = 0
     syncs: int = 0  # completed syncs, successful or not
-    rules_present: int = 0  # our rules found in place by the last check
+    rules_present: int = 0  # our rules in place after the last sync
+    rules_left_over: int = 0  # our rules found at the first sync: a previous instance's
 
 
 def _kind_missing(result: CommandResult) -> bool:
@@ -385,6 +469,9 @@ class RulesStatus:
     ok: bool  # every rule is in place afterwards
     present: int  # our rules in place afterwards
     added: tuple[str, ...] = ()  # comments of the rules that were missing and were put back
+    # Rules of ours for our IPs that were in place before this sync changed anything,
+    # including ones this configuration no longer builds (which the sync removed).
+    found: int = 0
 
 
 class RulesBackend(abc.ABC):
@@ -397,7 +484,19 @@ class RulesBackend(abc.ABC):
     name: ClassVar[Backend]
 
     def __init__(self, rules: Sequence[Rule]) -> None:
-        self.rules = list(rules)
+        self.rules = [r for r in rules if self.supports(r)]
+        self.unsupported = [r for r in rules if not self.supports(r)]
+        self._ips = {r.ip for r in rules}
+
+    def supports(self, rule: Rule) -> bool:
+        """Whether this backend can express ``rule``; the others are left out."""
+        return True
+
+    def ours(self, comment: str) -> bool:
+        """Whether a listed rule's comment marks one of our rules for one of our IPs."""
+        return comment.startswith("dnsproxy: ") and any(
+            f" {ip} " in f" {comment} " for ip in self._ips
+        )
 
     @abc.abstractmethod
     def tools(self) -> list[str]:
@@ -425,6 +524,9 @@ class NoRules(RulesBackend):
 
     name = "none"
 
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        super().__init__([])
+
     def tools(self) -> list[str]:
         return []
 
@@ -443,6 +545,10 @@ class IptablesRules(RulesBackend):
 
     name = "iptables"
 
+    def supports(self, rule: Rule) -> bool:
+        # iptables has no stateless rewrite to run between conntrack and kube-proxy's DNAT.
+        return rule.target in ("NOTRACK", "ACCEPT")
+
     def tools(self) -> list[str]:
         return sorted({r.iptables for r in self.rules})
 
@@ -451,17 +557,29 @@ class IptablesRules(RulesBackend):
 
     async def sync(self, run: _Commands) -> RulesStatus:
         ok = True
-        present = 0
+        present = found = 0
         added: list[str] = []
+        current = {r.comment for r in self.rules}
+        wait = ["-w", str(XTABLES_WAIT_S)]
         chains = sorted({(r.iptables, r.table, r.chain) for r in self.rules})
         for tool, table, chain in chains:
-            wait = ["-w", str(XTABLES_WAIT_S)]
             listing = await run([tool, *wait, "-t", table, "-S", chain])
             if listing.rc != 0:
                 run.error(_iptables_error(listing), f"{tool} -t {table} -S {chain}", listing)
                 ok = False
                 continue
-            counts = Counter(iptables_comments(listing.stdout))
+            lines = iptables_rule_lines(listing.stdout)
+            found += sum(1 for comment, _ in lines if self.ours(comment))
+            for comment, spec in lines:
+                if comment in current or not self.ours(comment):
+                    continue
+                # Ours but no longer built (an older version, fallback switched, another
+                # health port): it would keep doing what this configuration does not ask.
+                result = await run([tool, *wait, "-t", table, "-D", *spec])
+                if result.rc != 0:
+                    run.error(_iptables_error(result), f"deleting old rule '{comment}'", result)
+                    ok = False
+            counts = Counter(comment for comment, _ in lines)
             for rule in self.rules:
                 if (rule.iptables, rule.table, rule.chain) != (tool, table, chain):
                     continue
@@ -483,7 +601,7 @@ class IptablesRules(RulesBackend):
                         ok = False
                         break
                 present += 1
-        return RulesStatus(ok, present, tuple(added))
+        return RulesStatus(ok, present, tuple(added), found)
 
     async def remove(self, run: _Commands) -> None:
         for rule in self.rules:
@@ -511,15 +629,18 @@ class NftRules(RulesBackend):
     async def sync(self, run: _Commands) -> RulesStatus:
         listing = await run(["nft", "list", "table", "inet", NFT_TABLE])
         counts = Counter(nft_comments(listing.stdout) if listing.rc == 0 else [])
+        found = sum(n for comment, n in counts.items() if self.ours(comment))
         missing = [r.comment for r in self.rules if counts[r.comment] == 0]
         present = len(self.rules) - len(missing)
+        # Anything else in the table (a rule this configuration no longer builds, a copy)
+        # is replaced away with the rest.
         if not missing and sum(counts.values()) == present:
-            return RulesStatus(ok=True, present=present)
+            return RulesStatus(ok=True, present=present, found=found)
         result = await run(["nft", "-f", "-"], nft_ruleset(self.rules))
         if result.rc != 0:
             run.error("nftables", f"applying table inet {NFT_TABLE}", result)
-            return RulesStatus(ok=False, present=present)
-        return RulesStatus(ok=True, present=len(self.rules), added=tuple(missing))
+            return RulesStatus(ok=False, present=present, found=found)
+        return RulesStatus(True, len(self.rules), tuple(missing), found)
 
     async def remove(self, run: _Commands) -> None:
         result = await run(["nft", "delete", "table", "inet", NFT_TABLE])
@@ -544,9 +665,14 @@ class NodeManager:
         self.config = config
         self.backend = backend
         self.stats = NodeStats()
-        self.rules = build_rules(config.local_ips, config.health_port)
-        self._rules = rules_backend(backend, self.rules)
+        self._rules = rules_backend(backend, config_rules(config))
         self._cmd = _Commands(runner, self.stats)
+        if self._rules.unsupported:
+            log.warning(
+                "node: %s; queries to %s have no fallback while no socket holds them",
+                _no_fallback(backend, config),
+                ", ".join(sorted({r.ip for r in self._rules.unsupported})),
+            )
         self._device: str | None = None  # where the addresses go: the link, or lo
         self._installed = False  # after the first full install, additions are re-adds
 
@@ -694,6 +820,8 @@ class NodeManager:
             ok = await self._sync_interface()
         status = await self._rules.sync(self._cmd)
         self.stats.rules_present = status.present
+        if self.stats.syncs == 0:
+            self._report_left_over(status.found)
         if self._installed and status.added:
             self.stats.rules_readded += len(status.added)
             log.warning(
@@ -714,6 +842,18 @@ class NodeManager:
                 self.backend,
             )
         return ok
+
+    def _report_left_over(self, found: int) -> None:
+        self.stats.rules_left_over = found
+        if found:
+            log.warning(
+                "node: %d of our rules were in place at start, left by an instance that "
+                "stopped without teardown (killed, OOM-killed, or node.teardown off); "
+                "adopting them",
+                found,
+            )
+        elif self.backend != "none":
+            log.info("node: no rules of a previous instance found (it stopped cleanly)")
 
     async def teardown(self, *, rules: bool = True) -> None:
         """Remove the rules first (so a ClusterIP falls back to kube-proxy), then addresses."""
@@ -759,6 +899,12 @@ class NodeCollector:
         )
         yield CounterMetricFamily(
             "dnsproxy_node_syncs", "Completed verify-and-repair cycles.", value=s.syncs
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_node_rules_left_over",
+            "Our rules found in place at start, left by an instance that stopped without "
+            "teardown (killed, OOM-killed, or teardown off); 0 after a clean stop.",
+            value=s.rules_left_over,
         )
         yield GaugeMetricFamily(
             "dnsproxy_node_rules_present",
