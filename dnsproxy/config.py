@@ -928,7 +928,9 @@ class _Reader:
             health_port = default_port
 
         fallback = self.boolean(m, "fallback", "node", d.fallback)
-        fallback_ip = self.fallback_ip(m, fallback, local_ips, listen)
+        if fallback:
+            self.listened_by_address(local_ips, listen)
+        fallback_ip = self.fallback_ip(m, fallback, local_ips)
         return NodeConfig(
             local_ips=local_ips,
             interface=interface,
@@ -941,27 +943,23 @@ class _Reader:
             fallback_ip=fallback_ip,
         )
 
+    def listened_by_address(self, local_ips: tuple[str, ...], listen: tuple[HostPort, ...]) -> None:
+        # The fail-safe rules look for a socket bound to the address itself: a wildcard
+        # listener never counts, so every query would go to the fallback instead of here.
+        for ip in local_ips:
+            addr = ipaddress.ip_address(ip)
+            if not any(hp.port == _DNS_PORT and ipaddress.ip_address(hp.host) == addr
+                       for hp in listen):  # fmt: skip
+                self.problem(
+                    "node.fallback",
+                    f"{ip} is served only by a wildcard listener; the fail-safe rules need "
+                    f"a socket bound to the address: add {HostPort(ip, _DNS_PORT)} to listen "
+                    "(or set fallback: false)",
+                )
+
     def fallback_ip(
-        self,
-        m: dict[Any, Any],
-        fallback: bool,
-        local_ips: tuple[str, ...],
-        listen: tuple[HostPort, ...],
+        self, m: dict[Any, Any], fallback: bool, local_ips: tuple[str, ...]
     ) -> str | None:
-        if fallback:
-            # The rules look for a socket bound to the address itself: a wildcard listener
-            # would never count, so every query would go to the fallback instead of here.
-            for ip in local_ips:
-                addr = ipaddress.ip_address(ip)
-                if not any(
-                    hp.port == _DNS_PORT and ipaddress.ip_address(hp.host) == addr for hp in listen
-                ):
-                    self.problem(
-                        "node.fallback",
-                        f"{ip} is served only by a wildcard listener; the fail-safe rules need "
-                        f"a socket bound to the address: add {HostPort(ip, _DNS_PORT)} to listen "
-                        "(or set fallback: false)",
-                    )
         value = self.expand(m.get("fallback_ip"), "node.fallback_ip")
         if value is None or value is _FAILED:
             return None
