@@ -628,6 +628,22 @@ class OptionalPort(Reader):
 
 
 @dataclass(frozen=True)
+class OptionalIp(Reader):
+    """An IP address literal, or null."""
+
+    def parse(self, value: object, ctx: _Context) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_address(str(value).strip()))
+        except ValueError:
+            raise BadValue(f"{_show(value)} is not an IP address") from None
+
+    def schema(self) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string"}, {"type": "null"}]}
+
+
+@dataclass(frozen=True)
 class LocalIp(Reader):
     """A unicast IP address the node role puts on its interface."""
 
@@ -1213,6 +1229,20 @@ DOCUMENT = Section(
                         "null: no such rules. Default: the port of health_listen.",
                         default=Derived(_health_port_from_health_listen),
                     ),
+                    Key(
+                        "fallback",
+                        Boolean(),
+                        "Fail-safe: NOTRACK a query only while a socket is bound to its "
+                        "local IP, so that a killed proxy's rules stop applying and a "
+                        "ClusterIP falls back to kube-proxy's DNAT.",
+                    ),
+                    Key(
+                        "fallback_ip",
+                        OptionalIp(),
+                        "Where queries to the local IPs of its family go while no socket "
+                        "holds them (the kube-dns-upstream ClusterIP); null: no such rules. "
+                        "nftables backend only.",
+                    ),
                 ),
             ),
             "The NodeLocal DNSCache role: local IPs on an interface, NOTRACK and ACCEPT "
@@ -1336,6 +1366,49 @@ def _local_ips(ctx: _Context, doc: Fields) -> None:
     node.values["local_ips"] = kept
 
 
+def _fallback(ctx: _Context, doc: Fields) -> None:
+    node: Fields | None = doc.values["node"]
+    if node is None or "fallback" in node.failed:
+        return
+    listen: list[HostPort] = [hp for _, hp in doc.values["listen"]]
+    local_ips = [ip for _, ip in node.values["local_ips"]]
+    fallback: bool = node.values["fallback"]
+    if fallback:
+        # The fail-safe rules look for a socket bound to the address itself: a wildcard
+        # listener never counts, so every query would go to the fallback instead of here.
+        for ip in local_ips:
+            addr = ipaddress.ip_address(ip)
+            if not any(
+                hp.port == _DNS_PORT and ipaddress.ip_address(hp.host) == addr for hp in listen
+            ):
+                ctx.problem(
+                    "node.fallback",
+                    f"{ip} is served only by a wildcard listener; the fail-safe rules need "
+                    f"a socket bound to the address: add {HostPort(ip, _DNS_PORT)} to listen "
+                    "(or set fallback: false)",
+                )
+    ip = node.values["fallback_ip"]
+    if ip is None or "fallback_ip" in node.failed:
+        return
+    path = node.given.get("fallback_ip", "node.fallback_ip")
+    target = ipaddress.ip_address(ip)
+    reason = None
+    if not fallback:
+        reason = "needs fallback: true"
+    elif ip in local_ips:
+        reason = (
+            f"{target} is a local IP: queries would come back here (use the "
+            "kube-dns-upstream ClusterIP)"
+        )
+    elif target.is_unspecified or target.is_loopback or target.is_multicast:
+        reason = f"{target} cannot take DNS queries (use a unicast IP)"
+    elif not any(ipaddress.ip_address(local).version == target.version for local in local_ips):
+        reason = f"no local IP is IPv{target.version} like {target}"
+    if reason is not None:
+        ctx.problem(path, reason)
+        node.values["fallback_ip"] = None
+
+
 def _serves(hp: HostPort, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if hp.port != _DNS_PORT:
         return False
@@ -1352,6 +1425,7 @@ CHECKS: tuple[Callable[[_Context, Fields], None], ...] = (
     _ttl_bounds,
     _loops,
     _local_ips,
+    _fallback,
 )
 
 

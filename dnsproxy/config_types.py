@@ -95,6 +95,12 @@ class NodeConfig:
     sync_interval_s: float = 60.0  # verify and re-add addresses and rules this often
     teardown: bool = True  # remove rules and addresses at exit
     health_port: int | None = None  # TCP port the health rules cover; None: no such rules
+    # Fail-safe: NOTRACK a query only while a socket is bound to its local IP, so that a
+    # killed proxy's rules stop applying and a ClusterIP falls back to kube-proxy's DNAT.
+    fallback: bool = True
+    # Where queries to the local IPs of its family go while no socket holds them (the
+    # kube-dns-upstream ClusterIP); None: no such rules. nftables backend only.
+    fallback_ip: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
