@@ -46,7 +46,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from dnsproxy import __version__, handover
 from dnsproxy import reload as reloading
 from dnsproxy.cache import Cache
-from dnsproxy.config import Config, ConfigError, HostPort, Overrides, load_config
+from dnsproxy.config import ConfigError, Overrides, load_config
+from dnsproxy.config_types import Config, HostPort
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
@@ -557,8 +558,7 @@ class App:
         ]
         if self.node is not None:
             parts.append(
-                f"node rules present {value('dnsproxy_node_rules_present')}/"
-                f"{len(self.node.rules) if self.node.backend != 'none' else 0}"
+                f"node {self.node.backend} rules present {value('dnsproxy_node_rules_present')}"
             )
         return "state: " + "; ".join(parts)
 

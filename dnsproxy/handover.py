@@ -38,7 +38,8 @@ from typing import Any
 
 from dnsproxy import __version__
 from dnsproxy.cache import Cache, Entry
-from dnsproxy.config import HostPort
+from dnsproxy.config_types import HostPort
+from dnsproxy.errors import DnsproxyError
 from dnsproxy.reload import is_question_key
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ _YIELD_EVERY = 2048  # entries encoded or decoded between two turns of the event
 Sockets = dict[tuple[str, HostPort], socket.socket]
 
 
-class HandoverError(Exception):
+class HandoverError(DnsproxyError):
     """The other instance broke the protocol, refused, closed or did not answer in time."""
 
 

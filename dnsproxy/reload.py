@@ -18,9 +18,21 @@ from collections.abc import Callable, Iterator
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
-from dnsproxy.config import Config, UpstreamConfig
+from dnsproxy.config_types import Config, UpstreamConfig
 
 FileSignature = tuple[str, int, int, int, int]
+
+# The node settings that say which addresses and rules exist: a reload would have to move
+# them. sync_interval_s and teardown take effect on reload.
+_NODE_RESTART_ONLY = (
+    "local_ips",
+    "interface",
+    "setup_interface",
+    "rules",
+    "health_port",
+    "fallback",
+    "fallback_ip",
+)
 
 
 def config_hash(config: Config) -> str:
@@ -35,7 +47,7 @@ def restart_only(old: Config, new: Config) -> list[str]:
         state = "on" if new.node is not None else "off"
         problems.append(f"node: turning the node role {state} needs a restart")
     elif old.node is not None and new.node is not None:
-        for key in ("local_ips", "interface", "setup_interface", "rules", "health_port"):
+        for key in _NODE_RESTART_ONLY:
             before, after = getattr(old.node, key), getattr(new.node, key)
             if before != after:
                 problems.append(

@@ -14,15 +14,13 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import dns.asyncquery
 import dns.message
 import dns.rcode
 import pytest
-from conftest import RECORDS, make_config
+from conftest import RECORDS, make_config, running
 from fakeupstream import Delay, FakeUpstream, zone_handler
 from test_process import free_port
 
@@ -136,16 +134,6 @@ def handover_config(fake_port: int, port: int, path: Path, **changes: object) ->
     )
 
 
-@asynccontextmanager
-async def started(config: Config) -> AsyncIterator[App]:
-    app = App(config)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
-
-
 async def ask(port: int, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype)
     if tcp:
@@ -179,7 +167,7 @@ async def test_successor_takes_sockets_cache_and_the_old_one_finishes_in_flight(
             old_config,
             listen=(HostPort(HOST, port), HostPort(HOST, kept), HostPort(HOST, added)),
         )
-        async with started(old_config) as old:
+        async with running(old_config) as old:
             http = old.http
             assert http is not None
             first = await ask(port, "www.example.")
@@ -188,7 +176,7 @@ async def test_successor_takes_sockets_cache_and_the_old_one_finishes_in_flight(
             slow = asyncio.ensure_future(ask(port, "slow.example."))
             while "slow.example." not in upstream_names(fake):
                 await asyncio.sleep(0.01)
-            async with started(new_config) as new:
+            async with running(new_config) as new:
                 moved = await ask(port, "www.example.")
                 elapsed = time.monotonic() - asked_at
                 on_kept = await ask(kept, "www.example.", tcp=True)
@@ -234,7 +222,7 @@ async def test_successor_of_another_protocol_is_refused_and_the_old_one_serves_o
     path = tmp_path / "handover.sock"
     async with (
         FakeUpstream(zone_handler(RECORDS)) as fake,
-        started(handover_config(fake.port, port, path)) as app,
+        running(handover_config(fake.port, port, path)) as app,
     ):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await asyncio.get_running_loop().sock_connect(sock, str(path))
@@ -303,7 +291,7 @@ async def test_no_handover_from_a_peer_that_cannot_give_one_binds_as_usual(
             config = dataclasses.replace(
                 config, handover=dataclasses.replace(config.handover, timeout_s=0.3)
             )
-            async with started(config) as app:
+            async with running(config) as app:
                 answered = await ask(app.listen[0].port, "www.example.")
                 how = app.started_by
     finally:
@@ -321,13 +309,13 @@ async def test_stale_socket_file_or_none_at_all_binds_as_usual(
     path = tmp_path / "handover.sock"
     async with FakeUpstream(zone_handler(RECORDS)) as fake:
         config = handover_config(fake.port, free_port(), path)
-        async with started(config) as first:
+        async with running(config) as first:
             how_first = first.started_by
         # A stale file, as a killed instance leaves it: bound once, nobody listening.
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(str(path))
         stale.close()
-        async with started(config) as second:
+        async with running(config) as second:
             how_second = second.started_by
             assert path.exists()  # its own socket now
         assert not path.exists()  # removed at a clean exit
@@ -344,7 +332,7 @@ async def test_successor_with_no_listener_in_common_declines(
     async with FakeUpstream(zone_handler(RECORDS)) as fake:
         first = handover_config(fake.port, free_port(), path)
         other = dataclasses.replace(first, listen=(HostPort(HOST, free_port()),), http_listen=None)
-        async with started(first) as old, started(other) as new:
+        async with running(first) as old, running(other) as new:
             answered_old = await ask(old.listen[0].port, "www.example.")
             answered_new = await ask(new.listen[0].port, "www.example.")
             states = (old.replaced.is_set(), new.started_by)
@@ -407,9 +395,9 @@ def test_handover_and_reload_keys_are_checked_with_their_key_paths() -> None:
     assert info.value.problems == [
         "handover.pth: unknown key (did you mean 'path'?)",
         "handover.path: must be an absolute file path or null (got 'run/handover.sock')",
-        "handover.when_replaced: must be one of exit, wait (got 'linger')",
         "handover.timeout_s: must be a number of seconds > 0 (got 0)",
         "handover.cache: must be true or false (got 'yes')",
+        "handover.when_replaced: must be one of exit, wait (got 'linger')",
         "reload.watch_interval_s: must be a number of seconds >= 0 (got -1)",
     ]
     doc["handover"] = {"path": "/" + "x" * 107}
@@ -449,7 +437,7 @@ async def test_successor_may_take_over_during_the_lameduck_and_nothing_is_torn_d
         try:
             await asyncio.sleep(0.1)
             assert not old.ready
-            async with started(dataclasses.replace(config, shutdown_lameduck_s=0.0)) as new:
+            async with running(dataclasses.replace(config, shutdown_lameduck_s=0.0)) as new:
                 # The lameduck of 30 s ends as soon as the successor serves.
                 await asyncio.wait_for(stopping, 10)
                 answered = await ask(port, "www.example.")
