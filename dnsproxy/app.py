@@ -434,8 +434,7 @@ class App:
         except OSError:
             for endpoint in endpoints:
                 self._spawn(_stopped(endpoint), "dnsproxy-endpoint-stop")
-            self.server.remove_listeners(added)
-            self.server.close_retired()
+            self.server.remove_listeners(added)()
             raise
         # From here on nothing fails.
         cache = self.cache
@@ -454,7 +453,7 @@ class App:
         sources[sources.index(self.forwarder)] = forwarder
         self.cache, self.forwarder = cache, forwarder
         removed = [hp for hp in old.listen if hp not in new.listen]
-        self.server.remove_listeners(removed)
+        close_removed = self.server.remove_listeners(removed)
         for before_ep, after_ep in ((self.http, http), (self.health, health)):
             if before_ep is not None and before_ep is not after_ep:
                 self._spawn(_stopped(before_ep), "dnsproxy-endpoint-stop")
@@ -478,15 +477,18 @@ class App:
             if changed is None
             else f"{dropped} cached entries of names with other upstreams now dropped",
         )
-        self._spawn(self._retire_forwarder(previous), "dnsproxy-reload-drain")
+        self._spawn(self._retire_forwarder(previous, close_removed), "dnsproxy-reload-drain")
 
-    async def _retire_forwarder(self, forwarder: Forwarder) -> None:
-        """The replaced forwarder answers its in-flight questions, then closes."""
+    async def _retire_forwarder(
+        self, forwarder: Forwarder, close_removed: Callable[[], None]
+    ) -> None:
+        """The replaced forwarder answers its in-flight questions, then closes; then so do
+        the listeners the reload removed (they carried some of those answers)."""
         try:
             await self._drain(forwarder)
             await forwarder.close()
         finally:
-            self.server.close_retired()
+            close_removed()
 
     async def _drain_reloads(self) -> None:
         drains = [t for t in self._tasks if t.get_name() == "dnsproxy-reload-drain"]

@@ -563,7 +563,7 @@ class DnsServer:
         self._max_per_source = config.limits.max_tcp_clients_per_source
         self._listeners: dict[HostPort, _Listener] = {}  # by configured address
         # Listeners taken out of service (a reload dropped their address) that still send
-        # the answers to queries they read before: closed by close_retired().
+        # the answers to queries they read before (see remove_listeners).
         self._retired: list[_Listener] = []
 
     def take_slot(self, conn: _ClientConnection) -> str | None:
@@ -669,21 +669,26 @@ class DnsServer:
             raise
         return added
 
-    def remove_listeners(self, addresses: Iterable[HostPort]) -> None:
+    def remove_listeners(self, addresses: Iterable[HostPort]) -> Callable[[], None]:
         """Stop reading and accepting on ``addresses``; their UDP sockets stay open for the
-        answers still in flight until :meth:`close_retired`."""
+        answers still in flight. Returns what closes them, once those are out."""
+        removed: list[_Listener] = []
         for hp in addresses:
             listener = self._listeners.pop(hp, None)
             if listener is not None:
                 listener.udp.pause()
                 listener.tcp.close()
-                self._retired.append(listener)
+                removed.append(listener)
                 log.info("stopped listening on %s", _local(listener.udp.sock))
+        self._retired += removed
 
-    def close_retired(self) -> None:
-        for listener in self._retired:
-            self._close_listener(listener)
-        self._retired.clear()
+        def close_removed() -> None:
+            for listener in removed:
+                if listener in self._retired:
+                    self._retired.remove(listener)
+                    self._close_listener(listener)
+
+        return close_removed
 
     async def _listen(
         self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
