@@ -548,7 +548,6 @@ class _Listener:
     udp: _UdpListener
     tcp: asyncio.Server
     tcp_sock: socket.socket  # kept for its file descriptor, which a handover passes on
-    adopted: bool  # taken over from the instance this one replaced
 
 
 class DnsServer:
@@ -712,7 +711,7 @@ class DnsServer:
             raise
         where = _local(udp)
         log.info("listening on %s (udp, tcp%s)", where, ", taken over" if adopted else "")
-        return _Listener(_UdpListener(self.handler, udp), server, tcp, adopted)
+        return _Listener(_UdpListener(self.handler, udp), server, tcp)
 
     def sockets(self) -> dict[tuple[str, HostPort], socket.socket]:
         """The listening sockets by kind and bound address, for a handover."""
