@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from dnsproxy import __version__
 from dnsproxy.cache import Cache
+from dnsproxy.compat import register_extra_collectors
 from dnsproxy.config import Config, HostPort
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.metrics import HttpEndpoint, StatsCollector
@@ -53,6 +54,7 @@ class App:
         self.server = DnsServer(config, self.cache, self.forwarder)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(self))
+        register_extra_collectors(self)
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
@@ -204,6 +206,10 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        # Structured lines (the per-query log) carry their values as fields of their own.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
         return json.dumps(out, separators=(",", ":"))
 
 

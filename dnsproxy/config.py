@@ -135,6 +135,9 @@ class Config:
     # After SIGTERM, /ready is 503 but queries are still served for this long.
     shutdown_lameduck_s: float = 0.0
     node: NodeConfig | None = None
+    # Also export the metric names of CoreDNS and node-cache (coredns_*), so that existing
+    # NodeLocal DNSCache dashboards and alerts keep working.
+    metrics_coredns_names: bool = False
 
 
 # --- parsing and validation -------------------------------------------------------------
@@ -159,6 +162,7 @@ _TOP_KEYS = (
     "log",
     "shutdown",
     "node",
+    "metrics",
 )
 _TTL_KEYS = ("min_ttl_s", "max_ttl_s", "denial_max_ttl_s", "servfail_ttl_s")
 _ZONE_KEYS = ("zone", "upstreams", "policy", "try_timeout_s", "deadline_s", "cache")
@@ -710,6 +714,8 @@ class _Reader:
         else:
             lameduck_s = self.seconds(shutdown, "lameduck_s", "shutdown", 0.0, zero_ok=True)
         node = self.node(data, overrides, listen, health_listen)
+        metrics = self.section(data, "metrics", "", ("coredns_names",))
+        coredns_names = self.boolean(metrics, "coredns_names", "metrics", False)
 
         if self.problems:
             raise _Stop
@@ -727,6 +733,7 @@ class _Reader:
             shutdown_grace_s=grace_s,
             shutdown_lameduck_s=lameduck_s,
             node=node,
+            metrics_coredns_names=coredns_names,
         )
 
     def listen(self, data: dict[Any, Any], flags: tuple[str, ...]) -> tuple[HostPort, ...]:

@@ -13,7 +13,7 @@ import random
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from dnsproxy import wire
@@ -51,21 +51,39 @@ class ForwarderStats:
 
 
 class LatencyHistogram:
-    """Upstream reply latency in buckets: plain ints, exported at scrape time.
+    """Latency in buckets (upper bounds ``bounds``): plain ints, exported at scrape time.
 
     prometheus_client's Histogram takes a lock and does several calls per observation;
     this one is only touched from the event loop thread, so a list of ints will do.
     """
 
-    __slots__ = ("counts", "total_s")
+    __slots__ = ("bounds", "counts", "total_s")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total_s = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total_s += seconds
+
+    def observe_many(self, seconds: float, n: int) -> None:
+        """Record ``n`` observations of the same duration (one batch of queries)."""
+        self.counts[bisect_left(self.bounds, seconds)] += n
+        self.total_s += seconds * n
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count)`` pairs as Prometheus histograms expose them, ``+Inf`` last."""
+        # One copy, so that a scrape from the HTTP thread sees consistent buckets.
+        counts = self.counts.copy()
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip(self.bounds, counts, strict=False):
+            total += n
+            out.append((str(float(bound)), float(total)))
+        out.append(("+Inf", float(total + counts[-1])))
+        return out
 
 
 @dataclass(slots=True)
@@ -77,6 +95,7 @@ class _Server:
     fails: int = 0
     probe: asyncio.Task[None] | None = None
     probe_failures: int = 0
+    rcodes: dict[int, int] = field(default_factory=dict)  # valid replies by rcode
 
     @property
     def up(self) -> bool:
@@ -161,6 +180,9 @@ class Forwarder:
             servers = [self._server(u) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
+        # The upstream whose reply (or failure) is being delivered, for the query log
+        # lines written inside the deliver callbacks; None outside a delivery.
+        self.answering: str | None = None
         self._inflight: dict[bytes, _Resolution] = {}
         # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
         # getpid() system call on every use (its fork check), several per miss.
@@ -321,6 +343,8 @@ class Forwarder:
                 self._next(r)
                 return
             server.fails = 0
+            rcodes = server.rcodes
+            rcodes[info.rcode] = rcodes.get(info.rcode, 0) + 1
             if info.rcode in _TRY_NEXT_RCODES:
                 # Another server of the group may do better; keep this one as a fallback.
                 r.last = info
@@ -380,11 +404,13 @@ class Forwarder:
         inflight = self._inflight
         if inflight.get(r.key) is r:
             del inflight[r.key]
+        self.answering = r.server.upstream.label if r.server is not None else None
         for deliver in r.waiters:
             try:
                 deliver(entry)
             except Exception:
                 log.exception("delivering an answer failed")
+        self.answering = None
 
     async def close(self) -> None:
         for r in list(self._inflight.values()):

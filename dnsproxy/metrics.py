@@ -16,11 +16,9 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import dnslib
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,22 +30,13 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from dnsproxy import __version__
 from dnsproxy.cache import KIND_NAMES
-from dnsproxy.forwarder import LATENCY_BUCKETS
+from dnsproxy.names import qtype_name as _qtype_name
+from dnsproxy.names import rcode_name as _rcode_name
 
 if TYPE_CHECKING:
     from dnsproxy.app import App
 
 log = logging.getLogger(__name__)
-
-
-def _qtype_name(qtype: int) -> str:
-    name = dnslib.QTYPE.get(qtype, None)
-    return str(name) if name is not None else f"TYPE{qtype}"
-
-
-def _rcode_name(rcode: int) -> str:
-    name = dnslib.RCODE.get(rcode, None)
-    return str(name) if name is not None else f"RCODE{rcode}"
 
 
 class StatsCollector:
@@ -217,14 +206,7 @@ class StatsCollector:
             labels=["upstream"],
         )
         for label, server in app.forwarder.servers.items():
-            counts = server.latency.counts.copy()
-            cumulative = list(accumulate(counts))
-            buckets = [
-                (str(float(bound)), float(n))
-                for bound, n in zip(LATENCY_BUCKETS, cumulative, strict=False)
-            ]
-            buckets.append(("+Inf", float(cumulative[-1])))
-            latency.add_metric([label], buckets, server.latency.total_s)
+            latency.add_metric([label], server.latency.cumulative(), server.latency.total_s)
         yield latency
 
 

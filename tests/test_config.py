@@ -814,6 +814,7 @@ def test_shipped_config_is_valid() -> None:
     assert config.limits == ServerLimits()
     assert config.log == LogConfig()
     assert config.shutdown_grace_s == 5.0
+    assert config.metrics_coredns_names is False
 
 
 def test_shipped_config_lists_every_key() -> None:
@@ -828,7 +829,9 @@ def test_shipped_config_lists_every_key() -> None:
         "zones",
         "log",
         "shutdown",
+        "metrics",
     }
+    assert set(raw["metrics"]) == {"coredns_names"}
     assert set(raw["acl"]) == {"allow"}
     assert set(raw["cache"]) == {"max_entries", *(f.name for f in fields(CachePolicy))}
     assert set(raw["upstream"]) == {f.name for f in fields(UpstreamPoolConfig)}
