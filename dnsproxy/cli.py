@@ -3,8 +3,9 @@
 ``dnsproxy [--config FILE] [flags]`` runs the proxy; ``dnsproxy check-config FILE``
 validates a file and prints every problem with its key path; ``dnsproxy node-setup
 --dry-run --config FILE`` prints the interface commands and the rules (iptables commands or
-nftables ruleset) the node role would apply. Exit status 2 means the configuration (or the
-command line) is wrong.
+nftables ruleset) the node role would apply; ``dnsproxy import-corefile FILE`` prints the
+configuration equivalent to a NodeLocal DNSCache Corefile (see :mod:`dnsproxy.corefile`).
+Exit status 2 means the configuration (or the command line) is wrong.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args[1:])
     if args and args[0] == "node-setup":
         return _node_setup(args[1:])
+    if args and args[0] == "import-corefile":
+        from dnsproxy.corefile import main as import_corefile
+
+        return import_corefile(args[1:])
     return _run(args)
 
 
@@ -34,7 +39,8 @@ def _run(argv: list[str]) -> int:
         prog="dnsproxy",
         description="Node-local caching DNS forwarder. "
         "Subcommands: 'dnsproxy check-config FILE' validates a configuration file; "
-        "'dnsproxy node-setup --dry-run --config FILE' prints the node rules it would apply.",
+        "'dnsproxy node-setup --dry-run --config FILE' prints the node rules it would apply; "
+        "'dnsproxy import-corefile FILE' converts a NodeLocal DNSCache Corefile.",
     )
     parser.add_argument("--version", action="version", version=f"dnsproxy {__version__}")
     parser.add_argument(
