@@ -173,8 +173,9 @@ class CoreDnsCollector:
             upstream = server.upstream
             to = str(HostPort(upstream.config.host, upstream.config.port))
             requests.add_metric([to], upstream.stats.queries)
-            for rcode, n in server.rcodes.copy().items():
-                responses.add_metric([rcode_name(rcode), to], n)
+            for rcode, n in enumerate(server.rcodes.copy()):
+                if n:
+                    responses.add_metric([rcode_name(rcode), to], n)
             failures.add_metric([to], server.probe_failures)
             latency.add_metric([to], server.latency.cumulative(), server.latency.total_s)
         yield requests

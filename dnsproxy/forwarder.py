@@ -95,7 +95,8 @@ class _Server:
     fails: int = 0
     probe: asyncio.Task[None] | None = None
     probe_failures: int = 0
-    rcodes: dict[int, int] = field(default_factory=dict)  # valid replies by rcode
+    # Valid replies by rcode (the header's 4 bits).
+    rcodes: list[int] = field(default_factory=lambda: [0] * 16)
 
     @property
     def up(self) -> bool:
@@ -181,8 +182,10 @@ class Forwarder:
             self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         # The upstream whose reply (or failure) is being delivered, for the query log
-        # lines written inside the deliver callbacks; None outside a delivery.
+        # lines written inside the deliver callbacks; None outside a delivery. Kept only
+        # when queries are logged.
         self.answering: str | None = None
+        self._log_queries = config.log.queries
         self._inflight: dict[bytes, _Resolution] = {}
         # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
         # getpid() system call on every use (its fork check), several per miss.
@@ -343,8 +346,7 @@ class Forwarder:
                 self._next(r)
                 return
             server.fails = 0
-            rcodes = server.rcodes
-            rcodes[info.rcode] = rcodes.get(info.rcode, 0) + 1
+            server.rcodes[info.rcode] += 1
             if info.rcode in _TRY_NEXT_RCODES:
                 # Another server of the group may do better; keep this one as a fallback.
                 r.last = info
@@ -404,13 +406,16 @@ class Forwarder:
         inflight = self._inflight
         if inflight.get(r.key) is r:
             del inflight[r.key]
-        self.answering = r.server.upstream.label if r.server is not None else None
+        log_queries = self._log_queries
+        if log_queries:
+            self.answering = r.server.upstream.label if r.server is not None else None
         for deliver in r.waiters:
             try:
                 deliver(entry)
             except Exception:
                 log.exception("delivering an answer failed")
-        self.answering = None
+        if log_queries:
+            self.answering = None
 
     async def close(self) -> None:
         for r in list(self._inflight.values()):
