@@ -24,7 +24,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
-from conftest import ROOT, dnsproxy_cmd
+from conftest import ROOT, dnsproxy_cmd, stop_process
 from netns import (
     CLUSTER_IP,
     LOCAL_IP,
@@ -103,15 +103,14 @@ def substitute(text: str, **words: str) -> str:
 
 
 def iptables_mode(cluster_ip: str = KUBE_DNS) -> str:
+    """node-cache's own words (CLUSTER__DNS, UPSTREAM__SERVERS) left for it to fill."""
     return substitute(
-        NODELOCAL_COREFILE,
-        LOCAL__DNS=LOCAL_IP,
-        DNS__DOMAIN="cluster.local",
-        DNS__SERVER=cluster_ip,
+        NODELOCAL_COREFILE, LOCAL__DNS=LOCAL_IP, DNS__DOMAIN="cluster.local", DNS__SERVER=cluster_ip
     )
 
 
 def ipvs_mode(cluster_ip: str = KUBE_DNS) -> str:
+    """The kube-dns ClusterIP as the upstream; DNS__SERVER left in bind."""
     return substitute(
         NODELOCAL_COREFILE,
         LOCAL__DNS=LOCAL_IP,
@@ -405,13 +404,7 @@ class _Dnsmasq:
         return self.log_path.read_text(errors="replace")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -35,7 +35,7 @@ import dns.asyncquery
 import dns.message
 import pytest
 import yaml
-from conftest import RECORDS, ROOT, make_config, running
+from conftest import RECORDS, ROOT, make_config, running, stop_process
 from fakeupstream import FakeUpstream, zone_handler
 from prometheus_client.parser import text_string_to_metric_families
 from test_process import free_port, http_get
@@ -294,13 +294,7 @@ class Prometheus:
             await asyncio.sleep(0.2)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, 10.0)
         self._log.close()
 
 
