@@ -47,6 +47,7 @@ if ! $ENGINE image inspect "$BASE" >/dev/null 2>&1 && ! $ENGINE pull -q "$BASE" 
     $ENGINE import --change 'CMD ["bash"]' "$tarball" "$BASE" >/dev/null
 fi
 
+previous=$($ENGINE image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 build=(build)
 [ "$ENGINE" = podman ] && build+=(--pull=never)
 $ENGINE "${build[@]}" -f deploy/Dockerfile -t "$IMAGE" \
@@ -56,4 +57,9 @@ $ENGINE "${build[@]}" -f deploy/Dockerfile -t "$IMAGE" \
     --build-arg "REVISION=$REVISION" \
     --build-arg "SOURCE_DIGEST=$DIGEST" \
     .
+# The image this one replaces under the tag, unless something still uses it.
+current=$($ENGINE image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    $ENGINE rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "$IMAGE: $($ENGINE image inspect --format '{{.Size}}' "$IMAGE") bytes"
