@@ -147,9 +147,8 @@ def parse(text: str, env: Mapping[str, str] | None = None) -> list[ServerBlock]:
             tok = tokens[pos]
             if not tok.quoted and tok.text == "}":
                 raise CorefileError([f"line {tok.line}: '}}' without a block to close"])
-            keys.extend(
-                Token(part, tok.line) for part in tok.text.split(",") if part
-            )  # "a:53,b:53" is two keys
+            # "a.example:53, b.example:53": keys may be separated by commas too.
+            keys.extend(Token(part, tok.line) for part in tok.text.split(",") if part)
             pos += 1
         if pos >= len(tokens):
             where = keys[0].line if keys else 1
