@@ -122,8 +122,8 @@ async def test_coredns_names_only_when_asked_for() -> None:
     assert value(s, "process_open_fds") > 0
 
 
-async def test_hits_in_one_read_batch_share_the_batch_duration() -> None:
-    """Many queries sent at once are read in one batch: each is counted, none lost."""
+async def test_every_query_answered_in_a_read_batch_is_timed() -> None:
+    """Queries sent at once are read in batches: each answered one is in the histogram."""
     async with proxy_with(http=True) as (app, _fake):
         await ask(app, "www.example.")  # cached now
         hp = app.listen[0]

@@ -9,6 +9,7 @@ The image itself is run from the rendered DaemonSet in ``test_deploy_image.py``.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -115,7 +116,6 @@ def test_daemonset_is_what_a_node_needs(overlay: str) -> None:
 
 def env_expand(text: str, env: dict[str, str]) -> str:
     """dnsproxy's own ``${VAR:-default}`` expansion, for reading the config in a test."""
-    import re
 
     def sub(m: re.Match[str]) -> str:
         name, _, default = m[1].partition(":-")

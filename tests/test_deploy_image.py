@@ -20,6 +20,7 @@ when a test fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -53,6 +54,8 @@ from test_node_netns import (
     our_rules,
 )
 from test_process import RECORDS, free_port, http_get, metric_value
+
+import dnsproxy
 
 sys.path.insert(0, str(ROOT / "deploy"))
 import source_digest
@@ -117,7 +120,7 @@ def test_image_is_small_debian_python_with_the_node_tools(image: str) -> None:
     assert config["Entrypoint"] == ["dnsproxy"]
     assert config["User"] not in ("", "0", "root", "0:0")
     labels = config["Labels"]
-    assert labels["org.opencontainers.image.version"] == __import__("dnsproxy").__version__
+    assert labels["org.opencontainers.image.version"] == dnsproxy.__version__
     assert "org.opencontainers.image.source" in labels
     probe = (
         "import os, shutil, subprocess, sys; "
@@ -136,7 +139,7 @@ def test_image_is_small_debian_python_with_the_node_tools(image: str) -> None:
     assert "-" not in (iptables, ip6tables, nft, ip)
     assert (gcc, cc, pip, pip3) == ("-", "-", "-", "-")  # no compiler, no pip
     version = podman("run", "--rm", image, "--version").strip()
-    assert version == f"dnsproxy {__import__('dnsproxy').__version__}"
+    assert version == f"dnsproxy {dnsproxy.__version__}"
 
 
 async def test_image_runs_standalone_as_a_non_root_user(image: str) -> None:
@@ -158,7 +161,7 @@ async def test_image_runs_standalone_as_a_non_root_user(image: str) -> None:
                     pass
                 if time.monotonic() > deadline:
                     raise AssertionError(podman("logs", name, check=False))
-                await __import__("asyncio").sleep(0.1)
+                await asyncio.sleep(0.1)
             query = dns.message.make_query("www.example.", "A")
             reply = await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=5)
             assert [str(r) for rrset in reply.answer for r in rrset] == ["169.254.1.1"]
