@@ -27,14 +27,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from dnsproxy import __version__
 from dnsproxy.cache import Cache
-from dnsproxy.compat import register_extra_collectors
+from dnsproxy.compat import CoreDnsNames
 from dnsproxy.config import Config, HostPort
 from dnsproxy.forwarder import Forwarder
-from dnsproxy.metrics import HttpEndpoint, StatsCollector
+from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
 from dnsproxy.server import DnsServer
 
@@ -53,8 +53,15 @@ class App:
         self.forwarder = Forwarder(config, self.cache)
         self.server = DnsServer(config, self.cache, self.forwarder)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(self))
-        register_extra_collectors(self)
+        self.metrics = StatsCollector(
+            [BuildInfo(loop_name), self.server, self.cache, self.forwarder]
+        )
+        if config.metrics_coredns_names:
+            self.metrics.sources.append(
+                CoreDnsNames(self.server, self.cache, self.forwarder, lambda: self.node)
+            )
+        self.registry.register(self.metrics)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
@@ -75,7 +82,7 @@ class App:
             # Resolving "auto" runs `iptables -V` once; nothing is being served yet.
             self.node = NodeManager(node_config, detect_backend(node_config.rules))
             self.node.check_tools()
-            self.registry.register(NodeCollector(self.node.stats))
+            self.metrics.sources.append(NodeCollector(self.node.stats))
             try:
                 await self.node.setup_interface()
             except NodeError:

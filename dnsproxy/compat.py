@@ -1,21 +1,18 @@
-"""Metric families beside the core ones: client request durations, process metrics, and the
-CoreDNS / NodeLocal DNSCache names (``metrics.coredns_names``).
+"""The CoreDNS / NodeLocal DNSCache metric names (``metrics.coredns_names``).
 
-Everything here reads counters the components already keep (``ServerStats``, the
-forwarder's per-server state, the cache, ``NodeStats``) at scrape time; nothing is counted
-twice and nothing is added to the query paths. The CoreDNS names carry the labels their
+A metrics source like the components' own: it reads the counters the server, the cache,
+the forwarder and the node manager already keep, at scrape time, so nothing is counted
+twice and nothing is added to the query paths. The names carry the labels node-cache's
 dashboards group by where dnsproxy knows the value (``proto``, ``type``, ``rcode``, ``to``,
-``errortype``); labels it cannot fill honestly (``server``, ``zone``, ``view``,
-``family``) are left out, so a ``sum by (zone)`` yields one series instead of made-up ones.
+``errortype``); labels it cannot fill honestly (``server``, ``zone``, ``view``, ``family``)
+are left out, so a ``sum by (zone)`` yields one series instead of made-up ones.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
-from prometheus_client import ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,61 +21,36 @@ from prometheus_client.core import (
 )
 
 from dnsproxy import __version__
-from dnsproxy.cache import NEGATIVE, POSITIVE, SERVFAIL
+from dnsproxy.cache import NEGATIVE, POSITIVE, SERVFAIL, Cache
 from dnsproxy.config import HostPort
-from dnsproxy.names import qtype_name, rcode_name
-
-if TYPE_CHECKING:
-    from dnsproxy.app import App
-
-_DURATION_HELP = (
-    "Time from a query's arrival to its answer, seconds. A forwarded query is timed on its "
-    "own; UDP queries answered from the cache in one socket read batch are each recorded "
-    "with the batch's duration, an upper bound on their own (time queued in the socket "
-    "before the batch is not seen)."
-)
+from dnsproxy.forwarder import Forwarder
+from dnsproxy.metrics import buckets, qtype_name, rcode_name
+from dnsproxy.node import NodeManager
+from dnsproxy.server import REQUEST_DURATION_HELP, DnsServer
 
 
-def register_extra_collectors(app: App) -> None:
-    """Add this module's collectors to ``app.registry``: the request duration histogram
-    and process metrics always, the CoreDNS names when ``metrics.coredns_names`` is on."""
-    ProcessCollector(registry=app.registry)
-    app.registry.register(RequestDurationCollector(app))
-    if app.config.metrics_coredns_names:
-        app.registry.register(CoreDnsCollector(app))
-
-
-class RequestDurationCollector:
-    """``dnsproxy_request_duration_seconds``: the client-facing latency histogram."""
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        durations = self.app.server.handler.durations
-        m = HistogramMetricFamily("dnsproxy_request_duration_seconds", _DURATION_HELP)
-        m.add_metric([], durations.cumulative(), durations.total_s)
-        yield m
-
-
-class CoreDnsCollector:
+class CoreDnsNames:
     """The metric names of CoreDNS and node-cache, read from dnsproxy's own counters.
 
-    SERVFAIL entries count as ``denial``, where CoreDNS's cache keeps them too.
+    SERVFAIL entries count as ``denial``, where CoreDNS's cache keeps them too. ``node``
+    gives the node manager once the app has started one (None without the node role).
     """
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-
-    def describe(self) -> Iterable[Metric]:
-        return []
+    def __init__(
+        self,
+        server: DnsServer,
+        cache: Cache,
+        forwarder: Forwarder,
+        node: Callable[[], NodeManager | None],
+    ) -> None:
+        self.server = server
+        self.cache = cache
+        self.forwarder = forwarder
+        self.node = node
 
     def collect(self) -> Iterator[Metric]:
-        app = self.app
-        s = app.server.stats
+        """The coredns_* families."""
+        s = self.server.stats
 
         info = GaugeMetricFamily(
             "coredns_build_info",
@@ -108,9 +80,9 @@ class CoreDnsCollector:
                 m.add_metric([rcode_name(rcode)], n)
         yield m
 
-        durations = app.server.handler.durations
-        h = HistogramMetricFamily("coredns_dns_request_duration_seconds", _DURATION_HELP)
-        h.add_metric([], durations.cumulative(), durations.total_s)
+        durations = self.server.handler.durations
+        h = HistogramMetricFamily("coredns_dns_request_duration_seconds", REQUEST_DURATION_HELP)
+        h.add_metric([], buckets(durations.bounds, durations.counts.copy()), durations.total_s)
         yield h
 
         hits = s.hits_by_kind.copy()
@@ -125,21 +97,20 @@ class CoreDnsCollector:
         yield CounterMetricFamily(
             "coredns_cache_misses", "Queries not answered from the cache.", value=s.misses
         )
-        kinds = app.cache.by_kind.copy()
+        kinds = self.cache.by_kind.copy()
         g = GaugeMetricFamily("coredns_cache_entries", "Cached entries, by type.", labels=["type"])
         g.add_metric(["success"], kinds[POSITIVE])
         g.add_metric(["denial"], kinds[NEGATIVE] + kinds[SERVFAIL])
         yield g
 
         yield from self._forward()
-
         yield CounterMetricFamily(
             "coredns_forward_max_concurrent_rejects",
             "Misses answered SERVFAIL because limits.max_inflight queries were in flight.",
-            value=app.forwarder.stats.inflight_rejects,
+            value=self.forwarder.stats.inflight_rejects,
         )
 
-        node = app.node
+        node = self.node()
         if node is not None:
             m = CounterMetricFamily(
                 "coredns_nodecache_setup_errors",
@@ -169,7 +140,7 @@ class CoreDnsCollector:
             "Time from sending a query to the upstream server to its valid reply, seconds.",
             labels=["to"],
         )
-        for server in self.app.forwarder.servers.values():
+        for server in self.forwarder.servers.values():
             upstream = server.upstream
             to = str(HostPort(upstream.config.host, upstream.config.port))
             requests.add_metric([to], upstream.stats.queries)
@@ -177,7 +148,8 @@ class CoreDnsCollector:
                 if n:
                     responses.add_metric([rcode_name(rcode), to], n)
             failures.add_metric([to], server.probe_failures)
-            latency.add_metric([to], server.latency.cumulative(), server.latency.total_s)
+            hist = server.latency
+            latency.add_metric([to], buckets(hist.bounds, hist.counts.copy()), hist.total_s)
         yield requests
         yield responses
         yield failures

@@ -95,6 +95,8 @@ class ServerLimits:
     max_inflight: int = 10000  # distinct queries waiting for an upstream
     max_waiters_per_query: int = 1000  # clients coalesced onto one upstream query
     udp_payload_size: int = 1232  # largest UDP reply we send and advertise
+    # TCP client connections from one source address; so one address cannot take them all.
+    max_tcp_clients_per_source: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -853,6 +855,9 @@ class _Reader:
                 m, "max_waiters_per_query", p, d.max_waiters_per_query, 1, None
             ),
             udp_payload_size=self.integer(m, "udp_payload_size", p, d.udp_payload_size, 512, 4096),
+            max_tcp_clients_per_source=self.integer(
+                m, "max_tcp_clients_per_source", p, d.max_tcp_clients_per_source, 1, None
+            ),
         )
 
     def log(self, m: dict[Any, Any], overrides: Overrides) -> LogConfig:

@@ -13,15 +13,25 @@ import logging
 import socket
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, cast
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
 from dnsproxy.config import Config, HostPort, IPNetwork
-from dnsproxy.forwarder import Forwarder, LatencyHistogram
-from dnsproxy.names import qtype_name, rcode_name
+from dnsproxy.forwarder import Forwarder
+from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
+from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
+from dnsproxy.resolution import LatencyHistogram
 
 log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
@@ -35,6 +45,17 @@ _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of reme
 # Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
 # so that quantiles compare with those of coredns_dns_request_duration_seconds.
 REQUEST_DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))
+REQUEST_DURATION_HELP = (
+    "Time from a query's arrival to its answer, seconds. A forwarded query is timed on its "
+    "own; UDP queries answered from the cache in one socket read batch are each recorded "
+    "with the batch's duration, an upper bound on their own (time queued in the socket "
+    "before the batch is not seen)."
+)
+# A TCP frame still incomplete this long after its first byte came is abandoned and the
+# connection closed. A query fits in one segment and RFC 7766 §8 asks clients to write
+# the length and the message together, so only a stalled or hostile client takes
+# seconds; well under tcp_idle_timeout_s, so half-sent queries cannot hold client slots.
+_PARTIAL_FRAME_S = 2.0
 
 
 class ServerStats:
@@ -116,8 +137,8 @@ class Acl(dict[str, bool]):
 Parsed = tuple[bytes, int, int, int, int, int, int, int]
 
 
-def _count(table: dict[str, int], reason: str) -> None:
-    table[reason] = table.get(reason, 0) + 1
+def _count(table: dict[str, int], reason: str, n: int = 1) -> None:
+    table[reason] = table.get(reason, 0) + n
 
 
 class _Handler:
@@ -423,21 +444,31 @@ class _UdpListener:
         self.send(self.h.delivered(addr, False, key, data, qend, edns, started, entry), addr)
 
 
-class _TcpConnection(asyncio.Protocol):
+class _ClientConnection(asyncio.Protocol):
+    """One client's TCP connection: framing, the pipelining limit, idle and stall deadlines.
+
+    Holds one of the server's client slots (bounded in all and per source address) from
+    accept until the connection ends; it ends, and frees the slot, as soon as the client
+    closes or resets (answers still to come for it are then dropped and counted), when
+    idle for ``tcp_idle_timeout_s``, or when a frame stays incomplete for
+    :data:`_PARTIAL_FRAME_S`.
+    """
+
     def __init__(self, handler: _Handler, server: DnsServer) -> None:
         self.h = handler
         self.server = server
         self.stats = handler.stats
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.reader = FrameReader()
+        self.queued: deque[bytes] = deque()  # whole frames waiting for a pipelining slot
         self.pending = 0
         self.paused = False  # reading paused (pipelining limit or full write buffer)
         self.write_paused = False
         self.processing = False
-        self.eof = False
         self.closed = False
         self.last_activity = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = NEVER
         self.peer: Any = None
         self.max_pipelined = handler.config.limits.max_pipelined_per_client
         self.idle_s = handler.config.limits.tcp_idle_timeout_s
@@ -447,47 +478,94 @@ class _TcpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         # None when the socket was reset before we looked; the ACL then refuses it.
         self.peer = transport.get_extra_info("peername") or ("", 0)
-        stats = self.stats
-        if stats.tcp_clients >= self.h.config.limits.max_tcp_clients or self.h.closing:
-            _count(stats.dropped, "tcp_client_limit" if not self.h.closing else "shutting_down")
+        refused = "shutting_down" if self.h.closing else self.server.take_slot(self)
+        if refused is not None:
+            _count(self.stats.dropped, refused)
             self.closed = True
             self.transport.abort()
             return
-        stats.tcp_clients += 1
-        self.server.connections.add(self)
-        self.timer = asyncio.get_running_loop().call_later(self.idle_s, self._idle_check)
+        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None and self in self.server.connections:
-            self.server.connections.discard(self)
-            self.stats.tcp_clients -= 1
-        self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        # A reset by the client, or the end of a close: either way the connection is over.
+        self._end()
 
-    def _idle_check(self) -> None:
-        idle = time.monotonic() - self.last_activity
-        if self.pending == 0 and idle >= self.idle_s:
-            self.close()
-            return
-        delay = self.idle_s - idle if self.pending == 0 else self.idle_s
-        self.timer = asyncio.get_running_loop().call_later(max(delay, 0.05), self._idle_check)
+    def eof_received(self) -> bool:
+        # The client closed its side: whatever it sent (a length prefix, half a query,
+        # queries not yet answered), it frees its slot now rather than at a timeout.
+        self.close()
+        return False
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
+            self._end()
+            self.transport.close()  # what was already written still goes out
+
+    def _end(self) -> None:
+        """The connection is over: free the slot, count the input it leaves unread."""
+        self.closed = True
+        self.server.free_slot(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.queued:
+            _count(self.stats.dropped, "tcp_client_gone", len(self.queued))
+            self.queued.clear()
+        if self.reader.buffered:
+            _count(self.stats.dropped, "tcp_partial_frame")
+            self.reader = FrameReader()
+
+    # -- deadlines
+
+    def _due(self) -> float:
+        """When the connection is due to close unless something happens first."""
+        idle_since = self.last_activity if self.pending == 0 else NEVER
+        partial_s = NEVER if self.paused else _PARTIAL_FRAME_S
+        return self.reader.expiry(idle_since, self.idle_s, partial_s)
+
+    def _arm(self) -> None:
+        # One timer per connection. While queries are pending nothing is due; the timer
+        # then looks again after idle_s rather than being moved on every answer.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        when = min(self._due(), now + self.idle_s)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = loop.call_at(max(when, now + 0.05), self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if self._due() <= time.monotonic():
+            self.close()
+            return
+        self._arm()
+
+    # -- reading
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_activity = time.monotonic()
-        self.buf += data
+        now = time.monotonic()
+        self.last_activity = now
+        try:
+            self.queued.extend(self.reader.feed(data, now))
+        except FrameError as exc:
+            # Not a DNS message: the framing is lost and cannot be resynchronised.
+            _count(self.stats.dropped, "tcp_bad_frame")
+            self.queued.extend(exc.frames)
+            self._process()
+            self.reader = FrameReader()  # the bad frame is counted above, not as partial
+            self.close()
+            return
         self._process()
+        if self.reader.partial_since + _PARTIAL_FRAME_S < self.timer_at and not self.closed:
+            self._arm()  # a frame began to arrive: its deadline comes before the timer
 
     def _process(self) -> None:
-        """Handle every complete frame, unless this client already has enough pending.
+        """Handle every whole frame, unless this client already has enough pending.
 
         Reading pauses while the client has ``max_pipelined`` queries unanswered or our
         replies pile up in the write buffer (a client that sends but does not read), so
@@ -497,27 +575,14 @@ class _TcpConnection(asyncio.Protocol):
             return  # an answer delivered from inside the loop below; it goes on by itself
         self.processing = True
         try:
-            self._frames()
+            queued = self.queued
+            while queued and self.pending < self.max_pipelined and not self.write_paused:
+                self._handle(queued.popleft())
+                if self.closed:
+                    return
         finally:
             self.processing = False
-        if not self.closed:
-            self._flow()
-
-    def _frames(self) -> None:
-        buf = self.buf
-        while len(buf) >= 2 and self.pending < self.max_pipelined and not self.write_paused:
-            size = (buf[0] << 8) | buf[1]
-            if size < wire.HEADER_LEN:
-                _count(self.stats.dropped, "tcp_bad_frame")
-                self.close()
-                return
-            if len(buf) < size + 2:
-                break
-            msg = bytes(memoryview(buf)[2 : size + 2])
-            del buf[: size + 2]
-            self._handle(msg)
-            if self.closed:
-                return
+        self._flow()
 
     def _flow(self) -> None:
         transport = self.transport
@@ -529,10 +594,9 @@ class _TcpConnection(asyncio.Protocol):
             transport.pause_reading()
         elif not hold and self.paused:
             self.paused = False
+            # The incomplete frame waited on us, not on the client: its clock restarts.
+            self.reader.resume(time.monotonic())
             transport.resume_reading()
-        if self.eof and self.pending == 0 and len(self.buf) < 2:
-            # The client half-closed and has every answer it asked for.
-            self.close()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -542,15 +606,11 @@ class _TcpConnection(asyncio.Protocol):
         self.write_paused = False
         self._process()
 
-    def eof_received(self) -> bool:
-        # Keep our side open: answers to queries already received still go out.
-        self.eof = True
-        self._flow()
-        return True
+    # -- answering
 
     def _send(self, reply: bytes, peer: Any = None) -> None:
         assert self.transport is not None
-        self.transport.write(len(reply).to_bytes(2, "big") + reply)
+        self.transport.write(frame(reply))
 
     def _handle(self, data: bytes) -> None:
         h = self.h
@@ -585,10 +645,82 @@ class DnsServer:
     def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
         self.handler = _Handler(config, cache, forwarder)
         self.stats = self.handler.stats
-        self.connections: set[_TcpConnection] = set()
+        self.connections: set[_ClientConnection] = set()  # those holding a client slot
+        self._per_source: dict[str, int] = {}  # client slots held, by source address
+        self._max_tcp_clients = config.limits.max_tcp_clients
+        self._max_per_source = config.limits.max_tcp_clients_per_source
         self._udp: list[_UdpListener] = []
         self._tcp: list[asyncio.Server] = []
         self.bound: list[HostPort] = []
+
+    def take_slot(self, conn: _ClientConnection) -> str | None:
+        """Give ``conn`` a client slot; None, or the reason (a drop counter) it gets none."""
+        if len(self.connections) >= self._max_tcp_clients:
+            return "tcp_client_limit"
+        source = conn.peer[0]
+        held = self._per_source.get(source, 0)
+        if held >= self._max_per_source:
+            return "tcp_source_limit"
+        self._per_source[source] = held + 1
+        self.connections.add(conn)
+        self.stats.tcp_clients = len(self.connections)
+        return None
+
+    def free_slot(self, conn: _ClientConnection) -> None:
+        """Give back the slot ``conn`` holds, if it holds one."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.tcp_clients = len(self.connections)
+            source = conn.peer[0]
+            held = self._per_source.pop(source, 1) - 1
+            if held > 0:
+                self._per_source[source] = held
+
+    def collect(self) -> Iterator[Metric]:
+        """The client side's metric families, from :class:`ServerStats`."""
+        s = self.stats
+        m = CounterMetricFamily("dnsproxy_requests", "Valid queries received.", labels=["proto"])
+        m.add_metric(["udp"], s.udp_requests)
+        m.add_metric(["tcp"], s.tcp_requests)
+        yield m
+        m = CounterMetricFamily(
+            "dnsproxy_requests_by_type", "Valid queries by type.", labels=["type"]
+        )
+        qtypes = s.qtypes
+        for qtype in range(len(qtypes)):
+            if qtypes[qtype]:
+                m.add_metric([qtype_name(qtype)], qtypes[qtype])
+        yield m
+        m = CounterMetricFamily("dnsproxy_responses", "Responses sent, by rcode.", labels=["rcode"])
+        rcodes = s.rcodes
+        for rcode in range(len(rcodes)):
+            if rcodes[rcode]:
+                m.add_metric([rcode_name(rcode)], rcodes[rcode])
+        yield m
+        yield by_reason(
+            "dnsproxy_dropped", "Packets dropped without a reply, by reason.", s.dropped
+        )
+        yield by_reason(
+            "dnsproxy_invalid_queries",
+            "Queries answered with FORMERR, NOTIMP or BADVERS, by reason.",
+            s.invalid,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_acl_refused", "Queries refused by the source ACL.", value=s.refused_acl
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_tcp_clients", "Open client TCP connections.", s.tcp_clients
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_hits", "Queries answered from the cache.", value=s.hits
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_misses", "Queries not answered from the cache.", value=s.misses
+        )
+        durations = self.handler.durations
+        h = HistogramMetricFamily("dnsproxy_request_duration_seconds", REQUEST_DURATION_HELP)
+        h.add_metric([], buckets(durations.bounds, durations.counts.copy()), durations.total_s)
+        yield h
 
     async def start(self) -> list[HostPort]:
         loop = asyncio.get_running_loop()
@@ -619,7 +751,7 @@ class DnsServer:
             port = sock.getsockname()[1]
             try:
                 server = await loop.create_server(
-                    lambda: _TcpConnection(self.handler, self),
+                    lambda: _ClientConnection(self.handler, self),
                     hp.host,
                     port,
                     family=family,
