@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${1:-localhost/dnsproxy:latest}
 BASE=docker.io/library/debian:bookworm-slim
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' dnsproxy/__init__.py)
 SOURCE=$(git config --get remote.origin.url 2>/dev/null || echo unknown)
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 DIGEST=$(python3 deploy/source_digest.py)

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from dnsproxy import __version__
 from dnsproxy.cache import Cache
 from dnsproxy.compat import CoreDnsNames
-from dnsproxy.config import Config, HostPort
+from dnsproxy.config_types import Config, HostPort
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend

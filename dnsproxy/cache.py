@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dnsproxy import wire
-from dnsproxy.config import CachePolicy
+from dnsproxy.config_types import CachePolicy
 
 # Bound on reply bytes in the cache besides the entry count, so that big answers (TXT,
 # many records) cannot grow memory past what max_entries suggests.

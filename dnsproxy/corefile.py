@@ -27,6 +27,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dnsproxy.errors import DnsproxyError
+
 EXIT_REFUSED = 2
 
 DEFAULT_LOCAL_IP = "169.254.20.10"
@@ -39,7 +41,7 @@ _DEFAULT_CAPACITY = 9984  # CoreDNS cache's default capacity per kind
 _MAX_SERVFAIL_TTL_S = 300
 
 
-class CorefileError(ValueError):
+class CorefileError(DnsproxyError):
     """The Corefile cannot be imported; ``problems`` holds ``"line N: reason"`` strings."""
 
     def __init__(self, problems: list[str]) -> None:

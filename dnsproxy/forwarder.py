@@ -29,7 +29,7 @@ from prometheus_client.core import (
 
 from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, Cache, Entry
-from dnsproxy.config import Config, UpstreamConfig
+from dnsproxy.config_types import Config, UpstreamConfig
 from dnsproxy.metrics import buckets, by_reason, labelled
 from dnsproxy.resolution import (
     LATENCY_BUCKETS,

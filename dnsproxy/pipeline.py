@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from dnsproxy.errors import DnsproxyError
 from dnsproxy.framing import NEVER, FrameError, FrameReader
 from dnsproxy.wire import reply_matches
 
@@ -55,7 +56,7 @@ RETIRED = 2  # takes no new queries; closes once the ones in flight are done
 CLOSED = 3  # the adapter closes its transport (if any) and forgets the connection
 
 
-class UpstreamError(Exception):
+class UpstreamError(DnsproxyError):
     """The upstream could not answer: connect refused or reset, closed, pool full, etc."""
 
 

@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 
 from dnsproxy import wire
 from dnsproxy.cache import Entry, make_entry, servfail_entry
-from dnsproxy.config import ZoneConfig
+from dnsproxy.config_types import ZoneConfig
 from dnsproxy.framing import NEVER
 
 __all__ = [

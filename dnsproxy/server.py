@@ -27,7 +27,7 @@ from prometheus_client.core import (
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
-from dnsproxy.config import Config, HostPort, IPNetwork
+from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
 from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name

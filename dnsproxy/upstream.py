@@ -30,7 +30,7 @@ from typing import Any, Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .config import UpstreamConfig, UpstreamPoolConfig
+from .config_types import UpstreamConfig, UpstreamPoolConfig
 from .framing import NEVER
 from .metrics import labelled
 from .pipeline import (

@@ -47,7 +47,9 @@ from netns import (
 )
 from test_node_netns import (
     EXTERNAL_IP,
+    FALLBACK_RULES_PER_IP,
     KUBERNETES_IP,
+    RULES_PER_IP,
     Upstream,
     getent,
     local_addresses,
@@ -63,7 +65,7 @@ import source_digest
 CONTAINERS_CONF = ROOT / "deploy" / "containers.conf"
 MAX_IMAGE_BYTES = 250 * 1000 * 1000
 START_TIMEOUT_S = 30.0
-RULES_PER_IP = 12  # ten for port 53, two for the health port
+HEALTH_RULES_PER_IP = 2  # the liveness probe's port, both directions
 
 
 def podman(*args: str, check: bool = True, timeout: float = 60.0) -> str:
@@ -283,9 +285,14 @@ def test_rendered_daemonset_runs_on_a_node(
         n.wait_ready()
         assert n.probe("livenessProbe") == 200
         rules = our_rules(topo)
-        assert len(rules) == RULES_PER_IP * len(local_ips), rules
+        # The image's iptables is the nf_tables variant, so `auto` picks nftables, with the
+        # fail-safe's rewrite to kube-dns-upstream (fallback_ip) for each local IP too.
+        nft = topo.node.run("nft", "list", "table", "inet", "dnsproxy", check=False)
+        assert nft.returncode == 0, "the node role did not choose nftables"
+        per_ip = RULES_PER_IP + HEALTH_RULES_PER_IP + FALLBACK_RULES_PER_IP
+        assert len(rules) == per_ip * len(local_ips), rules
         for ip in local_ips:
-            assert sum(ip in r for r in rules) == RULES_PER_IP
+            assert sum(ip in r for r in rules) >= RULES_PER_IP + HEALTH_RULES_PER_IP
             assert ip in local_addresses(topo)
         upstream.zero()
 
