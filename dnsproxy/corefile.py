@@ -677,6 +677,11 @@ class _Importer:
             node: dict[str, object] = {"interface": "nodelocaldns"}
             if self.health is not None:
                 node["health_port"] = int(self.health[0].rpartition(":")[2])
+            if any(_UPSTREAM_SERVICE_VAR in z.upstreams for z in self.zones):
+                # As config/nodelocal.yaml: a killed instance's link-local IP goes there.
+                out.comment("fail-safe: while no dnsproxy holds a local IP, its queries go to")
+                out.comment("kube-dns-upstream (nftables rules; see config/nodelocal.yaml)")
+                node["fallback_ip"] = _UPSTREAM_SERVICE_VAR
             out.key("node", node)
         for text, note_lines in self.notes.items():
             out.comment(f"{text} (lines {_lines(note_lines)})")

@@ -236,6 +236,9 @@ def test_nodelocal_corefile_gives_a_config_check_config_accepts(tmp_path: Path, 
     assert config.node is not None and sorted(config.node.local_ips) == sorted(
         hp.host for hp in config.listen
     )
+    # The fail-safe goes to the kube-dns-upstream Service, as in config/nodelocal.yaml.
+    # (IPVS mode's upstream is the ClusterIP itself, written in the file: no Service var.)
+    assert config.node.fallback_ip == (None if mode == "ipvs" else "169.254.25.10")
     assert str(config.health_listen) == f"{LOCAL_IP}:8080"
     assert str(config.http_listen) == "0.0.0.0:9253"
     assert config.metrics_coredns_names is True
