@@ -648,7 +648,8 @@ class _ClientConnection(asyncio.Protocol):
 
 @dataclass(slots=True)
 class _Listener:
-    """The UDP and TCP sockets of one listen address, and what serves them."""
+    """A UDP and a TCP socket of one listen address, and what serves them (an address has
+    several when it was taken over from an instance with workers, see :func:`bind_group`)."""
 
     udp: _UdpListener
     tcp: asyncio.Server
@@ -665,10 +666,12 @@ class DnsServer:
         self._per_source: dict[str, int] = {}  # client slots held, by source address
         self._max_tcp_clients = config.limits.max_tcp_clients
         self._max_per_source = config.limits.max_tcp_clients_per_source
-        self._listeners: dict[HostPort, _Listener] = {}  # by configured address
+        self._listeners: dict[HostPort, list[_Listener]] = {}  # by configured address
         # Listeners taken out of service (a reload dropped their address) that still send
         # the answers to queries they read before (see remove_listeners).
         self._retired: list[_Listener] = []
+        # Where inherited sockets come from, for the log: a handover, or a supervisor.
+        self.inherited_from = "taken over"
 
     def take_slot(self, conn: _ClientConnection) -> str | None:
         """Give ``conn`` a client slot; None, or the reason (a drop counter) it gets none."""
@@ -742,7 +745,7 @@ class DnsServer:
     @property
     def bound(self) -> list[HostPort]:
         """The addresses served, with port 0 of the config resolved to the real port."""
-        return [_local(listener.udp.sock) for listener in self._listeners.values()]
+        return [_local(pairs[0].udp.sock) for pairs in self._listeners.values()]
 
     async def start(self, inherited: Inherited | None = None) -> list[HostPort]:
         """Serve every configured address: adopt (and take out of ``inherited``) the
@@ -773,7 +776,8 @@ class DnsServer:
                 added.append(hp)
         except BaseException:
             for hp in added:
-                self._close_listener(self._listeners.pop(hp))
+                for listener in self._listeners.pop(hp):
+                    self._close_listener(listener)
             raise
         return added
 
@@ -782,12 +786,13 @@ class DnsServer:
         answers still in flight. Returns what closes them, once those are out."""
         removed: list[_Listener] = []
         for hp in addresses:
-            listener = self._listeners.pop(hp, None)
-            if listener is not None:
+            pairs = self._listeners.pop(hp, [])
+            for listener in pairs:
                 listener.udp.pause()
                 listener.tcp.close()
                 removed.append(listener)
-                log.info("stopped listening on %s", _local(listener.udp.sock))
+            if pairs:
+                log.info("stopped listening on %s", _local(pairs[0].udp.sock))
         self._retired += removed
 
         def close_removed() -> None:
@@ -800,35 +805,42 @@ class DnsServer:
 
     async def _listen(
         self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
-    ) -> _Listener:
-        udp = inherited.pop(("udp", hp), None)
-        tcp = inherited.pop(("tcp", hp), None)
-        adopted = udp is not None and tcp is not None
-        if udp is None or tcp is None:
-            # A half handed over (never sent, but cheap to allow) is bound afresh.
-            for sock in (udp, tcp):
-                if sock is not None:
-                    sock.close()
+    ) -> list[_Listener]:
+        udps = inherited.pop(("udp", hp), [])
+        tcps = inherited.pop(("tcp", hp), [])
+        adopted = bool(udps) and len(udps) == len(tcps)
+        if not adopted:
+            # Unpaired sockets (never sent, but cheap to allow) are bound afresh.
+            for sock in (*udps, *tcps):
+                sock.close()
             udp, tcp = _bind_pair(hp)
+            udps, tcps = [udp], [tcp]
+        pairs: list[_Listener] = []
         try:
-            server = await loop.create_server(
-                lambda: _ClientConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
-            )
+            for udp, tcp in zip(udps, tcps, strict=True):
+                server = await loop.create_server(
+                    lambda: _ClientConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
+                )
+                pairs.append(_Listener(_UdpListener(self.handler, udp), server, tcp))
         except BaseException:
-            udp.close()
-            tcp.close()
+            for listener in pairs:
+                self._close_listener(listener)
+            for sock in (*udps[len(pairs) :], *tcps[len(pairs) :]):
+                sock.close()
             raise
-        where = _local(udp)
-        log.info("listening on %s (udp, tcp%s)", where, ", taken over" if adopted else "")
-        return _Listener(_UdpListener(self.handler, udp), server, tcp)
+        how = f", {self.inherited_from}" if adopted else ""
+        if len(pairs) > 1:
+            how += f", {len(pairs)} sockets of one SO_REUSEPORT group"
+        log.info("listening on %s (udp, tcp%s)", _local(udps[0]), how)
+        return pairs
 
-    def sockets(self) -> dict[tuple[str, HostPort], socket.socket]:
+    def sockets(self) -> dict[tuple[str, HostPort], list[socket.socket]]:
         """The listening sockets by kind and bound address, for a handover."""
-        out: dict[tuple[str, HostPort], socket.socket] = {}
-        for listener in self._listeners.values():
-            hp = _local(listener.udp.sock)
-            out["udp", hp] = listener.udp.sock
-            out["tcp", hp] = listener.tcp_sock
+        out: dict[tuple[str, HostPort], list[socket.socket]] = {}
+        for pairs in self._listeners.values():
+            hp = _local(pairs[0].udp.sock)
+            out["udp", hp] = [listener.udp.sock for listener in pairs]
+            out["tcp", hp] = [listener.tcp_sock for listener in pairs]
         return out
 
     def reconfigure(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
@@ -855,15 +867,17 @@ class DnsServer:
     def pause(self) -> None:
         """Stop reading UDP and accepting TCP, keeping the sockets: after a handover the
         new instance reads what is queued. Answers still in flight go out as usual."""
-        for listener in self._listeners.values():
-            listener.udp.pause()
-            listener.tcp.close()
+        for pairs in self._listeners.values():
+            for listener in pairs:
+                listener.udp.pause()
+                listener.tcp.close()
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""
         self.handler.closing = True
-        for listener in self._listeners.values():
-            listener.tcp.close()
+        for pairs in self._listeners.values():
+            for listener in pairs:
+                listener.tcp.close()
 
     def _close_listener(self, listener: _Listener) -> None:
         listener.tcp.close()
@@ -871,7 +885,7 @@ class DnsServer:
 
     async def close(self) -> None:
         self.handler.closing = True
-        listeners = [*self._listeners.values(), *self._retired]
+        listeners = [*(lr for pairs in self._listeners.values() for lr in pairs), *self._retired]
         for listener in listeners:
             listener.tcp.close()
         for conn in list(self.connections):
@@ -884,9 +898,10 @@ class DnsServer:
         self._retired.clear()
 
 
-# Listening sockets handed over between instances, by kind ("udp", "tcp", "http") and the
-# address they are bound to. A listener that adopts one takes it out of the mapping.
-Inherited = dict[tuple[str, HostPort], socket.socket]
+# Listening sockets handed over between instances (or from a supervisor to its workers), by
+# kind ("udp", "tcp", "http") and the address they are bound to: one each, or the members of
+# an SO_REUSEPORT group. A listener that adopts them takes them out of the mapping.
+Inherited = dict[tuple[str, HostPort], list[socket.socket]]
 
 
 def _local(sock: socket.socket) -> HostPort:
@@ -911,13 +926,61 @@ def _bind_pair(hp: HostPort) -> tuple[socket.socket, socket.socket]:
     raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
 
 
-def _socket(family: int, kind: int, hp: HostPort, name: str) -> socket.socket:
+def bind_group(
+    hp: HostPort, count: int, udps: list[socket.socket], tcps: list[socket.socket]
+) -> tuple[list[socket.socket], list[socket.socket]]:
+    """UDP and listening TCP sockets on ``hp`` in one SO_REUSEPORT group, ``count`` of each
+    where the kernel allows it; the kernel spreads datagrams and connections over a group's
+    members by a hash of the client's address and port.
+
+    ``udps`` and ``tcps`` are the members already there (taken over, possibly a single
+    pair bound without SO_REUSEPORT, which joins the group); with none, the first pair is
+    bound as a single process binds it, so that an address in use is refused as always
+    and port 0 resolved, and the others join it. Where the kernel refuses a new member the
+    group stays as it is and a warning says its sockets are shared. Returns the members;
+    raises OSError naming the address when the first pair cannot be bound.
+    """
+    if not udps or len(udps) != len(tcps):
+        for sock in (*udps, *tcps):
+            sock.close()
+        udp, tcp = _bind_pair(hp)
+        udps, tcps = [udp], [tcp]
+    where = _local(udps[0])
+    family = udps[0].family
+    while len(udps) < count:
+        try:
+            for sock in (*udps, *tcps):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            udp = _socket(family, socket.SOCK_DGRAM, where, "UDP", reuseport=True)
+            try:
+                tcp = _socket(family, socket.SOCK_STREAM, where, "TCP", reuseport=True)
+            except OSError:
+                udp.close()
+                raise
+        except OSError as exc:
+            log.warning(
+                "%s: no more SO_REUSEPORT members (%s); its %d socket pair(s) are shared",
+                where,
+                exc,
+                len(udps),
+            )
+            break
+        udps.append(udp)
+        tcps.append(tcp)
+    return udps, tcps
+
+
+def _socket(
+    family: int, kind: int, hp: HostPort, name: str, *, reuseport: bool = False
+) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setblocking(False)
         sock.bind((hp.host, hp.port))
         if kind == socket.SOCK_STREAM:
