@@ -803,6 +803,43 @@ class DnsServer:
 
         return close_removed
 
+    async def adopt(self, inherited: Inherited) -> list[_Listener]:
+        """Read the sockets of ``inherited`` too, beside this server's own for the same
+        addresses (a sibling worker's, while it restarts; see :mod:`dnsproxy.workers`).
+        Sockets of addresses not served here, or not paired, are closed. Returns the
+        listeners added, for :meth:`release`."""
+        loop = asyncio.get_running_loop()
+        adopted: list[_Listener] = []
+        for hp, pairs in self._listeners.items():
+            udps, tcps = inherited.get(("udp", hp), []), inherited.get(("tcp", hp), [])
+            if udps and len(udps) == len(tcps):
+                added = await self._listen(loop, hp, inherited)
+                pairs.extend(added)
+                adopted.extend(added)
+        for socks in inherited.values():
+            for sock in socks:
+                sock.close()
+        inherited.clear()
+        return adopted
+
+    def release(self, listeners: list[_Listener], close_after_s: float) -> None:
+        """Stop reading and accepting on ``listeners`` (from :meth:`adopt`); close them
+        ``close_after_s`` later, when the answers to what they read are out."""
+        for pairs in self._listeners.values():
+            pairs[:] = [listener for listener in pairs if listener not in listeners]
+        for listener in listeners:
+            listener.udp.pause()
+            listener.tcp.close()
+        self._retired += listeners
+
+        def close() -> None:
+            for listener in listeners:
+                if listener in self._retired:
+                    self._retired.remove(listener)
+                    self._close_listener(listener)
+
+        asyncio.get_running_loop().call_later(close_after_s, close)
+
     async def _listen(
         self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
     ) -> list[_Listener]:

@@ -12,17 +12,19 @@ Sockets. Every listen address is bound as N UDP and N TCP sockets of one SO_REUS
 group (:func:`dnsproxy.server.bind_group`) and worker i reads member i: the kernel hashes
 a client's address and port to one member, so a datagram wakes one worker, where one
 socket read by N processes would wake them all. The supervisor keeps every member open
-and never reads one: the queue of a worker that dies stays where it is and its
-replacement, given the same sockets, reads it, so nothing queued is lost; that share of
-the traffic waits for the restart meanwhile (the kernel goes on hashing clients to the
-member). Sockets taken over from an instance with another number of workers are shared
-out: more members than workers, some worker reads several; fewer, the group grows when
-the kernel lets it, else workers share a member.
+and never reads one. When a worker dies its members stay in the group (the kernel goes
+on hashing its clients to them) with what is queued in them: the supervisor hands them
+at once to a serving sibling, which reads them beside its own until the replacement,
+given the same sockets, serves, and then stops. So its clients wait milliseconds, not
+the restart, and nothing queued is lost however small the socket buffers. Sockets taken
+over from an instance with another number of workers are shared out: more members than
+workers, some worker reads several; fewer, the group grows when the kernel lets it, else
+workers share a member.
 
 A worker that dies is restarted at once, or after a back-off (0.1 s doubling to 5 s)
 when it had not been serving for 10 s, with a copy of a sibling's cache; counted in
 ``dnsproxy_worker_restarts_total``, its exit status logged. A worker whose event loop
-stops answering the supervisor's pings for 10 s is killed and restarted. When no worker
+stops answering the supervisor's pings for 5 s is killed and restarted. When no worker
 has served for 30 s the supervisor gives up and exits 1 without node teardown, as a
 killed process would, so that the node's fail-safe rules send queries to CoreDNS.
 
@@ -36,6 +38,8 @@ asks, the worker answers ``reply`` with the request's ``id`` (and ``error`` on f
     metrics                                                     -> JSON families
     snapshot  {max_entries, max_bytes}                          -> {entries} + payload
     reload    {sockets}, pickle of the config + descriptors     -> {detail}
+    adopt     {of, sockets} + descriptors (a dead sibling's)    -> {}
+    release   {of}                                              -> {}
     pause, stop_listening                                       -> {}
     drain                                                       -> {abandoned}
     close                                                       -> {}, then it exits 0
@@ -83,7 +87,7 @@ _START_TIMEOUT_S = 60.0  # start-up and cache restore of a worker on a loaded ma
 _REQUEST_TIMEOUT_S = 30.0  # a reload (cache rebuilt), a snapshot, a drain within its grace
 _METRICS_TIMEOUT_S = 2.0  # a scrape waits this long for a worker, then uses its last figures
 _PING_EVERY_S = 1.0
-_STALL_S = 10.0  # a worker whose event loop has not answered a ping this long is killed
+_STALL_S = 5.0  # a worker whose event loop has not answered a ping this long is killed
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
 _STABLE_S = 10.0  # a worker that served this long is restarted at once
@@ -290,6 +294,8 @@ class _Slot:
     families: list[Family] = field(default_factory=list)  # at the last scrape
     carried: dict[str, Family] = field(default_factory=dict)  # counters of ended processes
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # The sibling reading this worker's sockets while it restarts (see _adopt).
+    adoption: asyncio.Task[_Slot | None] | None = None
 
     @property
     def pid(self) -> int:
@@ -461,6 +467,8 @@ class WorkerPool:
             await self._ask(slot, "close")  # then it exits by itself
         else:
             self._kill(slot)  # starting, or restarting: it serves nothing yet
+        if slot.adoption is not None:
+            slot.adoption.cancel()
         slot.serving = False
         for task in list(slot.tasks):
             task.cancel()
@@ -684,7 +692,33 @@ class WorkerPool:
             f" in {slot.backoff_s:.1f}s" if slot.backoff_s else "",
             slot.restarts,
         )
+        if _unadopted(slot):
+            slot.adoption = asyncio.create_task(self._adopt(slot), name="dnsproxy-worker-adopt")
         self._spawn(self._restart(slot, proc.pid), f"dnsproxy-worker-{slot.index}-restart")
+
+    async def _adopt(self, slot: _Slot) -> _Slot | None:
+        """Have a serving sibling read ``slot``'s sockets until its replacement does, so
+        that its clients wait milliseconds rather than the restart, and no more than a
+        socket buffer of their queries waits at all. The sibling, or None."""
+        sibling = next((s for s in self._slots if s.serving and s.link is not None), None)
+        if sibling is None or sibling.link is None:
+            return None
+        header, fds = self._sockets_for(slot, self._groups)
+        try:
+            await sibling.link.ask("adopt", {"of": slot.index, "sockets": header}, fds=fds)
+        except WorkerError as exc:
+            log.warning("worker %d could not read worker %d's sockets: %s", sibling.index,
+                        slot.index, exc)  # fmt: skip
+            return None
+        return sibling
+
+    async def _release(self, slot: _Slot) -> None:
+        """``slot``'s replacement reads its sockets: the sibling stops reading them."""
+        adoption, slot.adoption = slot.adoption, None
+        sibling = await adoption if adoption is not None else None
+        if sibling is not None and sibling.serving and sibling.link is not None:
+            with contextlib.suppress(WorkerError):
+                await sibling.link.ask("release", {"of": slot.index})
 
     async def _restart(self, slot: _Slot, old_pid: int) -> None:
         await asyncio.sleep(slot.backoff_s)
@@ -700,6 +734,7 @@ class WorkerPool:
                     snapshot, entries = await self._snapshot_of(sibling, *limits)
                 await self._prepare(slot, snapshot or None, time.time())
                 await self._start(slot)
+                await self._release(slot)
             except (OSError, WorkerError) as exc:
                 log.error("worker %d did not start again: %s", slot.index, exc)
                 if slot.pid != old_pid:
@@ -761,6 +796,18 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
 
+def _unadopted(slot: _Slot) -> bool:
+    """Whether no sibling reads ``slot``'s sockets (one still does after a failed
+    restart, until a replacement serves)."""
+    adoption = slot.adoption
+    if adoption is None:
+        return True
+    if not adoption.done():
+        return False
+    sibling = None if adoption.cancelled() else adoption.result()
+    return sibling is None or not sibling.serving
+
+
 def _back_off(slot: _Slot) -> None:
     """Wait longer before the next start of a worker that did not serve for long."""
     slot.backoff_s = min(_BACKOFF_MAX_S, max(_BACKOFF_MIN_S, slot.backoff_s * 2))
@@ -800,6 +847,8 @@ class _Worker:
         self.index = index
         self.channel = channel
         self.engine: Engine | None = None
+        # Listeners of a sibling's sockets read while it restarts, by its index.
+        self._adopted: dict[int, list[Any]] = {}
         self._process = ProcessCollector(registry=None)
         self._send_lock = asyncio.Lock()
         # Requests that change the engine run one at a time, in the order sent.
@@ -891,7 +940,14 @@ class _Worker:
             if (new.log.level, new.log.format) != (old.log.level, old.log.format):
                 setup_logging(new.log.level, new.log.format, worker=self.index)
             return {"detail": await engine.apply(new)}
-        if kind == "pause":
+        if kind == "adopt":
+            of = int(message.header["of"])
+            self._release(engine, of)
+            self._adopted[of] = await engine.server.adopt(self._sockets(message))
+            log.info("reading the sockets of worker %d too while it restarts", of)
+        elif kind == "release":
+            self._release(engine, int(message.header["of"]))
+        elif kind == "pause":
             await engine.pause()
         elif kind == "stop_listening":
             await engine.stop_listening()
@@ -902,6 +958,14 @@ class _Worker:
         else:
             raise WorkerError(f"unknown request {kind!r}")
         return {}
+
+    def _release(self, engine: Engine, of: int) -> None:
+        """Stop reading worker ``of``'s sockets; close them once the answers to what was
+        read from them are out (the longest a question may take)."""
+        listeners = self._adopted.pop(of, None)
+        if listeners:
+            longest = max(zone.deadline_s for zone in engine.config.zones)
+            engine.server.release(listeners, longest + 1.0)
 
     @staticmethod
     def _sockets(message: handover.Message) -> Inherited:
