@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import dnsperf, zone
+from benchmarks.__main__ import wait_quiet
 from benchmarks.load import UdpLoad, make_query
 from benchmarks.procs import HOST, HarnessError, Procs, free_port, wait_answering, which
 from benchmarks.scenarios import cpu_seconds, machine_cpu_seconds, own_cpu_seconds, say
@@ -74,6 +75,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restart-qps", type=int, nargs="+", default=[2_000, 5_000])
     p.add_argument("--part", action="append", choices=["hits", "miss", "restart", "sharing"])
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        metavar="LOAD",
+        help="first wait (at most 30 min) for a quiet machine, as python -m benchmarks does",
+    )
     return p.parse_args(argv)
 
 
@@ -474,11 +481,14 @@ def main(argv: list[str]) -> int:
         print(dnsperf.INSTALL_HINT, file=sys.stderr)
         return 2
     parts = args.part or ["hits", "miss", "restart", "sharing"]
+    if args.wait_quiet is not None:
+        wait_quiet(args.wait_quiet)
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python "
         f"{platform.python_version()}",
         "repeats": args.repeats,
+        "load_before": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory(prefix="dnsproxy-workers-") as tmp, Procs() as procs:
         workdir = Path(tmp)

@@ -1,6 +1,11 @@
 """Wiring and lifecycle: build the parts from a Config, start in order, hand over, reload,
 stop cleanly.
 
+What answers the queries is a :class:`~dnsproxy.engine.Serving`: an
+:class:`~dnsproxy.engine.Engine` in this process (``workers: 1``), or, with ``workers: N``,
+a :class:`~dnsproxy.workers.WorkerPool` of N worker processes, this one being their
+supervisor. Everything below is the same for both.
+
 Start: put the node's local addresses in place (a listener cannot bind to an address the
 host lacks), take the listening sockets over from a running instance (``handover.path``,
 see :mod:`dnsproxy.handover`) or bind them, start the HTTP endpoints, install the node

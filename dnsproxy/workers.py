@@ -513,8 +513,8 @@ class WorkerPool:
             # Each worker holds its own descriptors of what it still answers on.
             for group in removed:
                 group.close()
-        applied = [d for d in details if d is not None]
-        return f"{applied[0] if applied else 'no worker serving'} (worker 0 of {self.count})"
+        applied = [f"worker {i}: {d}" for i, d in enumerate(details) if d is not None]
+        return "; ".join(applied) or "no worker serving"
 
     async def _reload(
         self, slot: _Slot, header: list[list[Any]], payload: bytes, fds: list[int]
