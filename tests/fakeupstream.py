@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -147,14 +148,26 @@ def zone_handler(
 
 
 class FakeUpstream:
-    """DNS server on ``host`` (127.0.0.1 by default), UDP and TCP on the same port."""
+    """DNS server on ``host`` (127.0.0.1 by default), UDP and TCP on the same port.
 
-    def __init__(self, handler: Handler | None = None, host: str = "127.0.0.1") -> None:
+    With ``tls`` (a server context) the stream side is DNS over TLS instead of TCP, and
+    its queries are seen as transport ``"tls"``.
+    """
+
+    def __init__(
+        self,
+        handler: Handler | None = None,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.handler: Handler = handler if handler is not None else zone_handler({})
         self.host = host
+        self.tls = tls
         self.port = 0
         self.queries: list[tuple[str, dns.message.Message]] = []
-        self.tcp_connections = 0  # accepted so far
+        self.udp_sources: list[tuple[str | int, ...]] = []  # source address of each UDP query
+        self.tcp_connections = 0  # accepted so far (over TLS: handshakes completed)
+        self.tls_resumed = 0  # of those, TLS handshakes that resumed a session
         self.malformed = 0  # undecodable messages, bad framing, replies sent to us
         self.handler_errors = 0  # handlers that raised (the query gets no reply)
         self._udp: asyncio.DatagramTransport | None = None
@@ -184,7 +197,9 @@ class FakeUpstream:
             )
             port = udp.get_extra_info("sockname")[1]
             try:
-                server = await loop.create_server(lambda: _TcpServer(self), self.host, port)
+                server = await loop.create_server(
+                    lambda: _TcpServer(self), self.host, port, ssl=self.tls
+                )
             except OSError as exc:
                 last = exc
                 udp.close()
@@ -212,6 +227,13 @@ class FakeUpstream:
             self._udp.close()
             self._udp = None
         await asyncio.sleep(0)  # let connection_lost callbacks run before the loop ends
+
+    async def stop_tcp(self) -> None:
+        """Stop listening on TCP, so that connecting is refused; UDP goes on."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
 
     def close_tcp_connections(self) -> None:
         """Close every accepted TCP connection, as a server's idle timeout would."""
@@ -311,6 +333,7 @@ class _UdpServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if self._transport is not None:
+            self._fake.udp_sources.append(addr)
             self._fake._received(data, _UdpReply(self._transport, addr))
 
     def error_received(self, exc: Exception) -> None:
@@ -318,9 +341,8 @@ class _UdpServer(asyncio.DatagramProtocol):
 
 
 class _TcpServer(asyncio.Protocol):
-    name = "tcp"
-
     def __init__(self, fake: FakeUpstream) -> None:
+        self.name = "tcp" if fake.tls is None else "tls"
         self._fake = fake
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
@@ -329,6 +351,9 @@ class _TcpServer(asyncio.Protocol):
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
         self._fake.tcp_connections += 1
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.session_reused:
+            self._fake.tls_resumed += 1
         self._fake._tcp.add(self._transport)
 
     def connection_lost(self, exc: Exception | None) -> None:

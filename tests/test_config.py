@@ -25,6 +25,7 @@ from dnsproxy.config import (
     LogConfig,
     Overrides,
     ServerLimits,
+    TlsConfig,
     UpstreamConfig,
     UpstreamPoolConfig,
     load_config,
@@ -62,6 +63,10 @@ def tcp(host: str, port: int = 53) -> UpstreamConfig:
     return UpstreamConfig("tcp", host, port)
 
 
+def tls(host: str, port: int, name: str | None, **settings: Any) -> UpstreamConfig:
+    return UpstreamConfig("tls", host, port, TlsConfig(server_name=name, **settings))
+
+
 # --- upstream forms ---------------------------------------------------------------------
 
 
@@ -84,6 +89,12 @@ def tcp(host: str, port: int = 53) -> UpstreamConfig:
         ("2001:DB8:0:0::1", tcp("2001:db8::1")),
         ("127.0.0.1:65535", tcp("127.0.0.1", 65535)),
         ("127.0.0.1:1", tcp("127.0.0.1", 1)),
+        ("auto://169.254.0.53", UpstreamConfig("auto", "169.254.0.53", 53)),
+        ("auto://[2001:db8::53]:5300", UpstreamConfig("auto", "2001:db8::53", 5300)),
+        ("tls://169.254.0.53#dns.example", tls("169.254.0.53", 853, "dns.example")),
+        ("TLS://169.254.0.53:8853#DNS.Example.", tls("169.254.0.53", 8853, "dns.example")),
+        ("tls://[2001:db8::53]#dns.example", tls("2001:db8::53", 853, "dns.example")),
+        ("tls://[2001:db8::53]:853#2001:db8::53", tls("2001:db8::53", 853, "2001:db8::53")),
     ],
 )
 def test_upstream_forms(text: str, expected: UpstreamConfig) -> None:
@@ -100,7 +111,13 @@ def test_upstream_forms(text: str, expected: UpstreamConfig) -> None:
         ("kube-dns.kube-system.svc.cluster.local", "is a hostname; an IP address is required"),
         ("tcp://localhost:53", "'localhost' is a hostname"),
         ("127.0.0.256", "'127.0.0.256' is not a valid IP address"),
-        ("tls://127.0.0.1:853", "unsupported scheme 'tls://'"),
+        ("https://127.0.0.1:443", "unsupported scheme 'https://'"),
+        ("tls://127.0.0.1:853", "needs the server's name after '#' (tls://127.0.0.1:853#"),
+        ("tls://127.0.0.1#", "'' is not a valid server name"),
+        ("tls://127.0.0.1#bad..name", "'bad..name' is not a valid server name"),
+        ("tcp://127.0.0.1#dns.example", "a server name only goes with tls://"),
+        ("127.0.0.1#dns.example", "a server name only goes with tls://"),
+        ("tls://resolv.conf", "tls:// cannot take resolv.conf"),
         ("[::1:53", "missing the closing ']'"),
         ("[::1]53", "not of the form [ADDR]:PORT"),
         ("[127.0.0.1]:53", "brackets are only for IPv6"),
@@ -145,15 +162,19 @@ def test_parse_resolv_conf_without_nameservers() -> None:
     assert parse_resolv_conf("search example.org\noptions ndots:1\n# nameserver 127.0.0.1\n") == []
 
 
-def test_upstream_resolv_conf_file_gives_one_tcp_upstream_per_nameserver(tmp_path: Path) -> None:
+def test_upstream_resolv_conf_file_gives_one_auto_upstream_per_nameserver(tmp_path: Path) -> None:
     path = tmp_path / "resolv.conf"
     path.write_text(RESOLV_CONF)
+    servers = ["127.0.0.53", "::1", "2001:db8::53", "169.254.20.10"]
     assert parse_upstream(f"resolv.conf:{path}", "x") == [
-        tcp("127.0.0.53"),
-        tcp("::1"),
-        tcp("2001:db8::53"),
-        tcp("169.254.20.10"),
+        UpstreamConfig("auto", host) for host in servers
     ]
+    # A scheme in front chooses the transport, as the node configuration does with tcp.
+    for transport in ("tcp", "udp", "auto"):
+        assert parse_upstream(f"{transport}://resolv.conf:{path}", "x") == [
+            UpstreamConfig(transport, host)
+            for host in servers  # type: ignore[arg-type]
+        ]
 
 
 def test_upstream_resolv_conf_without_nameservers_is_a_problem(tmp_path: Path) -> None:
@@ -179,7 +200,7 @@ def test_relative_resolv_conf_is_read_next_to_the_config_file(tmp_path: Path) ->
     cfg = tmp_path / "dnsproxy.yaml"
     cfg.write_text("zones:\n  - zone: .\n    upstreams: ['resolv.conf:upstream.conf']\n")
     config = load_config(str(cfg), env={})
-    assert config.zones[0].upstreams == (tcp("127.0.0.2"),)
+    assert config.zones[0].upstreams == (UpstreamConfig("auto", "127.0.0.2"),)
 
 
 def test_default_resolv_conf_is_etc_resolv_conf() -> None:
@@ -191,7 +212,7 @@ def test_default_resolv_conf_is_etc_resolv_conf() -> None:
     if expected:
         config = load_config(None, env={})
         assert [u.host for u in config.zones[0].upstreams] == expected
-        assert {u.transport for u in config.zones[0].upstreams} == {"tcp"}
+        assert {u.transport for u in config.zones[0].upstreams} == {"auto"}
     else:
         with pytest.raises(ConfigError) as info:
             load_config(None, env={})
@@ -389,7 +410,10 @@ ERROR_CASES: list[tuple[Mutation, str]] = [
     (_set("zones[0]", {"zone": "."}), "zones[0].upstreams: at least one upstream is required"),
     (_set("zones[0].upstreams", UPSTREAM), "zones[0].upstreams: must be a list of strings"),
     (_set("zones[0].upstreams[0]", "127.0.0.1:70000"), "zones[0].upstreams[0]: port 70000 out"),
-    (_set("zones[0].upstreams[0]", 53), "zones[0].upstreams[0]: must be a string (got 53)"),
+    (
+        _set("zones[0].upstreams[0]", 53),
+        "zones[0].upstreams[0]: must be an address string or a mapping with address (got 53)",
+    ),
     (_set("zones[0].policy", "fastest"), "zones[0].policy: must be one of sequential, random"),
     (_set("zones[0].try_timeout_s", 0), "zones[0].try_timeout_s: must be a number of seconds > 0"),
     (_set("zones[0].try_timeout_s", 3), "zones[0].try_timeout_s: try_timeout_s (3) must be <="),
@@ -868,7 +892,7 @@ def test_shipped_config_is_valid() -> None:
     assert [str(n) for n in config.allow] == ["127.0.0.0/8", "::1/128"]
     assert [z.zone for z in config.zones] == ["."]
     raw = yaml.safe_load(SHIPPED.read_text())
-    assert raw["zones"][0]["upstreams"] == ["resolv.conf"]
+    assert raw["zones"][0]["upstreams"] == [{"address": "resolv.conf"}]
     # The file spells out every default, so its values are the defaults.
     assert config.cache == CachePolicy()
     assert config.cache_max_entries == Config.__dataclass_fields__["cache_max_entries"].default
@@ -1062,6 +1086,7 @@ def test_config_still_exports_every_name_it_did() -> None:
         "Policy",
         "RulesBackend",
         "ServerLimits",
+        "TlsConfig",
         "Transport",
         "UpstreamConfig",
         "UpstreamPoolConfig",
