@@ -159,11 +159,12 @@ class FakeUpstream:
         handler: Handler | None = None,
         host: str = "127.0.0.1",
         tls: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
         self.handler: Handler = handler if handler is not None else zone_handler({})
         self.host = host
         self.tls = tls
-        self.port = 0
+        self.port = port  # 0: a free one, chosen at start
         self.queries: list[tuple[str, dns.message.Message]] = []
         self.udp_sources: list[tuple[str | int, ...]] = []  # source address of each UDP query
         self.tcp_connections = 0  # accepted so far (over TLS: handshakes completed)
@@ -191,9 +192,9 @@ class FakeUpstream:
         loop = asyncio.get_running_loop()
         last: OSError | None = None
         # The UDP port the OS picks may be taken for TCP; a few tries settle it.
-        for _ in range(20):
+        for _ in range(20 if self.port == 0 else 1):
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpServer(self), local_addr=(self.host, 0)
+                lambda: _UdpServer(self), local_addr=(self.host, self.port)
             )
             port = udp.get_extra_info("sockname")[1]
             try:

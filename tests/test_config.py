@@ -15,7 +15,8 @@ from typing import Any, cast
 import jsonschema
 import pytest
 import yaml
-from conftest import undocumented_keys
+from certs import Pki
+from conftest import dnsproxy_cmd, undocumented_keys
 
 from dnsproxy.config import (
     CachePolicy,
@@ -674,6 +675,138 @@ def test_same_server_may_serve_two_zones_and_both_transports() -> None:
     assert config.zones[1].upstreams == (tcp("127.0.0.1", 5300),)
 
 
+# --- TLS upstreams: the mapping form -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_doc(*entries: object) -> dict[str, Any]:
+    doc = base_doc()
+    doc["zones"][0]["upstreams"] = list(entries)
+    return doc
+
+
+def test_tls_mapping_reads_every_key_with_files_next_to_the_config_file(
+    pki: Pki, tmp_path: Path
+) -> None:
+    cert, key = pki.leaf("client.test", client=True)
+    entry = {
+        "address": "tls://[2001:db8::53]:8853",
+        "tls_server_name": "DNS.Example.",
+        "ca_file": pki.ca.name,
+        "client_cert_file": str(cert),
+        "client_key_file": str(key),
+        "tls_min_version": 1.3,
+    }
+    config = parse(tls_doc(entry, "tls://169.254.0.53#dns.example"), base=str(pki.ca))
+    assert config.zones[0].upstreams == (
+        tls(
+            "2001:db8::53",
+            8853,
+            "dns.example",
+            ca_file=str(pki.ca),  # relative to the configuration file
+            client_cert_file=str(cert),
+            client_key_file=str(key),
+            min_version="1.3",
+        ),
+        tls("169.254.0.53", 853, "dns.example"),
+    )
+    assert config.zones[0].upstreams[0].label == "tls://[2001:db8::53]:8853#dns.example"
+    # The name may come with the address instead, and a mapping may hold any address.
+    config = parse(tls_doc({"address": "tls://169.254.0.53#dns.example", "tls_min_version": "1.2"}))
+    assert config.zones[0].upstreams == (tls("169.254.0.53", 853, "dns.example"),)
+    config = parse(tls_doc({"address": "tls://169.254.0.53", "insecure": True}))
+    assert config.zones[0].upstreams == (tls("169.254.0.53", 853, None, insecure=True),)
+    config = parse(tls_doc({"address": "udp://169.254.0.53"}))
+    assert config.zones[0].upstreams == (UpstreamConfig("udp", "169.254.0.53"),)
+
+
+def test_tls_mapping_problems_name_their_keys(pki: Pki, tmp_path: Path) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    _, key = pki.leaf("client.test", client=True)
+    other_cert, _ = pki.leaf("other.test", client=True)
+    doc = tls_doc(
+        {"address": "tls://169.254.0.1"},
+        {"address": "tls://169.254.0.2#a.test", "ca_file": str(tmp_path / "absent.pem")},
+        {"address": "tls://169.254.0.3#a.test", "ca_file": str(not_pem)},
+        {
+            "address": "tls://169.254.0.4#a.test",
+            "client_cert_file": str(other_cert),
+            "client_key_file": str(key),
+        },
+        {"address": "tls://169.254.0.5#a.test", "client_key_file": str(key)},
+        {"address": "tcp://169.254.0.6", "tls_server_name": "a.test", "insecure": False},
+        {"address": "tls://169.254.0.7#a.test", "tls_server_name": "b.test"},
+        {"address": "tls://169.254.0.8#a.test", "tls_min_version": 1.1, "ca_file": 5},
+        {"address": "tls://169.254.0.9#a.test", "tls_servername": "a.test"},
+        {"tls_server_name": "a.test"},
+        {"address": ["tls://169.254.0.10#a.test"]},
+    )
+    assert problems(doc) == [
+        "zones[0].upstreams[0].address: a tls:// upstream needs the server's name, checked in "
+        "its certificate: tls_server_name, or '#NAME' after the address (or insecure: true)",
+        f"zones[0].upstreams[1].ca_file: cannot read {tmp_path / 'absent.pem'}: No such file "
+        "or directory",
+        f"zones[0].upstreams[2].ca_file: {not_pem}: no PEM certificate in it",
+        f"zones[0].upstreams[3].client_cert_file: {other_cert} with the key in {key}: not a "
+        "PEM certificate and its private key",
+        "zones[0].upstreams[4].client_key_file: needs client_cert_file (the certificate)",
+        "zones[0].upstreams[5].tls_server_name: only for tls:// upstreams (the address is "
+        "tcp://169.254.0.6:53)",
+        "zones[0].upstreams[5].insecure: only for tls:// upstreams (the address is "
+        "tcp://169.254.0.6:53)",
+        "zones[0].upstreams[6].tls_server_name: 'b.test' differs from the name in address "
+        "('#a.test'); give it once",
+        "zones[0].upstreams[7].ca_file: must be a file name (got 5)",
+        "zones[0].upstreams[7].tls_min_version: must be 1.2 or 1.3 (got 1.1)",
+        "zones[0].upstreams[8].tls_servername: unknown key (did you mean 'tls_server_name'?)",
+        "zones[0].upstreams[9].address: required (the server, e.g. 'tls://HOST#NAME')",
+        "zones[0].upstreams[10].address: must be an upstream address string (got a list)",
+    ]
+
+
+def test_a_tls_server_has_one_set_of_settings(pki: Pki) -> None:
+    doc = tls_doc("tls://169.254.0.53#dns.example")
+    doc["zones"].append(
+        {
+            "zone": "cluster.local",
+            "upstreams": [{"address": "tls://169.254.0.53#dns.example", "ca_file": str(pki.ca)}],
+        }
+    )
+    assert problems(doc) == [
+        "zones[1].upstreams[0]: tls://169.254.0.53:853#dns.example has other TLS settings at "
+        "zones[0].upstreams[0]; give it one set"
+    ]
+    doc["zones"][1]["upstreams"] = ["tls://169.254.0.53#dns.example"]
+    assert parse(doc).zones[1].upstreams == (tls("169.254.0.53", 853, "dns.example"),)
+
+
+def test_tls_mapping_keys_may_come_from_the_environment(pki: Pki) -> None:
+    entry = {"address": "${DOT}", "ca_file": "${CA}", "insecure": "${INSECURE:-false}"}
+    config = parse(tls_doc(entry), {"DOT": "tls://169.254.0.53#dns.example", "CA": str(pki.ca)})
+    assert config.zones[0].upstreams == (
+        tls("169.254.0.53", 853, "dns.example", ca_file=str(pki.ca)),
+    )
+
+
+def test_check_config_refuses_an_unreadable_tls_file(tmp_path: Path) -> None:
+    path = tmp_path / "dot.yaml"
+    path.write_text(
+        "zones:\n  - zone: .\n    upstreams:\n"
+        "      - {address: 'tls://169.254.0.53#dns.example', ca_file: corp-ca.pem}\n"
+    )
+    result = dnsproxy_cmd("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"{path}: zones[0].upstreams[0].ca_file: cannot read {tmp_path / 'corp-ca.pem'}: "
+        "No such file or directory"
+    )
+
+
 # --- overrides --------------------------------------------------------------------------
 
 
@@ -1029,6 +1162,9 @@ def test_schema_takes_what_dnsproxy_takes_and_refuses_what_it_refuses() -> None:
     good["cache"] = {"max_entries": "${CACHE_SIZE}", "max_ttl_s": 600}
     good["node"] = {"health_port": "none", "interface": "dnsp0", "sync_interval_s": 1.5}
     good["zones"][0]["cache"] = {"min_ttl_s": 5}
+    good["zones"][0]["upstreams"].append(
+        {"address": "tls://169.254.0.53", "tls_server_name": "a.test", "tls_min_version": 1.3}
+    )
     env = {"CACHE_SIZE": "500"}
     parse(good, env)
     assert schema_problems(good) == []
@@ -1042,6 +1178,10 @@ def test_schema_takes_what_dnsproxy_takes_and_refuses_what_it_refuses() -> None:
         ("node.health_port", 70000),
         ("zones[0].policy", "fastest"),
         ("zones[0].cache.max_entries", 5),
+        ("zones[0].upstreams[0]", {"address": "tls://169.254.0.53#a.test", "insecure": "no"}),
+        ("zones[0].upstreams[0]", {"address": "tls://169.254.0.53#a.test", "cafile": "x"}),
+        ("zones[0].upstreams[0]", {"tls_server_name": "a.test"}),
+        ("zones[0].upstreams[0]", 53),
         ("acl", []),
     ]:
         bad = base_doc()
