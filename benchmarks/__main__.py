@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
                     if "error" in r:
                         failed = True
                         say(f"  {key}: ERROR {r['error']}")
-                    elif scenario not in ("hits", "miss", "mix", "latency"):
+                    elif scenario not in ("hits", "miss", "mix", "latency", "tls"):
                         say(f"  {key}: {_brief(r)}")
     except HarnessError as e:
         failed = True

@@ -17,13 +17,15 @@ label, and the text a log line shows.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
 from typing import Any
 
 from dnsproxy.config_types import TlsConfig
 from dnsproxy.errors import DnsproxyError
 
-__all__ = ["REASONS", "ClientContext", "TlsSetupError", "client_context", "failure"]
+__all__ = ["REASONS", "ClientContext", "TlsSetupError", "client_context", "failure", "quick_ack"]
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -121,6 +123,26 @@ def failure(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, ssl.SSLError):
         return "handshake", f"TLS handshake failed: {_text(exc)}"
     return None
+
+
+def quick_ack(transport: asyncio.BaseTransport) -> None:
+    """Have the kernel acknowledge at once what arrives next on ``transport``'s socket.
+
+    For a new TLS connection, once its first queries are written: a TLS 1.3 server sends
+    its session tickets after our Finished, and one that leaves Nagle's algorithm on
+    (Unbound does) holds its first reply until they are acknowledged, while Linux delays
+    that ACK by up to 40 ms because we have just sent something ourselves. Measured
+    against Unbound on loopback: the first reply on a new connection 42 ms without this,
+    0.2 ms with it (``python -m benchmarks.handshake``). No-op where TCP_QUICKACK is
+    missing.
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    sock = transport.get_extra_info("socket")
+    if option is not None and sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        except OSError:
+            pass
 
 
 def _readable(key: str, path: str) -> None:

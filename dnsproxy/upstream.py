@@ -811,7 +811,8 @@ class _TlsConnection(_UpstreamConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called once the handshake is done; a failed one ends the connect instead.
         self.owner.handshake_done(transport)
-        super().connection_made(transport)
+        super().connection_made(transport)  # writes the queries that waited for it
+        tls.quick_ack(transport)
 
     def data_received(self, data: bytes) -> None:
         if not self._session_saved and self._transport is not None:
