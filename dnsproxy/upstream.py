@@ -36,6 +36,7 @@ import random
 import struct
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -261,9 +262,10 @@ def _question(wire: bytes) -> bytes:
 
 
 class _TcpRequest(PendingQuery):
-    """One query through a TCP pool: the pipeline's record plus who to tell."""
+    """One query through a TCP pool: the pipeline's record plus who to tell; ``then``, the
+    request that took over when its connection failed (see ``TcpUpstream.fallback``)."""
 
-    __slots__ = ("done", "finished", "owner")
+    __slots__ = ("done", "finished", "owner", "then")
 
     def __init__(
         self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
@@ -272,12 +274,15 @@ class _TcpRequest(PendingQuery):
         self.owner = owner
         self.done = done
         self.finished = False
+        self.then: Request | None = None
 
     def cancel(self) -> None:
         if not self.finished:
             self.finished = True
             if self.conn is not None:
                 self.owner._cancel(self)
+        elif self.then is not None:
+            self.then.cancel()
 
 
 class TcpUpstream(Upstream):
@@ -301,8 +306,6 @@ class TcpUpstream(Upstream):
     the forwarder's decision, from the failures it sees.
     """
 
-    _connection: type[_UpstreamConnection]  # the protocol class of one connection
-
     def __init__(
         self,
         config: UpstreamConfig,
@@ -322,6 +325,10 @@ class TcpUpstream(Upstream):
         self.failed_connections = 0  # in a row; a reply resets it
         self.failure = ""  # how the last connection failed, for logs
         self._retry_at = 0.0  # no new connection before this (loop time)
+        # Given a request whose connection failed (neither a timeout nor our own limits)
+        # and the time, another way to send it, which calls its ``done``; or None. Auto's
+        # way to UDP; the success path never looks at it.
+        self.fallback: Callable[[_TcpRequest, float], Request | None] | None = None
 
     def send(
         self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
@@ -346,7 +353,7 @@ class TcpUpstream(Upstream):
 
     def _dispatch(self, request: _TcpRequest, now: float) -> None:
         if self._closed:
-            self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"))
+            self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"), now)
             return
         conn = self._pick(now)
         if conn is None:
@@ -359,7 +366,7 @@ class TcpUpstream(Upstream):
             else:
                 self.stats.pool_full += 1
                 error = UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
-            self._fail(request, error)
+            self._fail(request, error, now)
             return
         conn.send(request, now)
 
@@ -378,9 +385,9 @@ class TcpUpstream(Upstream):
             self.stats.retries += 1
             self._dispatch(request, now)
         else:
-            self._fail(request, error)
+            self._fail(request, error, now)
 
-    def _fail(self, request: _TcpRequest, error: UpstreamError) -> None:
+    def _fail(self, request: _TcpRequest, error: UpstreamError, now: float) -> None:
         if request.finished:
             return
         request.finished = True
@@ -388,6 +395,11 @@ class TcpUpstream(Upstream):
             self.stats.timeouts += 1
         else:
             self.stats.failures += 1
+            fallback = self.fallback
+            if fallback is not None and not isinstance(error, UpstreamBusy):
+                request.then = fallback(request, now)
+                if request.then is not None:
+                    return  # the fallback calls request.done
         request.done(None, error)
 
     def _cancel(self, request: _TcpRequest) -> None:
@@ -416,7 +428,7 @@ class TcpUpstream(Upstream):
     def _open(self, now: float) -> _UpstreamConnection:
         loop = self._loop
         assert loop is not None
-        conn = self._connection(self, loop, now)
+        conn = self._new_connection(loop, now)
         self._active.append(conn)
         task = loop.create_task(self._connect(conn))
         conn.connect_task = task
@@ -434,6 +446,9 @@ class TcpUpstream(Upstream):
             log.debug("%s: connect failed: %r", self.label, exc)
             self.connection_failed(self.describe_failure(exc), loop.time())
             conn.close(UpstreamError, f"connect failed: {exc!r}")
+
+    def _new_connection(self, loop: asyncio.AbstractEventLoop, now: float) -> _UpstreamConnection:
+        return _UpstreamConnection(self, loop, now)
 
     async def _open_transport(self, conn: _UpstreamConnection) -> None:
         """Connect ``conn`` (its ``connection_made`` runs once the transport is up)."""
@@ -664,9 +679,6 @@ class _UpstreamConnection(asyncio.Protocol):
         self._finish(failed)
 
 
-TcpUpstream._connection = _UpstreamConnection
-
-
 # --------------------------------------------------------------------------------------
 # TLS
 
@@ -719,6 +731,9 @@ class TlsUpstream(TcpUpstream):
                 "the path can answer in its name",
                 self.label,
             )
+
+    def _new_connection(self, loop: asyncio.AbstractEventLoop, now: float) -> _UpstreamConnection:
+        return _TlsConnection(self, loop, now)
 
     async def _open_transport(self, conn: _UpstreamConnection) -> None:
         if self._setup_error is not None:
@@ -821,9 +836,6 @@ class _TlsConnection(_UpstreamConnection):
         super().data_received(data)
 
 
-TlsUpstream._connection = _TlsConnection
-
-
 # --------------------------------------------------------------------------------------
 # UDP
 
@@ -887,11 +899,7 @@ class _UdpRequest:
 
 
 class UdpUpstream(Upstream):
-    """Plain UDP, one fresh socket per query; TC=1 answers are fetched again over TCP.
-
-    ``tcp``: the pool to fetch them with (the caller closes it); by default one of a
-    single connection, made when first needed.
-    """
+    """Plain UDP, one fresh socket per query; TC=1 answers are fetched again over TCP."""
 
     def __init__(
         self,
@@ -899,12 +907,10 @@ class UdpUpstream(Upstream):
         pool: UpstreamPoolConfig,
         label: str = "",
         stats: UpstreamStats | None = None,
-        tcp: TcpUpstream | None = None,
     ) -> None:
         super().__init__(config, label, stats)
         self.pool = pool
-        self._tcp = tcp
-        self._own_tcp = tcp is None
+        self._tcp: TcpUpstream | None = None
         self._waiting: set[asyncio.Future[bytes]] = set()  # so close() can fail them
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
@@ -985,7 +991,7 @@ class UdpUpstream(Upstream):
         for future in self._waiting:
             if not future.done():
                 future.set_exception(UpstreamError(f"{self.label}: upstream closed"))
-        if self._tcp is not None and self._own_tcp:
+        if self._tcp is not None:
             await self._tcp.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=1.0)
@@ -993,60 +999,6 @@ class UdpUpstream(Upstream):
 
 # --------------------------------------------------------------------------------------
 # auto: TCP, or UDP for a server that does not speak TCP
-
-
-class _AutoRequest:
-    """One query through an auto upstream while it uses TCP: over TCP, and over UDP with
-    what is left of its time when the TCP connection failed."""
-
-    __slots__ = ("deadline", "done", "finished", "owner", "question", "request", "wire")
-
-    def __init__(
-        self,
-        owner: AutoUpstream,
-        wire: bytes,
-        timeout_s: float,
-        done: Done,
-        question: bytes,
-        now: float,
-    ) -> None:
-        self.owner = owner
-        self.wire = wire
-        self.question = question
-        self.done = done
-        self.deadline = now + timeout_s
-        self.finished = False
-        self.request: Request | None = None
-        request = owner.tcp.send(wire, timeout_s, self._over_tcp, question, now)
-        if self.request is None:  # else it failed at once and is on its way over UDP
-            self.request = request
-
-    def _over_tcp(self, reply: bytes | None, error: UpstreamError | None) -> None:
-        if self.finished:
-            return
-        owner = self.owner
-        if reply is None and not isinstance(error, UpstreamTimeout | UpstreamBusy):
-            # Connection-level: refused, closed, backing off. A timeout says the server
-            # is slow (it would be over UDP too), a full pool says nothing about it.
-            remaining = self.deadline - owner.time()
-            if remaining > 0:
-                self.request = owner.udp.send(self.wire, remaining, self._over_udp, self.question)
-                return
-        self.finished = True
-        self.done(reply, error)
-
-    def _over_udp(self, reply: bytes | None, error: UpstreamError | None) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if reply is not None:
-            self.owner.answered_over_udp()
-        self.done(reply, error)
-
-    def cancel(self) -> None:
-        self.finished = True
-        if self.request is not None:
-            self.request.cancel()
 
 
 class AutoUpstream(Upstream):
@@ -1070,8 +1022,9 @@ class AutoUpstream(Upstream):
         super().__init__(config)
         tcp = UpstreamConfig("tcp", config.host, config.port)
         self.tcp = TcpUpstream(tcp, pool, self.label, self.stats)
+        self.tcp.fallback = self._udp_instead
         udp = UpstreamConfig("udp", config.host, config.port)
-        self.udp = UdpUpstream(udp, pool, self.label, self.stats, tcp=self.tcp)
+        self.udp = UdpUpstream(udp, pool, self.label, self.stats)
         self.using_udp = False
         self._recheck_at = NEVER  # when to probe TCP again (on UDP)
         self._recheck: Request | None = None  # the probe out, for close()
@@ -1089,10 +1042,10 @@ class AutoUpstream(Upstream):
     def send(
         self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
     ) -> Request:
+        if not self.using_udp:
+            return self.tcp.send(wire, timeout_s, done, question, now)
         if now < 0:
             now = self.time()
-        if not self.using_udp:
-            return _AutoRequest(self, wire, timeout_s, done, question, now)
         if now >= self._recheck_at and not self._rechecking:
             self._recheck_tcp(now)
         return self.udp.send(wire, timeout_s, done, question, now)
@@ -1100,7 +1053,21 @@ class AutoUpstream(Upstream):
     def transports(self) -> dict[str, int]:
         return {"tcp": 0, "udp": 1} if self.using_udp else {"tcp": 1, "udp": 0}
 
-    def answered_over_udp(self) -> None:
+    def _udp_instead(self, request: _TcpRequest, now: float) -> Request | None:
+        """The TCP connection of ``request`` failed: send it over UDP with the time left.
+        Not once on UDP: then the TCP pool carries only the probe, which must fail."""
+        remaining = request.deadline - now
+        if self.using_udp or remaining <= 0:
+            return None
+        done = partial(self._over_udp, request.done)
+        return self.udp.send(request.wire, remaining, done, request.question, now)
+
+    def _over_udp(self, done: Done, reply: bytes | None, error: UpstreamError | None) -> None:
+        if reply is not None:
+            self._answered_over_udp()
+        done(reply, error)
+
+    def _answered_over_udp(self) -> None:
         """A query that failed over TCP was answered over UDP."""
         tcp = self.tcp
         if self.using_udp or not tcp.failed_connections:

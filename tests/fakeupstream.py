@@ -41,6 +41,7 @@ __all__ = [
     "Handler",
     "Raw",
     "SyncHandler",
+    "first_then",
     "zone_handler",
 ]
 
@@ -143,6 +144,18 @@ def zone_handler(
                 response.set_rcode(dns.rcode.NXDOMAIN)
             response.authority.append(soa)
         return response
+
+    return handler
+
+
+def first_then(firsts: Sequence[Action], then: SyncHandler) -> SyncHandler:
+    """A handler that answers the first queries with ``firsts``, one each, then as ``then``."""
+    calls = 0
+
+    def handler(query: dns.message.Message, transport: str) -> Action:
+        nonlocal calls
+        calls += 1
+        return firsts[calls - 1] if calls <= len(firsts) else then(query, transport)
 
     return handler
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import dns.asyncquery
@@ -20,7 +21,7 @@ import dns.message
 import dns.rcode
 import pytest
 from fakeupstream import Action, Close, FakeUpstream, zone_handler
-from test_process import async_dnsproxy_process, http_get, metric_value
+from test_process import DnsProxyProcess, async_dnsproxy_process, http_get, metric_value
 
 RECORDS = {
     ("www.example.", "A"): ["169.254.1.1"],
@@ -49,13 +50,23 @@ async def resolver() -> AsyncIterator[FakeUpstream]:
         await fake.stop()
 
 
+def make_run(
+    resolver: FakeUpstream, tmp_path: Path, scheme: str = ""
+) -> AbstractAsyncContextManager[DnsProxyProcess]:
+    """dnsproxy as `make run` starts it, with a resolv.conf naming ``resolver`` (read with
+    the transport ``scheme`` when given)."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {resolver.host}\n")
+    upstream = f"{scheme}resolv.conf:{resolv}"
+    return async_dnsproxy_process(
+        tmp_path, "--config", "config/dnsproxy.yaml", "--upstream", upstream
+    )
+
+
 async def test_make_run_answers_through_a_resolver_that_closes_tcp(
     resolver: FakeUpstream, tmp_path: Path
 ) -> None:
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text(f"nameserver {resolver.host}\n")
-    args = ("--config", "config/dnsproxy.yaml", "--upstream", f"resolv.conf:{resolv}")
-    async with async_dnsproxy_process(tmp_path, *args) as proxy:
+    async with make_run(resolver, tmp_path) as proxy:
         # The first query is answered: the zone's deadline (2 s) would have made it a
         # SERVFAIL otherwise.
         first = dns.message.make_query("www.example.", "A")
@@ -88,10 +99,7 @@ async def test_make_run_answers_through_a_resolver_that_closes_tcp(
 
 
 async def test_explicit_tcp_stays_tcp_only(resolver: FakeUpstream, tmp_path: Path) -> None:
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text(f"nameserver {resolver.host}\n")
-    args = ("--config", "config/dnsproxy.yaml", "--upstream", f"tcp://resolv.conf:{resolv}")
-    async with async_dnsproxy_process(tmp_path, *args) as proxy:
+    async with make_run(resolver, tmp_path, "tcp://") as proxy:
         query = dns.message.make_query("www.example.", "A")
         reply = await dns.asyncquery.udp(query, "127.0.0.1", port=proxy.port, timeout=5)
         assert reply.rcode() == dns.rcode.SERVFAIL

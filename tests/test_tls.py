@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 from certs import Pki
 from conftest import RECORDS, running, wait_for
-from fakeupstream import Action, Close, Delay, FakeUpstream, zone_handler
+from fakeupstream import Close, Delay, FakeUpstream, first_then, zone_handler
 
 from dnsproxy.config import (
     Config,
@@ -70,18 +70,6 @@ async def make(pki: Pki) -> AsyncIterator[MakeTls]:
     yield factory
     for upstream in made:
         await upstream.close()
-
-
-def first_then_zone(first: Action) -> Callable[[dns.message.Message, str], Action]:
-    base = zone_handler(RECORDS)
-    calls = 0
-
-    def handler(msg: dns.message.Message, transport: str) -> Action:
-        nonlocal calls
-        calls += 1
-        return first if calls == 1 else base(msg, transport)
-
-    return handler
 
 
 async def test_queries_resolve_over_tls_on_a_few_connections(pki: Pki, make: MakeTls) -> None:
@@ -136,7 +124,8 @@ async def test_refused_certificates_are_logged_counted_and_never_bypassed(
 async def test_server_dropping_the_connection_mid_pipeline_is_retried_once(
     pki: Pki, make: MakeTls
 ) -> None:
-    async with FakeUpstream(first_then_zone(Close()), tls=pki.server_context(NAME)) as fake:
+    closes_first = first_then([Close()], zone_handler(RECORDS))
+    async with FakeUpstream(closes_first, tls=pki.server_context(NAME)) as fake:
         up = make(fake)
         reply = await up.query(query(), 2.0)
         assert addresses(reply) == ["169.254.1.1"]

@@ -26,6 +26,7 @@ from fakeupstream import (
     FakeUpstream,
     Raw,
     SyncHandler,
+    first_then,
     zone_handler,
 )
 
@@ -76,15 +77,7 @@ def frame(message: bytes) -> bytes:
 
 def first_then_zone(first: Action) -> SyncHandler:
     """A handler that answers the first query with ``first`` and every later one from RECORDS."""
-    base = zone_handler(RECORDS)
-    calls = 0
-
-    def handler(msg: dns.message.Message, transport: str) -> Action:
-        nonlocal calls
-        calls += 1
-        return first if calls == 1 else base(msg, transport)
-
-    return handler
+    return first_then([first], zone_handler(RECORDS))
 
 
 @pytest.fixture
@@ -560,15 +553,7 @@ async def test_fake_async_handler_and_echoed_edns(make: MakeUpstream) -> None:
 
 def close_first(count: int) -> SyncHandler:
     """A handler that closes the connection of the first ``count`` queries, then answers."""
-    base = zone_handler(RECORDS)
-    calls = 0
-
-    def handler(msg: dns.message.Message, transport: str) -> Action:
-        nonlocal calls
-        calls += 1
-        return Close() if calls <= count else base(msg, transport)
-
-    return handler
+    return first_then([Close()] * count, zone_handler(RECORDS))
 
 
 async def test_a_server_closing_every_connection_is_not_reconnected_in_a_tight_loop(
@@ -703,13 +688,8 @@ async def test_auto_uses_udp_for_a_server_that_refuses_tcp(make: MakeUpstream) -
 
 
 async def test_auto_stays_on_tcp_for_a_server_that_speaks_it(make: MakeUpstream) -> None:
-    base = zone_handler(RECORDS)
-    slow_first: list[Action] = [Drop()]  # the first TCP query gets no answer in time
-
-    def handler(msg: dns.message.Message, transport: str) -> Action:
-        return slow_first.pop() if slow_first else base(msg, transport)
-
-    async with FakeUpstream(handler) as server:
+    # The first TCP query gets no answer in time.
+    async with FakeUpstream(first_then([Drop()], zone_handler(RECORDS))) as server:
         up = make(server, "auto")
         assert isinstance(up, AutoUpstream)
         # A timeout over TCP says the server is slow, not that TCP is broken.
