@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         systems_info[key] = {
             "label": system.label,
             "version": "missing" if missing else system.get_version(),
-            "upstream_transport": system.upstream_transport,
+            "upstream_transport": system.upstream_transport
+            + (f"; tls scenario: {system.tls_transport}" if system.tls_transport else ""),
         }
         if missing:
             systems_info[key]["skipped"] = missing
