@@ -145,7 +145,7 @@ async def test_a_new_connection_resumes_the_last_session(pki: Pki, make: MakeTls
         for _ in range(3):
             await up.query(query(), 2.0)
             # Retired by age once its query is done: the next query opens a new one.
-            await asyncio.sleep(0.1)
+            assert await wait_for(lambda: up.stats.open_connections == 0)
         assert up.tls_stats.handshakes == fake.tcp_connections == 3
         assert up.tls_stats.resumed == fake.tls_resumed == 2
 

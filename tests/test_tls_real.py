@@ -187,4 +187,3 @@ def test_refused_certificates_are_logged_counted_and_the_server_marked_down(
             label = f"tls://127.0.0.1:{server.tls_port}#{name}"
             assert f"{label}: certificate verification failed: " in proxy.stderr
             assert logged in proxy.stderr
-            assert f"upstream {label} marked down" in proxy.stderr
