@@ -110,6 +110,7 @@ class _Handler:
         self.stats = ServerStats()
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
         self.max_udp = config.limits.udp_payload_size
+        self.opts = wire.client_opts(self.max_udp)
         self.log_queries = config.log.queries
         self.closing = False
         # Validated queries by their bytes after the ID: a repeated query (same name,
@@ -139,12 +140,12 @@ class _Handler:
             return None
         _count(self.stats.invalid, exc.reason)
         self.stats.rcodes[exc.rcode] += 1
-        return wire.error_reply(data, exc.rcode, exc.qend, exc.edns)
+        return wire.error_reply(data, exc.rcode, exc.qend, exc.edns, self.max_udp)
 
     def refuse(self, data: bytes, qend: int, edns: int) -> bytes:
         self.stats.refused_acl += 1
         self.stats.rcodes[wire.REFUSED] += 1
-        return wire.error_reply(data, wire.REFUSED, qend, edns)
+        return wire.error_reply(data, wire.REFUSED, qend, edns, self.max_udp)
 
     def serve(
         self,
@@ -187,7 +188,7 @@ class _Handler:
             stats.hits += 1
             stats.rcodes[entry.rcode] += 1
             limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-            send(entry.answer(data, qend, edns, now, limit), peer)
+            send(entry.answer(data, qend, edns, now, limit, self.opts), peer)
             if parsed is None:
                 self.remember(data, key, qend, edns, qtype)
             if self.log_queries:
@@ -196,7 +197,7 @@ class _Handler:
         stats.misses += 1
         if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
             stats.rcodes[wire.REFUSED] += 1
-            send(wire.error_reply(data, wire.REFUSED, qend, edns), peer)
+            send(wire.error_reply(data, wire.REFUSED, qend, edns, self.max_udp), peer)
             return False
         self.forwarder.submit(key, data, qend, partial(deliver, peer, key, data, qend, edns), now)
         return True
@@ -207,7 +208,7 @@ class _Handler:
         """The reply to a miss whose resolution ended with ``entry``, counted and logged."""
         self.stats.rcodes[entry.rcode] += 1
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-        reply = entry.answer_once(data, qend, edns, time.monotonic(), limit)
+        reply = entry.answer_once(data, qend, edns, time.monotonic(), limit, self.opts)
         if self.log_queries:
             self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "upstream")
         return reply
@@ -293,14 +294,18 @@ class _UdpListener:
                     qtypes[qtype] += 1
                     rcodes[entry.rcode] += 1
                     age = int(now - entry.stored_at)
-                    prepared = entry.prepared if entry.age == age else entry.prepare(age, qend)
+                    prepared = (
+                        entry.prepared if entry.age == age else entry.prepare(age, qend, h.opts)
+                    )
                     head = prepared[hi]
                     if mode == 0 or (mode == 1 and not head[1] & 0x20):
                         reply = join((data[:2], head, data[12:qend], prepared[ti]))
                         if len(reply) > limit:
-                            reply = wire.truncated(reply, qend, edns)
+                            reply = entry.truncate(reply, qend, edns, limit)
                     else:
-                        reply = wire.splice(prepared, data, qend, edns, limit)
+                        reply = wire.splice(prepared, data, qend, edns)
+                        if len(reply) > limit:
+                            reply = entry.truncate(reply, qend, edns, limit)
                     try:
                         sendto(reply, addr)
                     except OSError as exc:

@@ -1,0 +1,77 @@
+"""What clients see at the edges, end to end with dnspython against dnsproxy in-process:
+large answers cut to the client's size and the advertised EDNS size.
+"""
+
+from __future__ import annotations
+
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+from conftest import proxy_with
+from fakeupstream import Action, SyncHandler, zone_handler
+
+from dnsproxy.app import App
+from dnsproxy.config import ServerLimits
+
+MANY = [f"169.254.{i // 200}.{i % 200 + 1}" for i in range(100)]
+
+
+def addr(app: App) -> tuple[str, int]:
+    hp = app.listen[0]
+    return hp.host, hp.port
+
+
+def many_handler() -> SyncHandler:
+    """The RECORDS-style zone with many.example. holding 100 A records (about 1.6 KB),
+    sent whole whatever size our upstream query advertised (as over TCP)."""
+    inner = zone_handler({("many.example.", "A"): MANY})
+
+    def handler(query: dns.message.Message, transport: str) -> Action:
+        reply = inner(query, transport)
+        assert isinstance(reply, dns.message.Message)
+        return reply.to_wire(max_size=65535)
+
+    return handler
+
+
+async def udp(app: App, query: dns.message.Message) -> dns.message.Message:
+    host, port = addr(app)
+    return await dns.asyncquery.udp(query, host, port=port, timeout=5, raise_on_truncation=False)
+
+
+@pytest.mark.parametrize(
+    ("payload", "max_udp", "kept"),
+    [
+        # many.example. A: 12 + 18 bytes of header and question, 16 per record, 11 of OPT.
+        (None, 1232, 30),  # no EDNS: 512 bytes
+        (4096, 1232, 74),  # at most our 1232: (1232 - 41) // 16
+        (4096, 1400, 84),  # (1400 - 41) // 16
+        (1300, 1400, 78),  # the client's own size when smaller: (1300 - 41) // 16
+        (4096, 4096, 100),  # it all fits
+    ],
+)
+async def test_udp_answer_fits_the_smaller_of_the_two_sizes(
+    payload: int | None, max_udp: int, kept: int
+) -> None:
+    limits = ServerLimits(udp_payload_size=max_udp)
+    async with proxy_with(many_handler(), limits=limits) as (app, fake):
+        q = dns.message.make_query(
+            "many.example.", "A", use_edns=0 if payload else False, payload=payload or 0
+        )
+        first = await udp(app, q)  # a miss, answered from the upstream's reply
+        hit = await udp(app, q)  # a hit, validated and remembered
+        fast = await udp(app, q)  # a hit on the fast path, recognised by its bytes
+        host, port = addr(app)
+        whole = await dns.asyncquery.tcp(q, host, port=port, timeout=5)
+    assert len(whole.answer[0]) == 100
+    for reply in (first, hit, fast):
+        assert len(reply.to_wire()) <= (512 if payload is None else min(payload, max_udp))
+        assert len(reply.answer[0]) == kept
+        assert list(reply.answer[0]) == list(whole.answer[0])[:kept]
+        assert bool(reply.flags & dns.flags.TC) == (kept < 100)
+        if payload is not None:
+            assert reply.payload == max_udp
+    # The upstream is asked with our fixed 1232 whatever limits.udp_payload_size says.
+    assert [q.payload for _, q in fake.queries] == [1232]
