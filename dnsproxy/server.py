@@ -195,9 +195,12 @@ class _Handler:
                 self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "cache")
             return False
         stats.misses += 1
-        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
-            stats.rcodes[wire.REFUSED] += 1
-            send(wire.error_reply(data, wire.REFUSED, qend, edns, self.max_udp), peer)
+        if qtype in wire.NOT_FORWARDED:
+            rcode, reason = wire.NOT_FORWARDED[qtype]
+            if reason is not None:
+                _count(stats.invalid, reason)
+            stats.rcodes[rcode] += 1
+            send(wire.error_reply(data, rcode, qend, edns, self.max_udp), peer)
             return False
         self.forwarder.submit(key, data, qend, partial(deliver, peer, key, data, qend, edns), now)
         return True

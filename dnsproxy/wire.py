@@ -310,6 +310,19 @@ def _parse_query_additional(data: bytes, qend: int, arcount: int, off: int = -1)
     return edns
 
 
+# Query types answered at once instead of forwarded, with the rcode and the reason they
+# are counted under (None: not an invalid query). Zone transfers are REFUSED. The types
+# below 256 that are not data (RFC 6895 §3.1: OPT, TKEY, TSIG, MAILB, MAILA and the
+# unassigned meta range 128..248) get FORMERR, as from Unbound: no upstream can answer
+# one, so forwarding it only earns a late error. The server looks a query's type up
+# here only after a cache miss (such a type is never cached), so cache hits pay nothing.
+NOT_FORWARDED: dict[int, tuple[int, str | None]] = {
+    TYPE_AXFR: (REFUSED, None),
+    TYPE_IXFR: (REFUSED, None),
+    **{t: (FORMERR, "meta_qtype") for t in (TYPE_OPT, 249, 250, 253, 254, *range(128, 249))},
+}
+
+
 # --------------------------------------------------------------------------------------
 # Replies from upstream
 
@@ -794,7 +807,10 @@ def error_reply(query: bytes, rcode: int, qend: int, edns: int, udp_size: int) -
     adding our OPT (advertising ``udp_size``) for an EDNS client or an extended rcode."""
     head = bytearray(query[:HEADER_LEN])
     head[2] = _QR | (query[2] & 0x79)  # keep opcode and RD
-    head[3] = _RA | (query[3] & _CD) | (rcode & 0x0F)
+    # RA only with BADVERS, as Unbound 1.17 answers: the other errors (FORMERR, NOTIMP
+    # for an opcode, REFUSED for a zone transfer or a source outside the ACL) turn the
+    # query away before any recursion is offered for it.
+    head[3] = (_RA if rcode == BADVERS else 0) | (query[3] & _CD) | (rcode & 0x0F)
     if qend:
         head[4:12] = b"\x00\x01\x00\x00\x00\x00\x00\x00"
         head += query[HEADER_LEN:qend]

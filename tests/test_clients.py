@@ -1,5 +1,6 @@
 """What clients see at the edges, end to end with dnspython against dnsproxy in-process:
-large answers cut to the client's size and the advertised EDNS size.
+large answers cut to the client's size, the advertised EDNS size, meta-type queries and RA
+on error replies.
 """
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ from __future__ import annotations
 import dns.asyncquery
 import dns.flags
 import dns.message
+import dns.opcode
 import dns.rcode
+import dns.rdatatype
 import pytest
 from conftest import proxy_with
-from fakeupstream import Action, SyncHandler, zone_handler
+from fakeupstream import Action, Drop, SyncHandler, zone_handler
 
 from dnsproxy.app import App
 from dnsproxy.config import ServerLimits
@@ -75,3 +78,46 @@ async def test_udp_answer_fits_the_smaller_of_the_two_sizes(
             assert reply.payload == max_udp
     # The upstream is asked with our fixed 1232 whatever limits.udp_payload_size says.
     assert [q.payload for _, q in fake.queries] == [1232]
+
+
+async def test_opt_type_query_gets_formerr_at_once() -> None:
+    # The upstream drops everything: a forwarded query would end in SERVFAIL after the
+    # deadline, so FORMERR proves it was answered without forwarding.
+    async with proxy_with(lambda q, t: Drop(), deadline_s=30, try_timeout_s=30) as (app, fake):
+        for edns in (False, 0):
+            q = dns.message.make_query("www.example.", dns.rdatatype.OPT, use_edns=edns)
+            reply = await udp(app, q)
+            assert reply.rcode() == dns.rcode.FORMERR
+            assert not reply.flags & dns.flags.RA
+            assert reply.question[0].rdtype == dns.rdatatype.OPT
+            assert reply.edns == (0 if edns is not False else -1)
+        stats = app.server.stats
+    assert fake.queries == []
+    assert stats.invalid == {"meta_qtype": 2}
+
+
+async def test_refusals_and_errors_carry_no_ra_but_badvers_does() -> None:
+    import ipaddress
+
+    async with proxy_with() as (app, _fake):
+        host, port = addr(app)
+        notify = dns.message.make_query("www.example.", "SOA")
+        notify.set_opcode(dns.opcode.NOTIFY)
+        notimp = await udp(app, notify)
+        axfr = await dns.asyncquery.tcp(
+            dns.message.make_query("example.", "AXFR"), host, port=port, timeout=5
+        )
+        ixfr = await udp(app, dns.message.make_query("example.", "IXFR"))
+        badvers = await udp(app, dns.message.make_query("www.example.", "A", use_edns=1))
+    nets = (ipaddress.ip_network("169.254.0.0/16"),)
+    async with proxy_with(allow=nets) as (app, _fake):
+        acl = await udp(app, dns.message.make_query("www.example.", "A"))
+    assert badvers.rcode() == dns.rcode.BADVERS and badvers.flags & dns.flags.RA
+    for reply, rcode in (
+        (notimp, dns.rcode.NOTIMP),
+        (axfr, dns.rcode.REFUSED),
+        (ixfr, dns.rcode.REFUSED),
+        (acl, dns.rcode.REFUSED),
+    ):
+        assert reply.rcode() == rcode
+        assert not reply.flags & dns.flags.RA, reply

@@ -442,6 +442,46 @@ def test_error_reply_echoes_question_and_id(rcode: int, edns: bool) -> None:
         assert reply.edns == -1
 
 
+# Meta-types (RFC 6895 §3.1) that Unbound 1.17 answers with FORMERR rather than look up.
+META_QTYPES = [41, 128, 200, 248, 249, 250, 253, 254]
+
+
+@pytest.mark.parametrize("qtype", META_QTYPES)
+def test_meta_qtypes_are_answered_formerr_not_forwarded(qtype: int) -> None:
+    key, _, _ = wire.parse_query(qwire("www.example.", qtype))  # a well-formed query
+    assert wire.NOT_FORWARDED[wire.key_qtype(key)] == (wire.FORMERR, "meta_qtype")
+
+
+@pytest.mark.parametrize("qtype", ["AXFR", "IXFR"])
+def test_zone_transfers_are_refused_not_forwarded(qtype: str) -> None:
+    key, _, _ = wire.parse_query(qwire("example.", qtype))
+    assert wire.NOT_FORWARDED[wire.key_qtype(key)] == (wire.REFUSED, None)
+
+
+@pytest.mark.parametrize("qtype", ["ANY", "A", "TXT", 127, 255, 256, 65280])
+def test_data_types_are_forwarded(qtype: str | int) -> None:
+    key, _, _ = wire.parse_query(qwire("www.example.", qtype))
+    assert wire.key_qtype(key) not in wire.NOT_FORWARDED
+
+
+@pytest.mark.parametrize(
+    ("rcode", "ra"),
+    [
+        (wire.FORMERR, False),
+        (wire.NOTIMP, False),
+        (wire.REFUSED, False),
+        (wire.BADVERS, True),
+    ],
+)
+def test_error_replies_set_ra_only_with_badvers(rcode: int, ra: bool) -> None:
+    # As Unbound 1.17 answers (tests/test_real.py compares the two).
+    data = qwire("www.example.", edns=True)
+    _, qend, edns = wire.parse_query(data)
+    reply = parse(wire.error_reply(data, rcode, qend, edns, 1232))
+    assert bool(reply.flags & dns.flags.RA) == ra
+    assert reply.rcode() == rcode
+
+
 @pytest.mark.parametrize("size", [512, 1400, 4096])
 def test_error_reply_advertises_the_size_given(size: int) -> None:
     data = qwire("www.example.", edns=True)
