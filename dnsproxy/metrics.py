@@ -97,6 +97,14 @@ class StatsCollector:
         yield _by_reason(
             "dnsproxy_dropped", "Packets dropped without a reply, by reason.", s.dropped
         )
+        udp_drops = CounterMetricFamily(
+            "dnsproxy_udp_receive_drops",
+            "Queries the kernel dropped at a UDP listener's socket (receive buffer full).",
+            labels=["listener"],
+        )
+        for listener, count in app.server.udp_receive_drops().items():
+            udp_drops.add_metric([listener], count)
+        yield udp_drops
         yield _by_reason(
             "dnsproxy_invalid_queries",
             "Queries answered with FORMERR, NOTIMP or BADVERS, by reason.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
 
 _TCP_MAX_REPLY = 65535
-_UDP_RCVBUF = 4 * 1024 * 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
 
 
 class ServerStats:
@@ -246,10 +247,11 @@ class _UdpListener:
         self.stats = handler.stats
         self.sock = sock
         self.closed = False
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
-        except OSError:
-            pass
+        host, port = sock.getsockname()[:2]
+        self.label = str(HostPort(host, port))
+        # The key of this socket in /proc/net/udp{,6}, where the kernel counts its drops.
+        self.inode = os.fstat(sock.fileno()).st_ino
+        _set_receive_buffer(sock, handler.config.limits.udp_rcvbuf, self.label)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
@@ -342,6 +344,66 @@ class _UdpListener:
             _count(self.stats.dropped, "listener_closed")
             return
         self.send(self.h.delivered(addr, False, key, data, qend, edns, entry), addr)
+
+
+def _set_receive_buffer(sock: socket.socket, size: int, label: str) -> int:
+    """Ask for a ``size``-byte receive buffer on ``sock`` (0: keep the kernel's default)
+    and log what the kernel granted; returns the granted size as getsockopt reports it.
+
+    SO_RCVBUFFORCE first, which works with CAP_NET_ADMIN (root, or the node DaemonSet)
+    whatever ``net.core.rmem_max`` says, then plain SO_RCVBUF, which the kernel caps at
+    ``net.core.rmem_max``: Unbound's ``so-rcvbuf`` likewise passes the cap as root. Linux
+    doubles the value set, to count its own bookkeeping per datagram, and getsockopt
+    reports the doubled figure: each small query takes about 830 bytes of it.
+    """
+    if size:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            except OSError as exc:
+                log.warning("udp %s: cannot set the receive buffer: %s", label, exc)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # INFO either way: a capped buffer is the usual case for an unprivileged `make run`.
+    if size and granted < 2 * size:
+        log.info(
+            "udp %s: receive buffer %d bytes as the kernel counts it, not the %d that "
+            "limits.udp_rcvbuf %d would give: net.core.rmem_max caps it; raise that sysctl "
+            "or run with CAP_NET_ADMIN",
+            label,
+            granted,
+            2 * size,
+            size,
+        )
+    else:
+        log.info("udp %s: receive buffer %d bytes as the kernel counts it", label, granted)
+    return granted
+
+
+def _read_udp_drops(inodes: dict[int, str]) -> dict[str, int]:
+    """Datagrams the kernel dropped at each of our UDP sockets (full receive buffer).
+
+    ``inodes`` maps socket inodes to listener labels. Reads the ``drops`` column of
+    ``/proc/net/udp`` and ``/proc/net/udp6`` (this process's network namespace), one
+    line per UDP socket of the namespace: work for a scrape, never for the query path.
+    A table that cannot be read (not Linux) gives no figures.
+    """
+    drops: dict[str, int] = {}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines[1:]:
+            fields = line.split()
+            # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            if len(fields) >= 13:
+                label = inodes.get(int(fields[9]))
+                if label is not None:
+                    drops[label] = int(fields[-1])
+    return drops
 
 
 class _TcpConnection(asyncio.Protocol):
@@ -550,6 +612,10 @@ class DnsServer:
             log.info("listening on %s (udp, tcp)", HostPort(hp.host, port))
             return HostPort(hp.host, port)
         raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+
+    def udp_receive_drops(self) -> dict[str, int]:
+        """Kernel drops at each UDP listener's socket, by listener; for a scrape."""
+        return _read_udp_drops({u.inode: u.label for u in list(self._udp) if not u.closed})
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""

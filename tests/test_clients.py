@@ -1,9 +1,16 @@
 """What clients see at the edges, end to end with dnspython against dnsproxy in-process:
-large answers cut to the client's size, the advertised EDNS size, meta-type queries and RA
-on error replies.
+large answers cut to the client's size, the advertised EDNS size, meta-type queries, RA on
+error replies, and the UDP listeners' receive buffer and kernel drop counter.
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import urllib.request
+from pathlib import Path
 
 import dns.asyncquery
 import dns.flags
@@ -12,7 +19,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import pytest
-from conftest import proxy_with
+from conftest import dnsproxy_cmd, proxy_with
 from fakeupstream import Action, Drop, SyncHandler, zone_handler
 
 from dnsproxy.app import App
@@ -121,3 +128,83 @@ async def test_refusals_and_errors_carry_no_ra_but_badvers_does() -> None:
     ):
         assert reply.rcode() == rcode
         assert not reply.flags & dns.flags.RA, reply
+
+
+# --------------------------------------------------------------------------------------
+# The UDP listener's receive buffer and the kernel's drops
+
+
+def _listener_socket(app: App) -> socket.socket:
+    (listener,) = app.server._udp
+    return listener.sock
+
+
+async def test_receive_buffer_setting_is_applied_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dnsproxy.server")
+    size = 1 << 20
+    async with proxy_with(limits=ServerLimits(udp_rcvbuf=size)) as (app, _fake):
+        granted = _listener_socket(app).getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    logged = [r.getMessage() for r in caplog.records if "receive buffer" in r.getMessage()]
+    assert len(logged) == 1, logged
+    assert re.search(rf"\b{granted} bytes\b", logged[0]), logged
+    with open("/proc/sys/net/core/rmem_max") as f:
+        rmem_max = int(f.read())
+    forced = granted == 2 * size
+    # Linux doubles what is set; SO_RCVBUFFORCE (root) passes net.core.rmem_max.
+    assert forced or granted == 2 * min(size, rmem_max)
+    if not forced:
+        assert "raise net.core.rmem_max" in logged[0]
+
+
+async def test_receive_buffer_zero_keeps_the_kernel_default() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fresh:
+        default = fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    async with proxy_with(limits=ServerLimits(udp_rcvbuf=0)) as (app, _fake):
+        assert _listener_socket(app).getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default
+
+
+def _scrape(app: App) -> str:
+    assert app.http is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.http.port}/metrics", timeout=5) as r:
+        text: str = r.read().decode()
+    return text
+
+
+def _drops(text: str, listener: str) -> float:
+    sample = f'dnsproxy_udp_receive_drops_total{{listener="{listener}"}}'
+    values = [
+        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(sample)
+    ]
+    assert len(values) == 1, f"{sample} not in /metrics"
+    return values[0]
+
+
+async def test_queries_dropped_at_a_full_socket_are_counted() -> None:
+    # The smallest buffer the kernel allows holds a handful of queries. The event loop
+    # is held by the sending loop below (no await in it), as a busy or stalled process
+    # would be, so the listener reads nothing while 2,000 queries arrive.
+    flood = 2000
+    async with proxy_with(limits=ServerLimits(udp_rcvbuf=1024), http=True) as (app, _fake):
+        host, port = addr(app)
+        listener = f"{host}:{port}"
+        before = _drops(await asyncio.to_thread(_scrape, app), listener)
+        query = dns.message.make_query("www.example.", "A").to_wire()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for _ in range(flood):
+                sender.sendto(query, (host, port))
+        text = await asyncio.to_thread(_scrape, app)
+        # Whatever was queued is served once the loop runs again.
+        reply = await udp(app, dns.message.make_query("www.example.", "A"))
+    dropped = _drops(text, listener) - before
+    assert 0 < dropped <= flood
+    assert reply.rcode() == dns.rcode.NOERROR
+
+
+def test_udp_rcvbuf_is_checked_with_its_key_path(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text('zones: [{zone: ".", upstreams: ["127.0.0.1"]}]\nlimits: {udp_rcvbuf: -1}\n')
+    result = dnsproxy_cmd("check-config", str(config))
+    assert result.returncode == 2
+    assert "limits.udp_rcvbuf" in result.stdout + result.stderr
