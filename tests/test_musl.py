@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_real import SBIN_PATH, stop, tool, unbound_server_lines
 
 ROOT = Path(__file__).resolve().parent.parent
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 PROXY_IP, UPSTREAM_IP = "169.254.53.1", "169.254.53.2"
 NAME = "many.test"
 ADDRESSES = [f"169.254.54.{i}" for i in range(1, 41)]
@@ -69,13 +69,6 @@ int main(int argc, char **argv) {
 """
 
 _counter = itertools.count()
-
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name, path=SBIN_PATH)
-    if path is None:
-        pytest.skip(f"{name} not installed (apt-get install {package})")
-    return path
 
 
 def run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -138,25 +131,20 @@ def namespace() -> Iterator[str]:
 
 @contextlib.contextmanager
 def process(ns: str, argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv],
-            cwd=ROOT,
-            env={**os.environ, "PATH": SBIN_PATH},
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+    """``argv`` run in namespace ``ns`` with its output in ``log``; stopped on the way out."""
+    out = log.open("wb")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, *argv],
+        cwd=ROOT,
+        env={**os.environ, "PATH": SBIN_PATH},
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
+    )
+    try:
+        yield proc
+    finally:
+        stop(proc, out)
 
 
 def wait_for_line(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> None:
@@ -169,16 +157,7 @@ def wait_for_line(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> Non
 
 def unbound_conf(directory: Path) -> str:
     lines = [
-        "server:",
-        "  do-daemonize: no",
-        '  username: ""',
-        '  chroot: ""',
-        f'  directory: "{directory}"',
-        '  pidfile: ""',
-        "  use-syslog: no",
-        '  logfile: ""',
-        "  verbosity: 1",
-        "  num-threads: 1",
+        *unbound_server_lines(directory),
         f"  interface: {UPSTREAM_IP}",
         "  port: 53",
         "  access-control: 169.254.0.0/16 allow",

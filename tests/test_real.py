@@ -113,8 +113,10 @@ class Unbound:
         return total, tcp, total - tcp
 
 
-def unbound_conf(directory: Path, port: int) -> str:
-    lines = [
+def unbound_server_lines(directory: Path) -> list[str]:
+    """The start of the ``server:`` clause every test's Unbound shares: in the
+    foreground, as the user that starts it, its files in ``directory``, one thread."""
+    return [
         "server:",
         "  do-daemonize: no",
         '  username: ""',
@@ -125,6 +127,12 @@ def unbound_conf(directory: Path, port: int) -> str:
         '  logfile: ""',
         "  verbosity: 1",
         "  num-threads: 1",
+    ]
+
+
+def unbound_conf(directory: Path, port: int) -> str:
+    lines = [
+        *unbound_server_lines(directory),
         f"  interface: 127.0.0.1@{port}",
         f"  port: {port}",
         "  access-control: 127.0.0.0/8 allow",
