@@ -71,7 +71,8 @@ class Entry:
         self.cuts: dict[int, wire.Cut] | None = None
 
     def prepare(self, age: int, qend: int, opts: wire.Opts) -> wire.Prepared:
-        """Cut the reply for clients at ``age`` seconds old, with the server's ``opts``."""
+        """Prepare the reply for splicing at ``age`` seconds old, with the server's OPT
+        records ``opts``; kept until the age changes."""
         self.age = age
         self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend, opts)
         return self.prepared
@@ -92,8 +93,9 @@ class Entry:
     def answer_once(
         self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
     ) -> bytes:
-        """Like :meth:`answer` without keeping the cut, for a miss's answer: most entries
-        are answered from upstream once and never hit, and the cut is about 400 bytes."""
+        """Like :meth:`answer` without keeping the prepared reply, for a miss's answer:
+        most entries are answered from upstream once and never hit, and the prepared
+        reply is about 400 bytes."""
         age = int(now - self.stored_at)
         if age != self.age:
             return wire.render(

@@ -346,9 +346,9 @@ class _UdpListener:
         self.send(self.h.delivered(addr, False, key, data, qend, edns, entry), addr)
 
 
-def _set_receive_buffer(sock: socket.socket, size: int, label: str) -> int:
+def _set_receive_buffer(sock: socket.socket, size: int, label: str) -> None:
     """Ask for a ``size``-byte receive buffer on ``sock`` (0: keep the kernel's default)
-    and log what the kernel granted; returns the granted size as getsockopt reports it.
+    and log what the kernel granted, as getsockopt reports it.
 
     SO_RCVBUFFORCE first, which works with CAP_NET_ADMIN (root, or the node DaemonSet)
     whatever ``net.core.rmem_max`` says, then plain SO_RCVBUF, which the kernel caps at
@@ -378,7 +378,6 @@ def _set_receive_buffer(sock: socket.socket, size: int, label: str) -> int:
         )
     else:
         log.info("udp %s: receive buffer %d bytes as the kernel counts it", label, granted)
-    return granted
 
 
 def _read_udp_drops(inodes: dict[int, str]) -> dict[str, int]:
