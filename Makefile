@@ -11,9 +11,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/dnsproxy.yaml
 
-.PHONY: run test lint typecheck unit venv clean
+.PHONY: run test lint typecheck unit venv clean schema
 
-$(STAMP): pyproject.toml
+# dnsproxy/__init__.py holds the version, which the installed metadata records.
+$(STAMP): pyproject.toml dnsproxy/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -35,6 +36,11 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The JSON Schema for editors, generated from the table of keys in dnsproxy/config_schema.py.
+schema: $(STAMP)
+	$(BIN)/python -c 'import sys; from dnsproxy.config_schema import schema_text; \
+	sys.stdout.write(schema_text())' > config/dnsproxy.schema.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

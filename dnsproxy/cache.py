@@ -12,9 +12,12 @@ The store is an LRU bounded by entry count and bytes; evictions are counted.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dnsproxy import wire
-from dnsproxy.config import CachePolicy
+from dnsproxy.config_types import CachePolicy
 
 # Bound on reply bytes in the cache besides the entry count, so that big answers (TXT,
 # many records) cannot grow memory past what max_entries suggests.
@@ -264,6 +267,26 @@ class Cache:
         self.store.clear()
         self.by_kind = [0, 0, 0]
         self.bytes = 0
+
+    def collect(self) -> Iterator[Metric]:
+        """The cache's metric families, from its counters (read at scrape time)."""
+        entries = GaugeMetricFamily(
+            "dnsproxy_cache_entries", "Cached entries, by kind.", labels=["type"]
+        )
+        for kind, count in zip(KIND_NAMES, list(self.by_kind), strict=True):
+            entries.add_metric([kind], count)
+        yield entries
+        yield GaugeMetricFamily(
+            "dnsproxy_cache_capacity", "Maximum cached entries.", value=self.max_entries
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_cache_bytes",
+            "Reply bytes held by the cache (bounded by 64 MiB besides the entry count).",
+            value=self.bytes,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_evictions", "Entries evicted to make room (LRU).", value=self.evictions
+        )
 
 
 def _footprint(entry: Entry) -> int:

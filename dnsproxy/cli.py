@@ -3,19 +3,30 @@
 ``dnsproxy [--config FILE] [flags]`` runs the proxy; ``dnsproxy check-config FILE``
 validates a file and prints every problem with its key path; ``dnsproxy node-setup
 --dry-run --config FILE`` prints the interface commands and the rules (iptables commands or
-nftables ruleset) the node role would apply. Exit status 2 means the configuration (or the
-command line) is wrong.
+nftables ruleset) the node role would apply; ``dnsproxy print-config [NAME]`` prints a
+configuration file shipped in the package (``--path``: where it is). Exit status 2 means the
+configuration (or the command line) is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import sys
+from dataclasses import fields
+from typing import Any
 
 from dnsproxy import __version__
 from dnsproxy.config import Config, ConfigError, Overrides, load_config
 
 EXIT_CONFIG = 2  # the same status argparse uses for a bad command line
+
+# The files shipped in the package (dnsproxy/data, a link to the repository's config/).
+SHIPPED = {
+    "default": "dnsproxy.yaml",
+    "nodelocal": "nodelocal.yaml",
+    "schema": "dnsproxy.schema.json",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args[1:])
     if args and args[0] == "node-setup":
         return _node_setup(args[1:])
+    if args and args[0] == "print-config":
+        return _print_config(args[1:])
     return _run(args)
 
 
@@ -34,7 +47,8 @@ def _run(argv: list[str]) -> int:
         prog="dnsproxy",
         description="Node-local caching DNS forwarder. "
         "Subcommands: 'dnsproxy check-config FILE' validates a configuration file; "
-        "'dnsproxy node-setup --dry-run --config FILE' prints the node rules it would apply.",
+        "'dnsproxy node-setup --dry-run --config FILE' prints the node rules it would apply; "
+        "'dnsproxy print-config [default|nodelocal|schema]' prints a shipped file.",
     )
     parser.add_argument("--version", action="version", version=f"dnsproxy {__version__}")
     parser.add_argument(
@@ -88,7 +102,8 @@ def _run(argv: list[str]) -> int:
     # depend on) the event loop and network stack.
     from dnsproxy.app import run
 
-    return run(config)
+    # The file and flags again: a reload (SIGHUP, or the file changed) reads them anew.
+    return run(config, parsed.config, overrides)
 
 
 def _check_config(argv: list[str]) -> int:
@@ -105,6 +120,33 @@ def _check_config(argv: list[str]) -> int:
         return EXIT_CONFIG
     print(f"{parsed.file}: ok")
     print(_summary(config))
+    return 0
+
+
+def _print_config(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dnsproxy print-config",
+        description="Print a configuration file shipped with dnsproxy, to start your own from.",
+    )
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default="default",
+        choices=list(SHIPPED),
+        help="default: every key with its default and comment (what 'make run' uses); "
+        "nodelocal: the Kubernetes node cache; schema: the JSON Schema for editors",
+    )
+    parser.add_argument(
+        "--path", action="store_true", help="print where the installed file is instead"
+    )
+    parsed = _parse(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    shipped = importlib.resources.files("dnsproxy") / "data" / SHIPPED[parsed.name]
+    if parsed.path:
+        print(shipped)
+    else:
+        sys.stdout.write(shipped.read_text(encoding="utf-8"))
     return 0
 
 
@@ -150,22 +192,14 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(parsed: argparse.Namespace) -> Overrides:
-    return Overrides(
-        listen=tuple(parsed.listen),
-        upstreams=tuple(getattr(parsed, "upstream", ())),
-        http_listen=getattr(parsed, "http_listen", None),
-        log_level=getattr(parsed, "log_level", None),
-        log_format=getattr(parsed, "log_format", None),
-        health_listen=getattr(parsed, "health_listen", None),
-        lameduck=getattr(parsed, "lameduck", None),
-        local_ips=tuple(parsed.local_ip),
-        interface=parsed.interface,
-        setup_interface=parsed.setup_interface,
-        rules=parsed.rules,
-        sync_interval=parsed.sync_interval,
-        teardown=parsed.teardown,
-        health_port=parsed.health_port,
-    )
+    """The flags given, by the name each has in Overrides' metadata (``--local-ip`` is
+    argparse's ``local_ip``); a subcommand without a flag leaves it unset."""
+    given: dict[str, Any] = {}
+    for spec in fields(Overrides):
+        value = getattr(parsed, spec.metadata["flag"][2:].replace("-", "_"), None)
+        if value is not None:
+            given[spec.name] = tuple(value) if isinstance(value, list) else value
+    return Overrides(**given)
 
 
 def _node_setup(argv: list[str]) -> int:

@@ -1,42 +1,50 @@
-"""Cache misses: zone selection, coalescing, upstream choice and failover, deadlines.
+"""Cache misses: zones, coalescing, and the asyncio side of resolution and health checks.
 
-One task per distinct cache key in flight; every client asking the same question while it
-runs is added as a waiter and answered from the same result. The outcome is always an
-entry (a real reply, or a synthesized SERVFAIL/REFUSED), never silence.
+Each distinct question in flight (by cache key) is one :class:`_Question`; every client
+asking the same question meanwhile is added to its waiters and answered from the same
+result, an entry that is always there in the end (a real reply, or a synthesized
+SERVFAIL/REFUSED), never silence. Which server to try, for how long, what a reply means and
+each server's health are decided by the sans-IO machines of :mod:`dnsproxy.resolution`;
+this module feeds them the clock and the upstreams' outcomes and carries out what they
+ask. A miss costs no task and no coroutine: each try hands the query to an upstream with
+:meth:`~dnsproxy.upstream.Upstream.send`, whose callback finishes the question or starts
+the next try. Probes of a server marked down are sent from a timer, with no task either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
 from dnsproxy import wire
-from dnsproxy.cache import SERVFAIL, Cache, Entry, make_entry, servfail_entry
-from dnsproxy.config import Config, UpstreamConfig, ZoneConfig
+from dnsproxy.cache import SERVFAIL, Cache, Entry
+from dnsproxy.config_types import Config, UpstreamConfig
+from dnsproxy.metrics import buckets, by_reason, labelled
+from dnsproxy.resolution import (
+    LATENCY_BUCKETS,
+    PROBE_TIMEOUT_S,
+    Resolution,
+    ServerState,
+    Zone,
+)
 from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
+
+__all__ = ["Deliver", "Forwarder", "ForwarderStats"]
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[Entry], None]
-
-# A server that failed this many times in a row is marked down: tried only after the
-# healthy ones, and probed with ". IN NS" every _PROBE_INTERVAL_S until it answers.
-_MAX_FAILS = 2
-_PROBE_INTERVAL_S = 0.5
-_PROBE_TIMEOUT_S = 1.0
-_PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
-
-# Upstream rcodes that mean "this server could not answer": try the next one, and if
-# none does better, the client gets SERVFAIL (never a FORMERR for its valid query).
-_TRY_NEXT_RCODES = frozenset((wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED))
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(slots=True)
@@ -50,104 +58,66 @@ class ForwarderStats:
     bad_replies: int = 0  # replies that failed the wire walk
 
 
-class LatencyHistogram:
-    """Upstream reply latency in buckets: plain ints, exported at scrape time.
+class _Server(ServerState):
+    """A server's sans-IO state, with the upstream that reaches it and its probe's timer."""
 
-    prometheus_client's Histogram takes a lock and does several calls per observation;
-    this one is only touched from the event loop thread, so a list of ints will do.
-    """
+    __slots__ = ("probe_request", "probe_timer", "upstream")
 
-    __slots__ = ("counts", "total_s")
+    def __init__(self, upstream: Upstream) -> None:
+        ServerState.__init__(self, upstream.label)
+        self.upstream = upstream
+        self.probe_timer: asyncio.TimerHandle | None = None
+        self.probe_request: Request | None = None
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
-        self.total_s = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.total_s += seconds
-
-
-@dataclass(slots=True)
-class _Server:
-    """Health of one upstream server, shared by every zone that uses it."""
-
-    upstream: Upstream
-    latency: LatencyHistogram
-    fails: int = 0
-    probe: asyncio.Task[None] | None = None
-    probe_failures: int = 0
-
-    @property
-    def up(self) -> bool:
-        return self.fails < _MAX_FAILS
-
-
-@dataclass(slots=True)
-class _Zone:
-    config: ZoneConfig
-    servers: list[_Server]
-    next_index: int = 0
-
-    def order(self) -> list[_Server]:
-        servers = self.servers
-        if len(servers) == 1:
-            return servers
-        policy = self.config.policy
-        if policy == "random":
-            servers = random.sample(servers, len(servers))
-        elif policy == "round_robin":
-            i = self.next_index % len(servers)
-            self.next_index = i + 1
-            servers = servers[i:] + servers[:i]
-        if all(s.fails < _MAX_FAILS for s in servers):
-            return servers
-        return [s for s in servers if s.up] + [s for s in servers if not s.up]
+    def collect(self) -> Iterator[Metric]:
+        """This server's families: its upstream's counters, its health, its latency."""
+        label = self.label
+        yield from self.upstream.collect()
+        yield labelled(
+            GaugeMetricFamily,
+            "dnsproxy_upstream_up",
+            "1 while the upstream server is healthy, 0 while it is marked down and probed.",
+            "upstream",
+            label,
+            1 if self.up else 0,
+        )
+        yield labelled(
+            CounterMetricFamily,
+            "dnsproxy_upstream_healthcheck_failures",
+            "Failed health probes of a server marked down.",
+            "upstream",
+            label,
+            self.probe_failures,
+        )
+        latency = HistogramMetricFamily(
+            "dnsproxy_upstream_request_duration_seconds",
+            "Time from sending a query to an upstream server to its valid reply.",
+            labels=["upstream"],
+        )
+        histogram = self.latency
+        latency.add_metric(
+            [label], buckets(LATENCY_BUCKETS, histogram.counts.copy()), histogram.total_s
+        )
+        yield latency
 
 
-class _Resolution:
-    """One distinct question on its way upstream, and the clients waiting for it.
+class _Question(Resolution[_Server]):
+    """One distinct question on its way upstream, and the clients waiting for it."""
 
-    Driven by callbacks, not a task: each attempt hands the query to an upstream with
-    :meth:`Upstream.send`, whose callback either finishes the resolution or starts the
-    next attempt. A miss then costs no task, no coroutine and no extra loop turn.
-    """
+    __slots__ = ("done", "request", "waiters")
 
-    __slots__ = (
-        "attempt",
-        "deadline",
-        "done",
-        "key",
-        "last",
-        "local_failure",
-        "order",
-        "query",
-        "question",
-        "request",
-        "server",
-        "started",
-        "waiters",
-        "zone",
-    )
-
-    def __init__(self, key: bytes, question: bytes, zone: _Zone, deliver: Deliver) -> None:
-        self.key = key
-        self.question = question
-        self.zone = zone
-        self.waiters = [deliver]
-        self.query = wire.upstream_query(key, question)
-        self.order = zone.order()
-        self.attempt = 0
-        self.deadline = 0.0
-        self.last: wire.ResponseInfo | None = None
-        self.server: _Server | None = None
-        self.started = 0.0
-        self.request: Request | None = None
-        self.done = False
-        self.local_failure = False
+    waiters: list[Deliver]
+    request: Request | None  # the try in flight
+    done: bool
 
 
 class Forwarder:
+    """Resolves cache misses through the configured zones' upstreams.
+
+    Used by the server (:meth:`submit`) and the app (:meth:`drain`, :meth:`abandon`,
+    :meth:`close`, :attr:`inflight`); :meth:`collect` is its metrics source.
+    """
+
     def __init__(self, config: Config, cache: Cache) -> None:
         self._config = config
         self._cache = cache
@@ -156,53 +126,63 @@ class Forwarder:
         self.stats = ForwarderStats()
         self.upstreams: dict[str, Upstream] = {}
         self.servers: dict[str, _Server] = {}
-        self._zones: dict[bytes, _Zone] = {}
+        self._zones: dict[bytes, Zone[_Server]] = {}
         for zone in config.zones:
             servers = [self._server(u) for u in zone.upstreams]
-            self._zones[wire.name_to_wire(zone.zone)] = _Zone(zone, servers)
+            self._zones[wire.name_to_wire(zone.zone)] = Zone(zone, servers)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
-        self._inflight: dict[bytes, _Resolution] = {}
+        self._inflight: dict[bytes, _Question] = {}
         # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
         # getpid() system call on every use (its fork check), several per miss.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def _server(self, config: UpstreamConfig) -> _Server:
         server = self.servers.get(config.label)
         if server is None:
             up = make_upstream(config, self._config.upstream)
             self.upstreams[config.label] = up
-            server = self.servers[config.label] = _Server(up, LatencyHistogram())
+            server = self.servers[config.label] = _Server(up)
         return server
-
-    def _failed(self, server: _Server) -> None:
-        server.fails += 1
-        if server.fails >= _MAX_FAILS and server.probe is None:
-            log.warning("upstream %s marked down; probing it", server.upstream.label)
-            server.probe = asyncio.get_running_loop().create_task(self._probe(server))
-
-    async def _probe(self, server: _Server) -> None:
-        """Ask ". IN NS" until the server answers, then mark it up again."""
-        up = server.upstream
-        try:
-            while not server.up:
-                try:
-                    reply = await up.query(_PROBE_QUERY, _PROBE_TIMEOUT_S)
-                    if wire.inspect_response(reply).rcode in _TRY_NEXT_RCODES:
-                        raise wire.WireError("probe answered with an error rcode")
-                except (UpstreamError, wire.WireError):
-                    server.probe_failures += 1
-                    await asyncio.sleep(_PROBE_INTERVAL_S)
-                    continue
-                server.fails = 0
-                log.warning("upstream %s answers again; marked up", up.label)
-        finally:
-            server.probe = None
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
 
-    def zone_for(self, qname: bytes) -> _Zone | None:
+    def collect(self) -> Iterator[Metric]:
+        """The forwarder's metric families, then those of every upstream server."""
+        f = self.stats
+        yield CounterMetricFamily(
+            "dnsproxy_coalesced",
+            "Queries that joined an identical upstream query already in flight.",
+            value=f.coalesced,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_nxdomain_name_hits",
+            "Misses answered by an NXDOMAIN cached for another type of the same name.",
+            value=f.nxdomain_hits,
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_inflight", "Distinct queries waiting for an upstream.", self.inflight
+        )
+        yield by_reason(
+            "dnsproxy_forward_rejects",
+            "Misses not forwarded, by reason (answered SERVFAIL or REFUSED).",
+            {
+                "max_inflight": f.inflight_rejects,
+                "max_waiters": f.waiter_rejects,
+                "no_zone": f.no_zone,
+            },
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_upstream_servfail",
+            "Resolutions that ended without a usable upstream reply (SERVFAIL sent).",
+            value=f.servfail_sent,
+        )
+        for server in list(self.servers.values()):
+            yield from server.collect()
+
+    def zone_for(self, qname: bytes) -> Zone[_Server] | None:
         """Longest configured zone that contains the lowercased wire ``qname``."""
         zones = self._zones
         i = 0
@@ -248,13 +228,14 @@ class Forwarder:
             self.stats.inflight_rejects += 1
             deliver(self._synth(query, qend, key, wire.SERVFAIL))
             return
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        resolution = _Resolution(key, query[wire.HEADER_LEN : qend], zone, deliver)
-        resolution.deadline = loop.time() + zone.config.deadline_s
-        self._inflight[key] = resolution
-        self._next(resolution)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        q = _Question(key, query[wire.HEADER_LEN : qend], zone, now)
+        q.waiters = [deliver]
+        q.request = None
+        q.done = False
+        self._inflight[key] = q
+        self._next(q, now)
 
     async def resolve(self, key: bytes, query: bytes, qend: int) -> Entry:
         """Awaitable form of :meth:`submit`; cancelling it never cancels other waiters."""
@@ -271,75 +252,114 @@ class Forwarder:
         body = wire.synth_body(query[wire.HEADER_LEN : qend], rcode, wire.key_flags(key)[1])
         return Entry(body, (), (), time.monotonic(), 0, SERVFAIL, rcode)
 
-    def _next(self, r: _Resolution) -> None:
-        """Start the next attempt, or finish when attempts or time have run out."""
-        order = r.order
-        # Every server once, and at least two tries in all, within the deadline.
-        if r.attempt < 2 or r.attempt < len(order):
-            loop = self._loop  # set by the submit that started this resolution
-            assert loop is not None
-            now = loop.time()
-            remaining = r.deadline - now
-            if remaining > 0:
-                server = order[r.attempt % len(order)]
-                r.attempt += 1
-                r.server = server
-                r.started = now
-                timeout = r.zone.config.try_timeout_s
-                if remaining < timeout:
-                    timeout = remaining
-                r.request = server.upstream.send(
-                    r.query, timeout, partial(self._reply, r), r.question
-                )
-                return
-        self._finish(r, self._failure(r))
-
-    def _reply(self, r: _Resolution, reply: bytes | None, error: UpstreamError | None) -> None:
-        if r.done:
+    def _next(self, q: _Question, now: float) -> None:
+        """Start the next try, or finish when tries or time have run out."""
+        server = q.next_try(now)
+        if server is None:
+            self._finish(q, self._failure(q, now))
             return
+        q.request = server.upstream.send(
+            q.query, q.timeout_s, partial(self._reply, q), q.question, now
+        )
+
+    def _reply(self, q: _Question, reply: bytes | None, error: UpstreamError | None) -> None:
+        if q.done:
+            return
+        loop = self._loop  # set by the submit that started this question
+        assert loop is not None
+        now = loop.time()
         try:
-            server = r.server
-            assert server is not None
-            if error is not None or reply is None:
-                log.debug("upstream %s failed: %s", server.upstream.label, error)
-                if isinstance(error, UpstreamBusy):
-                    r.local_failure = True  # our pool, not the server: its health stands
-                else:
-                    self._failed(server)
-                self._next(r)
+            if reply is None:
+                server = q.server
+                assert server is not None
+                log.debug("upstream %s failed: %s", server.label, error)
+                if q.failed(isinstance(error, UpstreamBusy), now):
+                    self._marked_down(server)
+                self._next(q, now)
                 return
-            loop = self._loop
-            assert loop is not None
-            server.latency.observe(loop.time() - r.started)
             try:
-                # The upstream checked that the reply's question is ours.
-                info = wire.inspect_response(reply, wire.HEADER_LEN + len(r.question))
+                outcome = q.answered(reply, now)
             except wire.WireError as exc:
+                server = q.server
+                assert server is not None
                 self.stats.bad_replies += 1
-                log.debug("malformed reply from %s: %s", server.upstream.label, exc)
-                self._failed(server)
-                self._next(r)
+                log.debug("malformed reply from %s: %s", server.label, exc)
+                if q.failed(False, now):
+                    self._marked_down(server)
+                self._next(q, now)
                 return
-            server.fails = 0
-            if info.rcode in _TRY_NEXT_RCODES:
-                # Another server of the group may do better; keep this one as a fallback.
-                r.last = info
-                self._next(r)
+            if outcome is None:
+                self._next(q, now)
                 return
-            now = time.monotonic()
-            entry, cacheable = make_entry(info, r.zone.config.cache, now)
+            entry, cacheable = outcome
             if cacheable:
-                self._cache.put(r.key, entry, now)
+                self._cache.put(q.key, entry, now)
         except Exception:
             # A bug here must not leave clients waiting for ever.
-            log.exception("resolution of %s failed", _describe(r.question))
-            entry = self._servfail(r)
-        self._finish(r, entry)
+            log.exception("resolution of %s failed", _describe(q.question))
+            entry = self._servfail(q)
+        self._finish(q, entry)
 
-    def _servfail(self, r: _Resolution) -> Entry:
-        """A SERVFAIL to ``r``'s question, never cached."""
-        query = b"\x00" * wire.HEADER_LEN + r.question
-        return self._synth(query, len(query), r.key, wire.SERVFAIL)
+    def _failure(self, q: _Question, now: float) -> Entry:
+        self.stats.servfail_sent += 1
+        entry, cacheable = q.failure(now)
+        if cacheable:
+            self._cache.put(q.key, entry, now)
+        return entry
+
+    def _servfail(self, q: _Question) -> Entry:
+        """A SERVFAIL to ``q``'s question, never cached."""
+        query = b"\x00" * wire.HEADER_LEN + q.question
+        return self._synth(query, len(query), q.key, wire.SERVFAIL)
+
+    def _finish(self, q: _Question, entry: Entry) -> None:
+        q.done = True
+        q.request = None
+        inflight = self._inflight
+        if inflight.get(q.key) is q:
+            del inflight[q.key]
+        for deliver in q.waiters:
+            try:
+                deliver(entry)
+            except Exception:
+                log.exception("delivering an answer failed")
+
+    # -- health probes
+
+    def _marked_down(self, server: _Server) -> None:
+        log.warning("upstream %s marked down; probing it", server.label)
+        self._arm_probe(server)
+
+    def _arm_probe(self, server: _Server) -> None:
+        when = server.timer()
+        if when is None or server.probe_timer is not None or self._closed:
+            return
+        loop = self._loop
+        assert loop is not None
+        server.probe_timer = loop.call_at(when, self._probe, server)
+
+    def _probe(self, server: _Server) -> None:
+        server.probe_timer = None
+        loop = self._loop
+        assert loop is not None
+        probe = server.handle_timer(loop.time())
+        if probe is None:
+            self._arm_probe(server)  # the timer fired a little early, or the server is up
+            return
+        server.probe_request = server.upstream.send(
+            probe, PROBE_TIMEOUT_S, partial(self._probed, server)
+        )
+
+    def _probed(self, server: _Server, reply: bytes | None, error: UpstreamError | None) -> None:
+        server.probe_request = None
+        loop = self._loop
+        if self._closed or loop is None:
+            return
+        if server.probed(reply, loop.time()):
+            log.warning("upstream %s answers again; marked up", server.label)
+        self._arm_probe(server)
+
+    # -- lifecycle
 
     def abandon(self) -> int:
         """Answer every question still in flight with SERVFAIL; how many there were.
@@ -348,55 +368,28 @@ class Forwarder:
         SERVFAIL retries elsewhere at once, one left unanswered waits out its timeout.
         """
         pending = list(self._inflight.values())
-        for r in pending:
-            if r.request is not None:
-                r.request.cancel()
+        for q in pending:
+            if q.request is not None:
+                q.request.cancel()
             self.stats.servfail_sent += 1
-            self._finish(r, self._servfail(r))
+            self._finish(q, self._servfail(q))
         return len(pending)
 
-    def _failure(self, r: _Resolution) -> Entry:
-        """The answer when no server gave a usable one: the last SERVFAIL/REFUSED or ours."""
-        self.stats.servfail_sent += 1
-        policy = r.zone.config.cache
-        now = time.monotonic()
-        if r.last is not None and r.last.rcode in (wire.SERVFAIL, wire.REFUSED):
-            entry, cacheable = make_entry(r.last, policy, now)
-        else:
-            # Our own SERVFAIL: upstream FORMERR/NOTIMP to a valid query is our problem to
-            # report, not the client's. Cached like an upstream SERVFAIL so that a dead
-            # upstream is not asked again for every retry, unless the cause was local.
-            cd = wire.key_flags(r.key)[1]
-            body = wire.synth_body(r.question, wire.SERVFAIL, cd)
-            entry = servfail_entry(body, (), (), policy, now)
-            cacheable = policy.servfail_ttl_s > 0 and not r.local_failure
-        if cacheable:
-            self._cache.put(r.key, entry, now)
-        return entry
-
-    def _finish(self, r: _Resolution, entry: Entry) -> None:
-        r.done = True
-        r.request = None
-        inflight = self._inflight
-        if inflight.get(r.key) is r:
-            del inflight[r.key]
-        for deliver in r.waiters:
-            try:
-                deliver(entry)
-            except Exception:
-                log.exception("delivering an answer failed")
-
     async def close(self) -> None:
-        for r in list(self._inflight.values()):
-            r.done = True
-            if r.request is not None:
-                r.request.cancel()
+        """Forget every question in flight (unanswered), stop probing, close upstreams."""
+        self._closed = True
+        for q in list(self._inflight.values()):
+            q.done = True
+            if q.request is not None:
+                q.request.cancel()
         self._inflight.clear()
-        probes = [s.probe for s in self.servers.values() if s.probe is not None]
-        for task in probes:
-            task.cancel()
-        if probes:
-            await asyncio.gather(*probes, return_exceptions=True)
+        for server in self.servers.values():
+            if server.probe_timer is not None:
+                server.probe_timer.cancel()
+                server.probe_timer = None
+            if server.probe_request is not None:
+                server.probe_request.cancel()
+                server.probe_request = None
         for up in self.upstreams.values():
             await up.close()
 

@@ -6,7 +6,16 @@ the host itself sends, and the liveness probe on the health port, skip conntrack
 conntrack there is no UDP insert race, and in transparent mode (the kube-dns ClusterIP as a
 local IP) kube-proxy's DNAT never applies, so pods reach this cache instead of CoreDNS.
 
-Two backends:
+Fail-safe (``node.fallback``, on by default): the NOTRACK of arriving queries matches only
+while a socket is bound to the local IP itself (``-m socket --nowildcard``; nft ``socket
+wildcard 0``), so when the proxy dies without teardown its rules stop applying at once: a
+ClusterIP is kube-proxy's again, and ``node.fallback_ip`` (nftables only) sends queries for
+a link-local IP to the cluster DNS by a stateless rewrite between conntrack and kube-proxy's
+DNAT. The node's own queries pass OUTPUT, where the kernel has no receiving socket to look
+up: that rule stays unconditional. The first sync reports rules a previous instance left.
+
+Each rules backend implements :class:`RulesBackend` (``plan``, ``sync``, ``remove``,
+``check_tools``); :class:`NodeManager` drives whichever the configuration chose:
 
 - ``iptables`` (``ip6tables`` for IPv6): every rule carries a unique comment; a rule is
   present when one line of ``iptables -S CHAIN`` carries its comment, inserted with ``-I``
@@ -16,6 +25,7 @@ Two backends:
 - ``nftables``: one table of our own, ``inet dnsproxy``, with raw-priority chains for NOTRACK
   and filter chains for ACCEPT, replaced atomically by one ``nft -f -`` transaction and
   deleted on teardown; verified by listing it and comparing the rule comments.
+- ``none``: something else owns the rules; only the addresses are managed.
 
 ``auto`` picks nftables when ``nft`` exists and the ``iptables`` in use is nf_tables-based (or
 absent), and iptables otherwise (a legacy-iptables host keeps its firewall there, and an
@@ -31,6 +41,7 @@ type in :class:`NodeStats` and retried at the next sync; they never stop the pro
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import ipaddress
@@ -44,11 +55,12 @@ import subprocess
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dnsproxy.config import NodeConfig
+from dnsproxy.config_types import NodeConfig
+from dnsproxy.errors import DnsproxyError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +82,7 @@ _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _COMMENT_RE = re.compile(r'comment "([^"]*)"')
 
 
-class NodeError(Exception):
+class NodeError(DnsproxyError):
     """The node role cannot start (a tool is missing, the interface cannot be made)."""
 
 
@@ -137,16 +149,22 @@ async def run_command(argv: Sequence[str], stdin: str | None, timeout_s: float) 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One rule, rendered either as an iptables command or as an nft rule line."""
+    """One rule, rendered either as an iptables command or as an nft rule line.
+
+    ``REWRITE`` and ``DNAT`` are the two halves of the link-local fallback (nft only): a
+    new connection to ``ip`` that no socket took is sent to ``to`` instead.
+    """
 
     ip: str
-    table: Literal["raw", "filter"]
+    table: Literal["raw", "filter", "mangle", "nat"]
     chain: Literal["PREROUTING", "INPUT", "OUTPUT"]
     proto: Literal["tcp", "udp"]
     direction: Literal["dst", "src"]  # -d IP --dport PORT, or -s IP --sport PORT
     port: int
-    target: Literal["NOTRACK", "ACCEPT"]
+    target: Literal["NOTRACK", "ACCEPT", "REWRITE", "DNAT"]
     comment: str  # unique per rule: how a rule is found again in a listing
+    bound: bool = False  # match only while a socket is bound to ip:port itself
+    to: str = ""  # REWRITE and DNAT: the fallback address
 
     @property
     def ipv6(self) -> bool:
@@ -157,10 +175,12 @@ class Rule:
         return "ip6tables" if self.ipv6 else "iptables"
 
     def spec(self) -> list[str]:
-        """The match and target, as given to ``-I`` and ``-D``."""
+        """The match and target, as given to ``-I`` and ``-D`` (NOTRACK and ACCEPT only)."""
         addr, port = ("-d", "--dport") if self.direction == "dst" else ("-s", "--sport")
+        # --nowildcard: a socket on 0.0.0.0:53 (someone else's) does not count as ours.
+        bound = ("-m", "socket", "--nowildcard") if self.bound else ()
         return [
-            *("-p", self.proto, addr, self.ip, port, str(self.port)),
+            *("-p", self.proto, addr, self.ip, port, str(self.port), *bound),
             *("-m", "comment", "--comment", self.comment, "-j", self.target),
         ]
 
@@ -170,35 +190,72 @@ class Rule:
 
     def nft_line(self) -> str:
         family = "ip6" if self.ipv6 else "ip"
+        comment = f'comment "{self.comment}"'
+        if self.target == "REWRITE":
+            # Stateless, after conntrack has recorded the original destination and before
+            # the DNAT hooks: kube-proxy's DNAT of `to` then applies, and its reverse
+            # gives replies the local IP back as their source.
+            return (
+                f"{family} daddr {self.ip} {self.proto} dport {self.port} ct state new "
+                f"{family} daddr set {self.to} {comment}"
+            )
+        if self.target == "DNAT":
+            # Only connections rewritten above that no earlier DNAT (kube-proxy) bound: a
+            # `to` that is a local address (IPVS) or an endpoint needs the binding here.
+            return (
+                f"{family} daddr {self.to} {self.proto} dport {self.port} "
+                f"ct original {family} daddr {self.ip} dnat {family} to {self.to} {comment}"
+            )
         addr = "daddr" if self.direction == "dst" else "saddr"
         port = "dport" if self.direction == "dst" else "sport"
+        bound = "socket wildcard 0 " if self.bound else ""
         verdict = "notrack" if self.target == "NOTRACK" else "accept"
         return (
-            f"{family} {addr} {self.ip} {self.proto} {port} {self.port} {verdict} "
-            f'comment "{self.comment}"'
+            f"{family} {addr} {self.ip} {self.proto} {port} {self.port} {bound}{verdict} {comment}"
         )
 
 
-def build_rules(local_ips: Iterable[str], health_port: int | None) -> list[Rule]:
-    """node-cache's rules (REFERENCE.md §2): ten per IP for port 53, two for the health port."""
+def build_rules(
+    local_ips: Iterable[str],
+    health_port: int | None,
+    *,
+    when_bound: bool = False,
+    fallback_ip: str | None = None,
+) -> list[Rule]:
+    """node-cache's rules (REFERENCE.md §2): ten per IP for port 53, two for the health port.
+
+    ``when_bound`` (``node.fallback``) makes the NOTRACK of arriving queries conditional on
+    a socket bound to the local IP, so that while none is (a killed proxy, a restart) the
+    queries are tracked and kube-proxy's DNAT of a ClusterIP applies again. ``fallback_ip``
+    adds two rules per IP of its family and protocol that send such queries there.
+    """
     rules: list[Rule] = []
     protos: tuple[Literal["tcp", "udp"], ...] = ("tcp", "udp")
     for ip in local_ips:
         for p in protos:
             where = f"{ip} {p}/{DNS_PORT}"
+            bound = " while bound" if when_bound else ""
             rules += [
                 Rule(ip, "raw", "PREROUTING", p, "dst", DNS_PORT, "NOTRACK",
-                     f"dnsproxy: notrack queries to {where}"),
+                     f"dnsproxy: notrack queries to {where}{bound}", bound=when_bound),
                 Rule(ip, "filter", "INPUT", p, "dst", DNS_PORT, "ACCEPT",
                      f"dnsproxy: accept queries to {where}"),
                 Rule(ip, "raw", "OUTPUT", p, "src", DNS_PORT, "NOTRACK",
                      f"dnsproxy: notrack replies from {where}"),
                 Rule(ip, "filter", "OUTPUT", p, "src", DNS_PORT, "ACCEPT",
                      f"dnsproxy: accept replies from {where}"),
-                # Queries from the host itself (hostNetwork pods) leave through OUTPUT.
+                # Queries from the host itself (hostNetwork pods) leave through OUTPUT,
+                # where the kernel cannot look up the receiving socket: unconditional.
                 Rule(ip, "raw", "OUTPUT", p, "dst", DNS_PORT, "NOTRACK",
                      f"dnsproxy: notrack local queries to {where}"),
             ]  # fmt: skip
+            if fallback_ip is not None and (":" in fallback_ip) == (":" in ip):
+                rules += [
+                    Rule(ip, "mangle", "PREROUTING", p, "dst", DNS_PORT, "REWRITE",
+                         f"dnsproxy: fallback of {where} to {fallback_ip}", to=fallback_ip),
+                    Rule(ip, "nat", "PREROUTING", p, "dst", DNS_PORT, "DNAT",
+                         f"dnsproxy: fallback nat of {where} to {fallback_ip}", to=fallback_ip),
+                ]  # fmt: skip
         if health_port is not None:
             where = f"{ip} tcp/{health_port}"
             # kubelet's liveness probe runs on the host: both directions pass OUTPUT.
@@ -211,13 +268,27 @@ def build_rules(local_ips: Iterable[str], health_port: int | None) -> list[Rule]
     return rules
 
 
-# nft chain per (iptables table, chain): raw-priority chains run before conntrack (-200),
-# which is what lets notrack keep packets out of it (and out of kube-proxy's DNAT).
-_NFT_CHAINS: dict[tuple[str, str], tuple[str, str, str]] = {
-    ("raw", "PREROUTING"): ("raw_prerouting", "prerouting", "raw"),
-    ("raw", "OUTPUT"): ("raw_output", "output", "raw"),
-    ("filter", "INPUT"): ("filter_input", "input", "filter"),
-    ("filter", "OUTPUT"): ("filter_output", "output", "filter"),
+def config_rules(config: NodeConfig) -> list[Rule]:
+    """:func:`build_rules` for a node configuration."""
+    return build_rules(
+        config.local_ips,
+        config.health_port,
+        when_bound=config.fallback,
+        fallback_ip=config.fallback_ip if config.fallback else None,
+    )
+
+
+# nft chain per (iptables table, chain): name, type, hook, priority. The raw-priority chains
+# run before conntrack (-200), which is what lets notrack keep packets out of it (and out of
+# kube-proxy's DNAT); the fallback runs between conntrack and kube-proxy's DNAT (-100), and
+# its nat half after it.
+_NFT_CHAINS: dict[tuple[str, str], tuple[str, str, str, str]] = {
+    ("raw", "PREROUTING"): ("raw_prerouting", "filter", "prerouting", "raw"),
+    ("raw", "OUTPUT"): ("raw_output", "filter", "output", "raw"),
+    ("filter", "INPUT"): ("filter_input", "filter", "input", "filter"),
+    ("filter", "OUTPUT"): ("filter_output", "filter", "output", "filter"),
+    ("mangle", "PREROUTING"): ("fallback", "filter", "prerouting", "mangle"),
+    ("nat", "PREROUTING"): ("fallback_nat", "nat", "prerouting", "dstnat + 10"),
 }
 
 
@@ -232,21 +303,25 @@ def nft_ruleset(rules: Sequence[Rule]) -> str:
         f"delete table inet {NFT_TABLE}",
         f"table inet {NFT_TABLE} {{",
     ]
-    for key, (name, hook, priority) in _NFT_CHAINS.items():
+    for key, (name, kind, hook, priority) in _NFT_CHAINS.items():
         chain_rules = [r for r in rules if (r.table, r.chain) == key]
         if not chain_rules:
             continue
         lines.append(f"\tchain {name} {{")
-        lines.append(f"\t\ttype filter hook {hook} priority {priority}; policy accept;")
+        lines.append(f"\t\ttype {kind} hook {hook} priority {priority}; policy accept;")
         lines += [f"\t\t{r.nft_line()}" for r in chain_rules]
         lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def iptables_comments(listing: str) -> list[str]:
-    """The ``--comment`` of each rule line of ``iptables -S CHAIN`` output."""
-    found: list[str] = []
+def iptables_rule_lines(listing: str) -> list[tuple[str, list[str]]]:
+    """(comment, words) of each commented rule line of ``iptables -S CHAIN`` output.
+
+    The words after ``-A`` are the rule's spec as iptables prints it, which ``-D CHAIN``
+    accepts as it is: how a rule we no longer build is deleted.
+    """
+    found: list[tuple[str, list[str]]] = []
     for line in listing.splitlines():
         if not line.startswith("-A "):
             continue
@@ -256,8 +331,14 @@ def iptables_comments(listing: str) -> list[str]:
             continue
         for i, word in enumerate(words[:-1]):
             if word == "--comment":
-                found.append(words[i + 1])
+                found.append((words[i + 1], words[1:]))
+                break
     return found
+
+
+def iptables_comments(listing: str) -> list[str]:
+    """The ``--comment`` of each rule line of ``iptables -S CHAIN`` output."""
+    return [comment for comment, _ in iptables_rule_lines(listing)]
 
 
 def nft_comments(listing: str) -> list[str]:
@@ -316,23 +397,32 @@ def _addr_cmd(op: str, ip: str, device: str) -> list[str]:
     return ["ip", "addr", op, f"{ip}/32", "dev", device]
 
 
+def _no_fallback(backend: Backend, config: NodeConfig) -> str:
+    return (
+        f"node.fallback_ip {config.fallback_ip} is not applied: the {backend} backend cannot "
+        "rewrite a destination between conntrack and kube-proxy's DNAT (nftables can)"
+    )
+
+
 def plan(config: NodeConfig, backend: Backend) -> str:
     """What setup applies on a fresh node, as a shell script an operator can review."""
-    rules = build_rules(config.local_ips, config.health_port)
+    rules = rules_backend(backend, config_rules(config))
     chosen = f"{backend} (auto, on this machine)" if config.rules == "auto" else backend
     lines = [f"# dnsproxy node setup: rules {chosen}, local IPs {', '.join(config.local_ips)}"]
+    if config.fallback and backend != "none":
+        lines.append(
+            "# fail-safe: queries arriving for a local IP skip conntrack only while a socket "
+            "is bound to it"
+        )
+        if rules.unsupported:
+            lines.append(f"# {_no_fallback(backend, config)}")
     if config.setup_interface:
         name = config.interface
         lines.append("# (where the kernel has no dummy links, the addresses go on lo instead)")
         lines.append(shlex.join(["ip", "link", "add", name, "type", "dummy"]))
         lines.append(shlex.join(["ip", "link", "set", name, "up"]))
         lines += [shlex.join(_addr_cmd("add", ip, name)) for ip in config.local_ips]
-    if backend == "iptables":
-        lines += [shlex.join(r.iptables_argv("-I")) for r in rules]
-    elif backend == "nftables":
-        lines.append("nft -f - <<'EOF'")
-        lines.append(nft_ruleset(rules).rstrip("\n"))
-        lines.append("EOF")
+    lines += rules.plan()
     return "\n".join(lines) + "\n"
 
 
@@ -347,7 +437,8 @@ class NodeStats:
     rules_readded: int = 0
     addresses_readded: int = 0
     syncs: int = 0  # completed syncs, successful or not
-    rules_present: int = 0  # our rules found in place by the last check
+    rules_present: int = 0  # our rules in place after the last sync
+    rules_left_over: int = 0  # our rules found at the first sync: a previous instance's
 
 
 def _kind_missing(result: CommandResult) -> bool:
@@ -361,6 +452,221 @@ def _iptables_error(result: CommandResult) -> str:
     return "iptables_lock" if "xtables lock" in result.stderr.lower() else "iptables"
 
 
+class _Commands:
+    """Runs the node's commands for the manager and its rules backend; counts failures."""
+
+    def __init__(self, runner: Runner, stats: NodeStats) -> None:
+        self._run = runner
+        self._stats = stats
+
+    async def __call__(self, argv: Sequence[str], stdin: str | None = None) -> CommandResult:
+        timeout = (
+            _IPTABLES_TIMEOUT_S if argv[0] in ("iptables", "ip6tables") else _COMMAND_TIMEOUT_S
+        )
+        return await self._run(list(argv), stdin, timeout)
+
+    def error(self, kind: str, what: str, result: CommandResult) -> None:
+        """Count a failed command under ``kind`` (a label of the errors metric) and log it."""
+        self._stats.errors[kind] = self._stats.errors.get(kind, 0) + 1
+        log.warning("node setup: %s failed (%s): %s", what, kind, result.message)
+
+
+@dataclass(frozen=True, slots=True)
+class RulesStatus:
+    """What one sync of the rules found and did."""
+
+    ok: bool  # every rule is in place afterwards
+    present: int  # our rules in place afterwards
+    added: tuple[str, ...] = ()  # comments of the rules that were missing and were put back
+    # Rules of ours for our IPs that were in place before this sync changed anything,
+    # including ones this configuration no longer builds (which the sync removed).
+    found: int = 0
+
+
+class RulesBackend(abc.ABC):
+    """One way of putting a list of :class:`Rule` in place; :class:`NodeManager` drives it.
+
+    ``plan`` is pure; ``sync`` and ``remove`` run their commands through the runner they
+    are given, which counts and logs every failure, so they never raise for one.
+    """
+
+    name: ClassVar[Backend]
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = [r for r in rules if self.supports(r)]
+        self.unsupported = [r for r in rules if not self.supports(r)]
+        self._ips = {r.ip for r in rules}
+
+    def supports(self, rule: Rule) -> bool:
+        """Whether this backend can express ``rule``; the others are left out."""
+        return True
+
+    def ours(self, comment: str) -> bool:
+        """Whether a listed rule's comment marks one of our rules for one of our IPs."""
+        return comment.startswith("dnsproxy: ") and any(
+            f" {ip} " in f" {comment} " for ip in self._ips
+        )
+
+    @abc.abstractmethod
+    def tools(self) -> list[str]:
+        """The commands this backend runs."""
+
+    def check_tools(self) -> list[str]:
+        """The commands this backend runs that are not installed here."""
+        return [tool for tool in self.tools() if find_tool(tool) is None]
+
+    @abc.abstractmethod
+    def plan(self) -> list[str]:
+        """Shell lines that install the rules on a fresh node."""
+
+    @abc.abstractmethod
+    async def sync(self, run: _Commands) -> RulesStatus:
+        """Verify the rules, add what is missing, remove extra copies."""
+
+    @abc.abstractmethod
+    async def remove(self, run: _Commands) -> None:
+        """Delete every rule (and every copy of one)."""
+
+
+class NoRules(RulesBackend):
+    """``none``: something else owns the rules."""
+
+    name = "none"
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        super().__init__([])
+
+    def tools(self) -> list[str]:
+        return []
+
+    def plan(self) -> list[str]:
+        return []
+
+    async def sync(self, run: _Commands) -> RulesStatus:
+        return RulesStatus(ok=True, present=0)
+
+    async def remove(self, run: _Commands) -> None:
+        return None
+
+
+class IptablesRules(RulesBackend):
+    """``iptables``/``ip6tables``: rules found again by comment, inserted one by one."""
+
+    name = "iptables"
+
+    def supports(self, rule: Rule) -> bool:
+        # iptables has no stateless rewrite to run between conntrack and kube-proxy's DNAT.
+        return rule.target in ("NOTRACK", "ACCEPT")
+
+    def tools(self) -> list[str]:
+        return sorted({r.iptables for r in self.rules})
+
+    def plan(self) -> list[str]:
+        return [shlex.join(r.iptables_argv("-I")) for r in self.rules]
+
+    async def sync(self, run: _Commands) -> RulesStatus:
+        ok = True
+        present = found = 0
+        added: list[str] = []
+        current = {r.comment for r in self.rules}
+        wait = ["-w", str(XTABLES_WAIT_S)]
+        chains = sorted({(r.iptables, r.table, r.chain) for r in self.rules})
+        for tool, table, chain in chains:
+            listing = await run([tool, *wait, "-t", table, "-S", chain])
+            if listing.rc != 0:
+                run.error(_iptables_error(listing), f"{tool} -t {table} -S {chain}", listing)
+                ok = False
+                continue
+            lines = iptables_rule_lines(listing.stdout)
+            found += sum(1 for comment, _ in lines if self.ours(comment))
+            for comment, spec in lines:
+                if comment in current or not self.ours(comment):
+                    continue
+                # Ours but no longer built (an older version, fallback switched, another
+                # health port): it would keep doing what this configuration does not ask.
+                result = await run([tool, *wait, "-t", table, "-D", *spec])
+                if result.rc != 0:
+                    run.error(_iptables_error(result), f"deleting old rule '{comment}'", result)
+                    ok = False
+            counts = Counter(comment for comment, _ in lines)
+            for rule in self.rules:
+                if (rule.iptables, rule.table, rule.chain) != (tool, table, chain):
+                    continue
+                copies = counts[rule.comment]
+                if copies == 0:
+                    result = await run(rule.iptables_argv("-I"))
+                    if result.rc != 0:
+                        run.error(_iptables_error(result), f"inserting '{rule.comment}'", result)
+                        ok = False
+                        continue
+                    added.append(rule.comment)
+                for _ in range(copies - 1):
+                    # Someone (or an old bug) added a copy: keep exactly one.
+                    result = await run(rule.iptables_argv("-D"))
+                    if result.rc != 0:
+                        run.error(
+                            _iptables_error(result), f"deleting a copy of '{rule.comment}'", result
+                        )
+                        ok = False
+                        break
+                present += 1
+        return RulesStatus(ok, present, tuple(added), found)
+
+    async def remove(self, run: _Commands) -> None:
+        for rule in self.rules:
+            for _ in range(_MAX_DELETES):  # every copy, as node-cache does
+                result = await run(rule.iptables_argv("-D"))
+                if result.rc == 0:
+                    continue
+                # "Bad rule (does a matching rule exist in that chain?)": none left.
+                if "does a matching rule exist" not in result.stderr:
+                    run.error(_iptables_error(result), f"deleting '{rule.comment}'", result)
+                break
+
+
+class NftRules(RulesBackend):
+    """``nftables``: table ``inet dnsproxy``, replaced whole by one transaction."""
+
+    name = "nftables"
+
+    def tools(self) -> list[str]:
+        return ["nft"]
+
+    def plan(self) -> list[str]:
+        return ["nft -f - <<'EOF'", nft_ruleset(self.rules).rstrip("\n"), "EOF"]
+
+    async def sync(self, run: _Commands) -> RulesStatus:
+        listing = await run(["nft", "list", "table", "inet", NFT_TABLE])
+        counts = Counter(nft_comments(listing.stdout) if listing.rc == 0 else [])
+        found = sum(n for comment, n in counts.items() if self.ours(comment))
+        missing = [r.comment for r in self.rules if counts[r.comment] == 0]
+        present = len(self.rules) - len(missing)
+        # Anything else in the table (a rule this configuration no longer builds, a copy)
+        # is replaced away with the rest.
+        if not missing and sum(counts.values()) == present:
+            return RulesStatus(ok=True, present=present, found=found)
+        result = await run(["nft", "-f", "-"], nft_ruleset(self.rules))
+        if result.rc != 0:
+            run.error("nftables", f"applying table inet {NFT_TABLE}", result)
+            return RulesStatus(ok=False, present=present, found=found)
+        return RulesStatus(True, len(self.rules), tuple(missing), found)
+
+    async def remove(self, run: _Commands) -> None:
+        result = await run(["nft", "delete", "table", "inet", NFT_TABLE])
+        if result.rc != 0 and "no such file" not in result.stderr.lower():
+            run.error("nftables", f"deleting table inet {NFT_TABLE}", result)
+
+
+_BACKENDS: dict[str, type[RulesBackend]] = {
+    cls.name: cls for cls in (IptablesRules, NftRules, NoRules)
+}
+
+
+def rules_backend(backend: Backend, rules: Sequence[Rule]) -> RulesBackend:
+    """The implementation of ``backend`` (``auto`` already resolved) for ``rules``."""
+    return _BACKENDS[backend](rules)
+
+
 class NodeManager:
     """Installs, verifies, re-adds and removes the local addresses and the rules."""
 
@@ -368,8 +674,14 @@ class NodeManager:
         self.config = config
         self.backend = backend
         self.stats = NodeStats()
-        self.rules = build_rules(config.local_ips, config.health_port)
-        self._run = runner
+        self._rules = rules_backend(backend, config_rules(config))
+        self._cmd = _Commands(runner, self.stats)
+        if self._rules.unsupported:
+            log.warning(
+                "node: %s; queries to %s have no fallback while no socket holds them",
+                _no_fallback(backend, config),
+                ", ".join(sorted({r.ip for r in self._rules.unsupported})),
+            )
         self._device: str | None = None  # where the addresses go: the link, or lo
         self._installed = False  # after the first full install, additions are re-adds
 
@@ -378,30 +690,17 @@ class NodeManager:
         return self._device
 
     def check_tools(self) -> None:
-        """Refuse to start when a command the configuration needs is missing."""
-        needed: list[str] = []
-        if self.config.setup_interface:
-            needed.append("ip")
-        if self.backend == "nftables":
-            needed.append("nft")
-        elif self.backend == "iptables":
-            needed += sorted({r.iptables for r in self.rules})
-        missing = [tool for tool in needed if find_tool(tool) is None]
+        """Refuse to start when a command the configuration needs is missing.
+
+        Raises :class:`NodeError` naming every missing command.
+        """
+        missing = [] if not self.config.setup_interface or find_tool("ip") else ["ip"]
+        missing += self._rules.check_tools()
         if missing:
             raise NodeError(
                 f"node setup needs {', '.join(missing)}, not found in PATH or sbin "
                 f"(rules backend {self.backend})"
             )
-
-    def _error(self, kind: str, what: str, result: CommandResult) -> None:
-        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
-        log.warning("node setup: %s failed (%s): %s", what, kind, result.message)
-
-    async def _cmd(self, argv: Sequence[str], stdin: str | None = None) -> CommandResult:
-        timeout = (
-            _IPTABLES_TIMEOUT_S if argv[0] in ("iptables", "ip6tables") else _COMMAND_TIMEOUT_S
-        )
-        return await self._run(list(argv), stdin, timeout)
 
     # -- interface --
 
@@ -438,7 +737,7 @@ class NodeManager:
             self._device = "lo"
             shown = await self._cmd(["ip", "-j", "link", "show", "dev", "lo"])
             return await self._ensure_up("lo", shown.stdout)
-        self._error("interface_add", f"creating {name}", added)
+        self._cmd.error("interface_add", f"creating {name}", added)
         return False
 
     async def _ensure_up(self, device: str, shown: str) -> bool:
@@ -451,7 +750,7 @@ class NodeManager:
             return True
         result = await self._cmd(["ip", "link", "set", device, "up"])
         if result.rc != 0:
-            self._error("interface_add", f"bringing {device} up", result)
+            self._cmd.error("interface_add", f"bringing {device} up", result)
             return False
         return True
 
@@ -481,7 +780,7 @@ class NodeManager:
                 return False
             present = await self._addresses(self._device)
         if present is None:
-            self._error(
+            self._cmd.error(
                 "interface_check",
                 f"listing addresses of {self._device}",
                 CommandResult(1, "", "ip addr show failed"),
@@ -493,7 +792,7 @@ class NodeManager:
                 continue
             result = await self._cmd(_addr_cmd("add", ip, self._device))
             if result.rc != 0 and "exists" not in result.stderr.lower():
-                self._error("interface_add", f"adding {ip} to {self._device}", result)
+                self._cmd.error("interface_add", f"adding {ip} to {self._device}", result)
                 ok = False
                 continue
             if self._installed:
@@ -513,91 +812,13 @@ class NodeManager:
             if kind == "dummy":
                 result = await self._cmd(["ip", "link", "del", device])
                 if result.rc != 0 and shown.rc == 0:
-                    self._error("interface_add", f"deleting {device}", result)
+                    self._cmd.error("interface_add", f"deleting {device}", result)
                 return
         for ip in self.config.local_ips:
             result = await self._cmd(_addr_cmd("del", ip, device))
             text = result.stderr.lower()
             if result.rc != 0 and "cannot assign" not in text and "cannot find" not in text:
-                self._error("interface_add", f"removing {ip} from {device}", result)
-
-    # -- rules --
-
-    async def _sync_iptables(self) -> bool:
-        ok = True
-        present = 0
-        chains = sorted({(r.iptables, r.table, r.chain) for r in self.rules})
-        for tool, table, chain in chains:
-            wait = ["-w", str(XTABLES_WAIT_S)]
-            listing = await self._cmd([tool, *wait, "-t", table, "-S", chain])
-            if listing.rc != 0:
-                self._error(_iptables_error(listing), f"{tool} -t {table} -S {chain}", listing)
-                ok = False
-                continue
-            counts = Counter(iptables_comments(listing.stdout))
-            for rule in self.rules:
-                if (rule.iptables, rule.table, rule.chain) != (tool, table, chain):
-                    continue
-                copies = counts[rule.comment]
-                if copies == 0:
-                    result = await self._cmd(rule.iptables_argv("-I"))
-                    if result.rc != 0:
-                        self._error(_iptables_error(result), f"inserting '{rule.comment}'", result)
-                        ok = False
-                        continue
-                    if self._installed:
-                        self.stats.rules_readded += 1
-                        log.warning("node: rule '%s' was missing; added it again", rule.comment)
-                for _ in range(copies - 1):
-                    # Someone (or an old bug) added a copy: keep exactly one.
-                    result = await self._cmd(rule.iptables_argv("-D"))
-                    if result.rc != 0:
-                        self._error(
-                            _iptables_error(result), f"deleting a copy of '{rule.comment}'", result
-                        )
-                        ok = False
-                        break
-                present += 1 if copies else 0
-        self.stats.rules_present = present
-        return ok
-
-    async def _sync_nftables(self) -> bool:
-        listing = await self._cmd(["nft", "list", "table", "inet", NFT_TABLE])
-        counts = Counter(nft_comments(listing.stdout) if listing.rc == 0 else [])
-        missing = [r for r in self.rules if counts[r.comment] == 0]
-        self.stats.rules_present = len(self.rules) - len(missing)
-        extra = sum(counts.values()) != len(self.rules) - len(missing)
-        if not missing and not extra:
-            return True
-        result = await self._cmd(["nft", "-f", "-"], nft_ruleset(self.rules))
-        if result.rc != 0:
-            self._error("nftables", f"applying table inet {NFT_TABLE}", result)
-            return False
-        if self._installed and missing:
-            self.stats.rules_readded += len(missing)
-            log.warning(
-                "node: %d rule(s) of table inet %s were missing; table replaced",
-                len(missing),
-                NFT_TABLE,
-            )
-        self.stats.rules_present = len(self.rules)
-        return True
-
-    async def _remove_iptables(self) -> None:
-        for rule in self.rules:
-            for _ in range(_MAX_DELETES):  # every copy, as node-cache does
-                result = await self._cmd(rule.iptables_argv("-D"))
-                if result.rc == 0:
-                    continue
-                # "Bad rule (does a matching rule exist in that chain?)": none left.
-                if "does a matching rule exist" not in result.stderr:
-                    self._error(_iptables_error(result), f"deleting '{rule.comment}'", result)
-                break
-
-    async def _remove_nftables(self) -> None:
-        result = await self._cmd(["nft", "delete", "table", "inet", NFT_TABLE])
-        if result.rc != 0 and "no such file" not in result.stderr.lower():
-            self._error("nftables", f"deleting table inet {NFT_TABLE}", result)
+                self._cmd.error("interface_add", f"removing {ip} from {device}", result)
 
     # -- the cycle --
 
@@ -606,10 +827,19 @@ class NodeManager:
         ok = True
         if self.config.setup_interface:
             ok = await self._sync_interface()
-        if self.backend == "iptables":
-            ok = await self._sync_iptables() and ok
-        elif self.backend == "nftables":
-            ok = await self._sync_nftables() and ok
+        status = await self._rules.sync(self._cmd)
+        self.stats.rules_present = status.present
+        if self.stats.syncs == 0:
+            self._report_left_over(status.found)
+        if self._installed and status.added:
+            self.stats.rules_readded += len(status.added)
+            log.warning(
+                "node: %d %s rule(s) were missing; added them again: %s",
+                len(status.added),
+                self.backend,
+                "; ".join(status.added),
+            )
+        ok = status.ok and ok
         self.stats.syncs += 1
         if ok and not self._installed:
             self._installed = True
@@ -617,18 +847,28 @@ class NodeManager:
                 "node: %s on %s, %d %s rules in place",
                 ", ".join(self.config.local_ips),
                 self._device or "(not managed)",
-                len(self.rules) if self.backend != "none" else 0,
+                status.present,
                 self.backend,
             )
         return ok
 
+    def _report_left_over(self, found: int) -> None:
+        self.stats.rules_left_over = found
+        if found:
+            log.warning(
+                "node: %d of our rules were in place at start, left by an instance that "
+                "stopped without teardown (killed, OOM-killed, or node.teardown off); "
+                "adopting them",
+                found,
+            )
+        elif self.backend != "none":
+            log.info("node: no rules of a previous instance found (it stopped cleanly)")
+
     async def teardown(self, *, rules: bool = True) -> None:
         """Remove the rules first (so a ClusterIP falls back to kube-proxy), then addresses."""
         errors = sum(self.stats.errors.values())
-        if rules and self.backend == "iptables":
-            await self._remove_iptables()
-        elif rules and self.backend == "nftables":
-            await self._remove_nftables()
+        if rules:
+            await self._rules.remove(self._cmd)
         if self.config.setup_interface:
             await self._remove_interface()
         if sum(self.stats.errors.values()) == errors:
@@ -670,7 +910,13 @@ class NodeCollector:
             "dnsproxy_node_syncs", "Completed verify-and-repair cycles.", value=s.syncs
         )
         yield GaugeMetricFamily(
+            "dnsproxy_node_rules_left_over",
+            "Our rules found in place at start, left by an instance that stopped without "
+            "teardown (killed, OOM-killed, or teardown off); 0 after a clean stop.",
+            value=s.rules_left_over,
+        )
+        yield GaugeMetricFamily(
             "dnsproxy_node_rules_present",
-            "Our rules found in place by the last check.",
+            "Our rules in place after the last sync.",
             value=s.rules_present,
         )

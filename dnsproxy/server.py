@@ -13,24 +13,36 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
-from dnsproxy.config import Config, HostPort, IPNetwork
+from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
+from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
+from dnsproxy.metrics import by_reason, qtype_name, rcode_name
 
 log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
 
 _TCP_MAX_REPLY = 65535
+_TCP_BACKLOG = 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
+# A TCP frame still incomplete this long after its first byte came is abandoned and the
+# connection closed. A query fits in one segment and RFC 7766 §8 asks clients to write
+# the length and the message together, so only a stalled or hostile client takes
+# seconds; well under tcp_idle_timeout_s, so half-sent queries cannot hold client slots.
+_PARTIAL_FRAME_S = 2.0
 
 
 class ServerStats:
@@ -97,8 +109,8 @@ class Acl(dict[str, bool]):
 Parsed = tuple[bytes, int, int, int, int, int, int, int]
 
 
-def _count(table: dict[str, int], reason: str) -> None:
-    table[reason] = table.get(reason, 0) + 1
+def _count(table: dict[str, int], reason: str, n: int = 1) -> None:
+    table[reason] = table.get(reason, 0) + n
 
 
 class _Handler:
@@ -247,12 +259,16 @@ class _UdpListener:
         self.stats = handler.stats
         self.sock = sock
         self.closed = False
-        host, port = sock.getsockname()[:2]
-        self.label = str(HostPort(host, port))
+        self.label = str(_local(sock))
         # The key of this socket in /proc/net/udp{,6}, where the kernel counts its drops.
         self.inode = os.fstat(sock.fileno()).st_ino
         _set_receive_buffer(sock, handler.config.limits.udp_rcvbuf, self.label)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def pause(self) -> None:
+        """Stop reading; the socket stays open for answers to queries already read."""
+        if not self.closed:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
 
     def close(self) -> None:
         if not self.closed:
@@ -405,21 +421,31 @@ def _read_udp_drops(inodes: dict[int, str]) -> dict[str, int]:
     return drops
 
 
-class _TcpConnection(asyncio.Protocol):
+class _ClientConnection(asyncio.Protocol):
+    """One client's TCP connection: framing, the pipelining limit, idle and stall deadlines.
+
+    Holds one of the server's client slots (bounded in all and per source address) from
+    accept until the connection ends; it ends, and frees the slot, as soon as the client
+    closes or resets (answers still to come for it are then dropped and counted), when
+    idle for ``tcp_idle_timeout_s``, or when a frame stays incomplete for
+    :data:`_PARTIAL_FRAME_S`.
+    """
+
     def __init__(self, handler: _Handler, server: DnsServer) -> None:
         self.h = handler
         self.server = server
         self.stats = handler.stats
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.reader = FrameReader()
+        self.queued: deque[bytes] = deque()  # whole frames waiting for a pipelining slot
         self.pending = 0
         self.paused = False  # reading paused (pipelining limit or full write buffer)
         self.write_paused = False
         self.processing = False
-        self.eof = False
         self.closed = False
         self.last_activity = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = NEVER
         self.peer: Any = None
         self.max_pipelined = handler.config.limits.max_pipelined_per_client
         self.idle_s = handler.config.limits.tcp_idle_timeout_s
@@ -429,47 +455,94 @@ class _TcpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         # None when the socket was reset before we looked; the ACL then refuses it.
         self.peer = transport.get_extra_info("peername") or ("", 0)
-        stats = self.stats
-        if stats.tcp_clients >= self.h.config.limits.max_tcp_clients or self.h.closing:
-            _count(stats.dropped, "tcp_client_limit" if not self.h.closing else "shutting_down")
+        refused = "shutting_down" if self.h.closing else self.server.take_slot(self)
+        if refused is not None:
+            _count(self.stats.dropped, refused)
             self.closed = True
             self.transport.abort()
             return
-        stats.tcp_clients += 1
-        self.server.connections.add(self)
-        self.timer = asyncio.get_running_loop().call_later(self.idle_s, self._idle_check)
+        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None and self in self.server.connections:
-            self.server.connections.discard(self)
-            self.stats.tcp_clients -= 1
-        self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        # A reset by the client, or the end of a close: either way the connection is over.
+        self._end()
 
-    def _idle_check(self) -> None:
-        idle = time.monotonic() - self.last_activity
-        if self.pending == 0 and idle >= self.idle_s:
-            self.close()
-            return
-        delay = self.idle_s - idle if self.pending == 0 else self.idle_s
-        self.timer = asyncio.get_running_loop().call_later(max(delay, 0.05), self._idle_check)
+    def eof_received(self) -> bool:
+        # The client closed its side: whatever it sent (a length prefix, half a query,
+        # queries not yet answered), it frees its slot now rather than at a timeout.
+        self.close()
+        return False
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
+            self._end()
+            self.transport.close()  # what was already written still goes out
+
+    def _end(self) -> None:
+        """The connection is over: free the slot, count the input it leaves unread."""
+        self.closed = True
+        self.server.free_slot(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.queued:
+            _count(self.stats.dropped, "tcp_client_gone", len(self.queued))
+            self.queued.clear()
+        if self.reader.buffered:
+            _count(self.stats.dropped, "tcp_partial_frame")
+            self.reader = FrameReader()
+
+    # -- deadlines
+
+    def _due(self) -> float:
+        """When the connection is due to close unless something happens first."""
+        idle_since = self.last_activity if self.pending == 0 else NEVER
+        partial_s = NEVER if self.paused else _PARTIAL_FRAME_S
+        return self.reader.expiry(idle_since, self.idle_s, partial_s)
+
+    def _arm(self) -> None:
+        # One timer per connection. While queries are pending nothing is due; the timer
+        # then looks again after idle_s rather than being moved on every answer.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        when = min(self._due(), now + self.idle_s)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = loop.call_at(max(when, now + 0.05), self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if self._due() <= time.monotonic():
+            self.close()
+            return
+        self._arm()
+
+    # -- reading
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_activity = time.monotonic()
-        self.buf += data
+        now = time.monotonic()
+        self.last_activity = now
+        try:
+            self.queued.extend(self.reader.feed(data, now))
+        except FrameError as exc:
+            # Not a DNS message: the framing is lost and cannot be resynchronised.
+            _count(self.stats.dropped, "tcp_bad_frame")
+            self.queued.extend(exc.frames)
+            self._process()
+            self.reader = FrameReader()  # the bad frame is counted above, not as partial
+            self.close()
+            return
         self._process()
+        if self.reader.partial_since + _PARTIAL_FRAME_S < self.timer_at and not self.closed:
+            self._arm()  # a frame began to arrive: its deadline comes before the timer
 
     def _process(self) -> None:
-        """Handle every complete frame, unless this client already has enough pending.
+        """Handle every whole frame, unless this client already has enough pending.
 
         Reading pauses while the client has ``max_pipelined`` queries unanswered or our
         replies pile up in the write buffer (a client that sends but does not read), so
@@ -479,27 +552,14 @@ class _TcpConnection(asyncio.Protocol):
             return  # an answer delivered from inside the loop below; it goes on by itself
         self.processing = True
         try:
-            self._frames()
+            queued = self.queued
+            while queued and self.pending < self.max_pipelined and not self.write_paused:
+                self._handle(queued.popleft())
+                if self.closed:
+                    return
         finally:
             self.processing = False
-        if not self.closed:
-            self._flow()
-
-    def _frames(self) -> None:
-        buf = self.buf
-        while len(buf) >= 2 and self.pending < self.max_pipelined and not self.write_paused:
-            size = (buf[0] << 8) | buf[1]
-            if size < wire.HEADER_LEN:
-                _count(self.stats.dropped, "tcp_bad_frame")
-                self.close()
-                return
-            if len(buf) < size + 2:
-                break
-            msg = bytes(memoryview(buf)[2 : size + 2])
-            del buf[: size + 2]
-            self._handle(msg)
-            if self.closed:
-                return
+        self._flow()
 
     def _flow(self) -> None:
         transport = self.transport
@@ -511,10 +571,9 @@ class _TcpConnection(asyncio.Protocol):
             transport.pause_reading()
         elif not hold and self.paused:
             self.paused = False
+            # The incomplete frame waited on us, not on the client: its clock restarts.
+            self.reader.resume(time.monotonic())
             transport.resume_reading()
-        if self.eof and self.pending == 0 and len(self.buf) < 2:
-            # The client half-closed and has every answer it asked for.
-            self.close()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -524,15 +583,11 @@ class _TcpConnection(asyncio.Protocol):
         self.write_paused = False
         self._process()
 
-    def eof_received(self) -> bool:
-        # Keep our side open: answers to queries already received still go out.
-        self.eof = True
-        self._flow()
-        return True
+    # -- answering
 
     def _send(self, reply: bytes, peer: Any = None) -> None:
         assert self.transport is not None
-        self.transport.write(len(reply).to_bytes(2, "big") + reply)
+        self.transport.write(frame(reply))
 
     def _handle(self, data: bytes) -> None:
         h = self.h
@@ -554,83 +609,305 @@ class _TcpConnection(asyncio.Protocol):
         self._process()
 
 
+@dataclass(slots=True)
+class _Listener:
+    """The UDP and TCP sockets of one listen address, and what serves them."""
+
+    udp: _UdpListener
+    tcp: asyncio.Server
+    tcp_sock: socket.socket  # kept for its file descriptor, which a handover passes on
+
+
 class DnsServer:
-    """Every listener of one process; start binds them all or none."""
+    """Every listener of one process; start binds (or adopts) them all or none."""
 
     def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
         self.handler = _Handler(config, cache, forwarder)
         self.stats = self.handler.stats
-        self.connections: set[_TcpConnection] = set()
-        self._udp: list[_UdpListener] = []
-        self._tcp: list[asyncio.Server] = []
-        self.bound: list[HostPort] = []
+        self.connections: set[_ClientConnection] = set()  # those holding a client slot
+        self._per_source: dict[str, int] = {}  # client slots held, by source address
+        self._max_tcp_clients = config.limits.max_tcp_clients
+        self._max_per_source = config.limits.max_tcp_clients_per_source
+        self._listeners: dict[HostPort, _Listener] = {}  # by configured address
+        # Listeners taken out of service (a reload dropped their address) that still send
+        # the answers to queries they read before (see remove_listeners).
+        self._retired: list[_Listener] = []
 
-    async def start(self) -> list[HostPort]:
-        loop = asyncio.get_running_loop()
+    def take_slot(self, conn: _ClientConnection) -> str | None:
+        """Give ``conn`` a client slot; None, or the reason (a drop counter) it gets none."""
+        if len(self.connections) >= self._max_tcp_clients:
+            return "tcp_client_limit"
+        source = conn.peer[0]
+        held = self._per_source.get(source, 0)
+        if held >= self._max_per_source:
+            return "tcp_source_limit"
+        self._per_source[source] = held + 1
+        self.connections.add(conn)
+        self.stats.tcp_clients = len(self.connections)
+        return None
+
+    def free_slot(self, conn: _ClientConnection) -> None:
+        """Give back the slot ``conn`` holds, if it holds one."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.tcp_clients = len(self.connections)
+            source = conn.peer[0]
+            held = self._per_source.pop(source, 1) - 1
+            if held > 0:
+                self._per_source[source] = held
+
+    def collect(self) -> Iterator[Metric]:
+        """The client side's metric families, from :class:`ServerStats`."""
+        s = self.stats
+        m = CounterMetricFamily("dnsproxy_requests", "Valid queries received.", labels=["proto"])
+        m.add_metric(["udp"], s.udp_requests)
+        m.add_metric(["tcp"], s.tcp_requests)
+        yield m
+        m = CounterMetricFamily(
+            "dnsproxy_requests_by_type", "Valid queries by type.", labels=["type"]
+        )
+        qtypes = s.qtypes
+        for qtype in range(len(qtypes)):
+            if qtypes[qtype]:
+                m.add_metric([qtype_name(qtype)], qtypes[qtype])
+        yield m
+        m = CounterMetricFamily("dnsproxy_responses", "Responses sent, by rcode.", labels=["rcode"])
+        rcodes = s.rcodes
+        for rcode in range(len(rcodes)):
+            if rcodes[rcode]:
+                m.add_metric([rcode_name(rcode)], rcodes[rcode])
+        yield m
+        yield by_reason(
+            "dnsproxy_dropped", "Packets dropped without a reply, by reason.", s.dropped
+        )
+        udp_drops = CounterMetricFamily(
+            "dnsproxy_udp_receive_drops",
+            "Queries the kernel dropped at a UDP listener's socket (receive buffer full).",
+            labels=["listener"],
+        )
+        for listener, count in self.udp_receive_drops().items():
+            udp_drops.add_metric([listener], count)
+        yield udp_drops
+        yield by_reason(
+            "dnsproxy_invalid_queries",
+            "Queries answered with FORMERR, NOTIMP or BADVERS, by reason.",
+            s.invalid,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_acl_refused", "Queries refused by the source ACL.", value=s.refused_acl
+        )
+        yield GaugeMetricFamily(
+            "dnsproxy_tcp_clients", "Open client TCP connections.", s.tcp_clients
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_hits", "Queries answered from the cache.", value=s.hits
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_misses", "Queries not answered from the cache.", value=s.misses
+        )
+
+    @property
+    def bound(self) -> list[HostPort]:
+        """The addresses served, with port 0 of the config resolved to the real port."""
+        return [_local(listener.udp.sock) for listener in self._listeners.values()]
+
+    async def start(self, inherited: Inherited | None = None) -> list[HostPort]:
+        """Serve every configured address: adopt (and take out of ``inherited``) the
+        sockets from a handover that match one, bind the others. All or none: raises
+        OSError naming the address that could not be bound, with nothing left open."""
         try:
-            for hp in self.handler.config.listen:
-                self.bound.append(await self._bind(loop, hp))
+            await self.add_listeners(self.handler.config.listen, inherited)
         except BaseException:
             await self.close()
             raise
         return self.bound
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, hp: HostPort) -> HostPort:
-        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-        # Port 0 (tests): take the kernel's UDP port and bind TCP to the same number.
-        for _ in range(20):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setblocking(False)
-                sock.bind((hp.host, hp.port))
-            except OSError as exc:
-                sock.close()
-                raise OSError(exc.errno, f"cannot bind UDP {hp}: {exc.strerror}") from None
-            except BaseException:
-                sock.close()
-                raise
-            port = sock.getsockname()[1]
-            try:
-                server = await loop.create_server(
-                    lambda: _TcpConnection(self.handler, self),
-                    hp.host,
-                    port,
-                    family=family,
-                    reuse_address=True,
-                    backlog=1024,
-                )
-            except OSError:
-                sock.close()
-                if hp.port:
-                    raise
-                continue
-            self._udp.append(_UdpListener(self.handler, sock))
-            self._tcp.append(server)
-            log.info("listening on %s (udp, tcp)", HostPort(hp.host, port))
-            return HostPort(hp.host, port)
-        raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+    async def add_listeners(
+        self, addresses: Iterable[HostPort], inherited: Inherited | None = None
+    ) -> list[HostPort]:
+        """Start serving ``addresses`` (those not served yet); the ones added.
+
+        All or none: when one cannot be bound, the ones this call added are closed again
+        and OSError names the address.
+        """
+        loop = asyncio.get_running_loop()
+        added: list[HostPort] = []
+        try:
+            for hp in addresses:
+                if hp in self._listeners:
+                    continue
+                self._listeners[hp] = await self._listen(loop, hp, inherited or {})
+                added.append(hp)
+        except BaseException:
+            for hp in added:
+                self._close_listener(self._listeners.pop(hp))
+            raise
+        return added
+
+    def remove_listeners(self, addresses: Iterable[HostPort]) -> Callable[[], None]:
+        """Stop reading and accepting on ``addresses``; their UDP sockets stay open for the
+        answers still in flight. Returns what closes them, once those are out."""
+        removed: list[_Listener] = []
+        for hp in addresses:
+            listener = self._listeners.pop(hp, None)
+            if listener is not None:
+                listener.udp.pause()
+                listener.tcp.close()
+                removed.append(listener)
+                log.info("stopped listening on %s", _local(listener.udp.sock))
+        self._retired += removed
+
+        def close_removed() -> None:
+            for listener in removed:
+                if listener in self._retired:
+                    self._retired.remove(listener)
+                    self._close_listener(listener)
+
+        return close_removed
+
+    async def _listen(
+        self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
+    ) -> _Listener:
+        udp = inherited.pop(("udp", hp), None)
+        tcp = inherited.pop(("tcp", hp), None)
+        adopted = udp is not None and tcp is not None
+        if udp is None or tcp is None:
+            # A half handed over (never sent, but cheap to allow) is bound afresh.
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
+            udp, tcp = _bind_pair(hp)
+        try:
+            server = await loop.create_server(
+                lambda: _ClientConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
+            )
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        where = _local(udp)
+        log.info("listening on %s (udp, tcp%s)", where, ", taken over" if adopted else "")
+        return _Listener(_UdpListener(self.handler, udp), server, tcp)
+
+    def sockets(self) -> dict[tuple[str, HostPort], socket.socket]:
+        """The listening sockets by kind and bound address, for a handover."""
+        out: dict[tuple[str, HostPort], socket.socket] = {}
+        for listener in self._listeners.values():
+            hp = _local(listener.udp.sock)
+            out["udp", hp] = listener.udp.sock
+            out["tcp", hp] = listener.tcp_sock
+        return out
+
+    def reconfigure(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
+        """Serve with a reloaded ``config``, its ``cache`` and ``forwarder`` from the next
+        query on (the fast path reads them once per batch).
+
+        Listeners are not touched (see :meth:`add_listeners`/:meth:`remove_listeners`);
+        TCP clients already connected keep their pipelining and idle limits; the client
+        slot limits apply to new connections.
+        """
+        self._max_tcp_clients = config.limits.max_tcp_clients
+        self._max_per_source = config.limits.max_tcp_clients_per_source
+        h = self.handler
+        rcvbuf = config.limits.udp_rcvbuf
+        if rcvbuf != h.config.limits.udp_rcvbuf:
+            for listener in self._listeners.values():
+                _set_receive_buffer(listener.udp.sock, rcvbuf, listener.udp.label)
+        h.config = config
+        h.cache = cache
+        h.forwarder = forwarder
+        h.acl = Acl(config.allow) if config.allow else None
+        h.max_udp = config.limits.udp_payload_size
+        opts = wire.client_opts(h.max_udp)
+        if opts != h.opts:
+            h.opts = opts
+            # Replies prepared with the old OPT records are prepared again at next use.
+            for entry in cache.store.values():
+                entry.age = -1
+        h.log_queries = config.log.queries
+        # Memoized queries carry a reply limit from the old udp_payload_size.
+        h.memo = {}
+        h.memo_max = max(1024, config.cache_max_entries)
+
+    def pause(self) -> None:
+        """Stop reading UDP and accepting TCP, keeping the sockets: after a handover the
+        new instance reads what is queued. Answers still in flight go out as usual."""
+        for listener in self._listeners.values():
+            listener.udp.pause()
+            listener.tcp.close()
 
     def udp_receive_drops(self) -> dict[str, int]:
         """Kernel drops at each UDP listener's socket, by listener; for a scrape."""
-        return _read_udp_drops({u.inode: u.label for u in list(self._udp) if not u.closed})
+        listeners = [*self._listeners.values(), *self._retired]
+        return _read_udp_drops({x.udp.inode: x.udp.label for x in listeners if not x.udp.closed})
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""
         self.handler.closing = True
-        for server in self._tcp:
-            server.close()
+        for listener in self._listeners.values():
+            listener.tcp.close()
+
+    def _close_listener(self, listener: _Listener) -> None:
+        listener.tcp.close()
+        listener.udp.close()
 
     async def close(self) -> None:
         self.handler.closing = True
-        for server in self._tcp:
-            server.close()
+        listeners = [*self._listeners.values(), *self._retired]
+        for listener in listeners:
+            listener.tcp.close()
         for conn in list(self.connections):
             conn.close()
-        for listener in self._udp:
-            listener.close()
-        for server in self._tcp:
-            await server.wait_closed()
-        self._udp.clear()
-        self._tcp.clear()
+        for listener in listeners:
+            listener.udp.close()
+        for listener in listeners:
+            await listener.tcp.wait_closed()
+        self._listeners.clear()
+        self._retired.clear()
+
+
+# Listening sockets handed over between instances, by kind ("udp", "tcp", "http") and the
+# address they are bound to. A listener that adopts one takes it out of the mapping.
+Inherited = dict[tuple[str, HostPort], socket.socket]
+
+
+def _local(sock: socket.socket) -> HostPort:
+    addr = sock.getsockname()
+    return HostPort(addr[0], addr[1])
+
+
+def _bind_pair(hp: HostPort) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a listening TCP socket on ``hp``; port 0 picks one free for both."""
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    for _ in range(20):
+        udp = _socket(family, socket.SOCK_DGRAM, hp, "UDP")
+        port = udp.getsockname()[1]
+        try:
+            tcp = _socket(family, socket.SOCK_STREAM, HostPort(hp.host, port), "TCP")
+        except OSError:
+            udp.close()
+            if hp.port:
+                raise
+            continue
+        return udp, tcp
+    raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+
+
+def _socket(family: int, kind: int, hp: HostPort, name: str) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        sock.bind((hp.host, hp.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(_TCP_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind {name} {hp}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

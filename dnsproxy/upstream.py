@@ -1,18 +1,21 @@
 """Talking to one upstream DNS server: pipelined TCP connection pools and plain UDP.
 
 :class:`TcpUpstream` keeps a few long-lived connections to one server and multiplexes many
-queries over each (RFC 7766 pipelining). Every query gets a fresh random ID that is unique
-on its connection; replies may come back in any order and are accepted only when QR is set
-and the ID and the question match what was sent (RFC 5452); anything else is dropped and
-counted. Connections are rotated after a maximum age, so that the load behind a Service
+queries over each (RFC 7766 pipelining). What one connection must get right — random IDs
+unique on it, the table of queries in flight, framing, reply matching by ID and question
+(RFC 5452), deadlines, retirement — is the sans-IO :class:`~dnsproxy.pipeline.PipelinedConnection`;
+:class:`_UpstreamConnection` only moves bytes between it and a transport and arms the one
+timer it asks for. The pool here picks a connection for each query, opens new ones, and
+sends a query again, once, when the server closed its connection under it (RFC 7766
+§6.2.1). Connections are rotated after a maximum age, so that the load behind a Service
 ClusterIP spreads over its pods, and closed when idle.
 
 :class:`UdpUpstream` sends each query from a fresh connected socket (OS-chosen random source
 port, random ID) and repeats a truncated answer over TCP.
 
-Both return the reply with the caller's ID restored and raise :class:`UpstreamTimeout` or
-:class:`UpstreamError`; they never return a reply that failed validation. Counters are plain
-integers in :class:`UpstreamStats`, read by the metrics collector at scrape time.
+Both hand back the reply (or an :class:`UpstreamError`) through a callback, or with the
+caller's ID restored from :meth:`Upstream.query`; they never return a reply that failed
+validation. Counters are plain integers in :class:`UpstreamStats`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,26 @@ import asyncio
 import logging
 import random
 import struct
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
+from typing import Any, Protocol, cast
 
-from .config import UpstreamConfig, UpstreamPoolConfig
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .config_types import UpstreamConfig, UpstreamPoolConfig
+from .framing import NEVER
+from .metrics import labelled
+from .pipeline import (
+    MAX_IDS,
+    OPEN,
+    ConnectionLost,
+    PendingQuery,
+    PipelinedConnection,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamStats,
+    UpstreamTimeout,
+)
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [
@@ -43,13 +61,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_LEN_ID = struct.Struct(">HH")  # TCP length prefix followed by the message ID
 _ID = struct.Struct(">H")
 _TC = 0x02
 _MAX_MESSAGE = 0xFFFF
-_MAX_EXPIRED_IDS = 1024  # a connection with this many timed-out IDs is retired
-_MAX_IDS = 0xFFFF - _MAX_EXPIRED_IDS - 1  # in-flight cap: a free ID always exists
-_NEVER = float("inf")
 
 # Over TCP the ID only demultiplexes (spoofing would need the TCP sequence numbers), so the
 # fast Mersenne Twister is enough. Over UDP the ID is half of the defence against forged
@@ -58,43 +72,23 @@ _tcp_id = random.getrandbits
 _udp_id = random.SystemRandom().getrandbits
 
 
-class UpstreamError(Exception):
-    """The upstream could not answer: connect refused or reset, closed, pool full, etc."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """No valid reply within the query's time budget."""
-
-
-class UpstreamBusy(UpstreamError):
-    """Not sent: our own pool is full or closed. Says nothing about the server's health."""
-
-
-class _ConnectionLost(UpstreamError):
-    """The peer closed (or garbled) a connection with the query in flight.
-
-    RFC 7766 §6.2.1: a client retries once when a reused connection was closed by the
-    server, which happens routinely when the server's idle timeout beats ours.
-    """
-
-
-@dataclass(slots=True)
-class UpstreamStats:
-    """Counters of one upstream server; plain ints so the hot path only increments."""
-
-    queries: int = 0
-    replies: int = 0
-    timeouts: int = 0
-    failures: int = 0  # errors other than timeouts, pool_full included
-    bad_replies: int = 0  # dropped: wrong ID / question / not QR / malformed / unsolicited
-    connects: int = 0
-    connect_failures: int = 0
-    retries: int = 0
-    tc_fallbacks: int = 0
-    pool_full: int = 0  # every connection at max in-flight and the pool at its size
-    # Gauges, kept up to date as connections open and queries come and go.
-    open_connections: int = 0
-    inflight: int = 0
+# The metric families of every upstream server, by UpstreamStats field.
+_COUNTERS = (
+    ("queries", "Queries sent to the upstream server."),
+    ("replies", "Valid replies received from the upstream server."),
+    ("failures", "Queries that failed for a reason other than a timeout."),
+    ("timeouts", "Queries that got no valid reply in time."),
+    ("bad_replies", "Replies dropped: wrong ID or question, malformed, unsolicited."),
+    ("connects", "Connections opened to the upstream server."),
+    ("connect_failures", "Failed connection attempts."),
+    ("retries", "Queries retried after the server closed a connection."),
+    ("tc_fallbacks", "Truncated UDP replies retried over TCP."),
+    ("pool_full", "Queries refused because every pooled connection was full."),
+)
+_GAUGES = (
+    ("open_connections", "Open connections to the upstream server."),
+    ("inflight", "Queries sent to the upstream server and not yet answered."),
+)
 
 
 # Called exactly once per request: ``(reply, None)`` with the validated reply, or
@@ -103,16 +97,19 @@ class UpstreamStats:
 Done = Callable[[bytes | None, UpstreamError | None], None]
 
 
-class Request:
+class Request(Protocol):
     """A query handed to :meth:`Upstream.send`; ``cancel()`` forgets it."""
 
-    __slots__ = ("finished",)
+    def cancel(self) -> None: ...
 
-    def __init__(self) -> None:
-        self.finished = False
+
+class _Finished:
+    """The request of a query that failed before it was sent."""
+
+    __slots__ = ()
 
     def cancel(self) -> None:
-        self.finished = True
+        pass
 
 
 class Upstream:
@@ -127,14 +124,17 @@ class Upstream:
         self.label = config.label
         self.stats = UpstreamStats()
 
-    def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
+    def send(
+        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+    ) -> Request:
         """Send the query ``wire``; ``done`` is called once with the outcome.
 
         The callback form is what the forwarder uses: a miss then costs no task and no
         coroutine, and the answer goes to the clients from ``data_received`` directly.
         ``done`` may be called before ``send`` returns (closed upstream, full pool).
         ``question``, when given, must be ``wire``'s question section (the caller has
-        it already; otherwise it is found by walking ``wire``).
+        it already; otherwise it is found by walking ``wire``). ``now``: the monotonic
+        clock when the caller has just read it (the loop's clock otherwise).
         """
         raise NotImplementedError
 
@@ -162,6 +162,21 @@ class Upstream:
         """Close every socket and fail the queries in flight."""
         raise NotImplementedError
 
+    def collect(self) -> Iterator[Metric]:
+        """This server's counters and gauges, labelled ``upstream``."""
+        stats = self.stats
+        label = self.label
+        for name, doc in _COUNTERS:
+            value = getattr(stats, name)
+            yield labelled(
+                CounterMetricFamily, f"dnsproxy_upstream_{name}", doc, "upstream", label, value
+            )
+        for name, doc in _GAUGES:
+            value = getattr(stats, name)
+            yield labelled(
+                GaugeMetricFamily, f"dnsproxy_upstream_{name}", doc, "upstream", label, value
+            )
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
 
@@ -188,43 +203,24 @@ def _question(wire: bytes) -> bytes:
 # TCP
 
 
-class _TcpRequest(Request):
-    """One query through a TCP pool; it may move to a second connection once."""
+class _TcpRequest(PendingQuery):
+    """One query through a TCP pool: the pipeline's record plus who to tell."""
 
-    __slots__ = (
-        "conn",
-        "deadline",
-        "done",
-        "owner",
-        "qid",
-        "question",
-        "replies_seen",
-        "retried",
-        "wire",
-    )
+    __slots__ = ("done", "finished", "owner")
 
     def __init__(
         self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
     ) -> None:
-        super().__init__()
+        PendingQuery.__init__(self, wire, question, deadline)
         self.owner = owner
-        self.wire = wire
-        self.question = question
-        self.deadline = deadline
         self.done = done
-        self.retried = False
-        self.conn: _TcpConnection | None = None
-        self.qid = -1
-        self.replies_seen = 0
+        self.finished = False
 
     def cancel(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        conn = self.conn
-        # conn.pending, looked up now: _fail_all may have swapped the dict meanwhile.
-        if conn is not None and conn.pending.get(self.qid) is self:
-            conn._release(self.qid, self)
+        if not self.finished:
+            self.finished = True
+            if self.conn is not None:
+                self.owner._cancel(self)
 
 
 class TcpUpstream(Upstream):
@@ -234,12 +230,11 @@ class TcpUpstream(Upstream):
     is opened (and given the query, which is written as soon as it connects) while every
     existing connection has something in flight and the pool is below its size. When every
     connection is at ``max_inflight_per_connection`` the query fails at once with
-    :class:`UpstreamError`, counted in ``pool_full``: waiting would be a hidden queue, and
+    :class:`UpstreamBusy`, counted in ``pool_full``: waiting would be a hidden queue, and
     the forwarder can use another server or answer SERVFAIL instead.
 
-    Connections past ``connection_max_age_s``, or that let a query time out without
-    answering anything since it was sent (likely a dead peer), take no new queries and
-    close once drained; they do not count against the pool size meanwhile.
+    Retired connections (see :mod:`dnsproxy.pipeline`) take no new queries and close once
+    drained; they do not count against the pool size meanwhile.
 
     There is no reconnect backoff here: a refused connect fails its queries at once, and
     the forwarder's health checks decide when the server is tried again.
@@ -249,51 +244,61 @@ class TcpUpstream(Upstream):
         super().__init__(config)
         self.pool = pool
         self._size = max(1, pool.tcp_connections)
-        self._max_inflight = min(max(1, pool.max_inflight_per_connection), _MAX_IDS)
-        self._active: list[_TcpConnection] = []  # take new queries; includes connecting ones
-        self._draining: set[_TcpConnection] = set()  # retired, waiting for their replies
+        self._max_inflight = min(max(1, pool.max_inflight_per_connection), MAX_IDS)
+        self._active: list[_UpstreamConnection] = []  # take new queries; includes connecting
+        self._draining: set[_UpstreamConnection] = set()  # retired, waiting for their replies
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
+    def send(
+        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+    ) -> Request:
         self.stats.queries += 1
         loop = self._loop
         if loop is None:
             # Kept: asyncio.get_running_loop() costs a getpid() system call per use.
             loop = self._loop = asyncio.get_running_loop()
+        if now < 0:
+            now = loop.time()
         if not question:
             try:
                 question = _question(wire)
             except UpstreamError as exc:
-                request = Request()
-                request.finished = True
                 self.stats.failures += 1
                 done(None, exc)
-                return request
-        tcp_request = _TcpRequest(self, wire, question, loop.time() + timeout_s, done)
-        self._dispatch(tcp_request, loop)
-        return tcp_request
+                return _Finished()
+        request = _TcpRequest(self, wire, question, now + timeout_s, done)
+        self._dispatch(request, now)
+        return request
 
-    def _dispatch(self, request: _TcpRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def _dispatch(self, request: _TcpRequest, now: float) -> None:
         if self._closed:
             self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"))
             return
-        conn = self._pick(loop)
+        conn = self._pick(now)
         if conn is None:
             self.stats.pool_full += 1
             self._fail(
                 request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
             )
             return
-        conn.add(request)
+        conn.send(request, now)
 
-    def _succeed(self, request: _TcpRequest, reply: bytes) -> None:
+    def _complete(self, request: _TcpRequest, now: float) -> None:
+        """A connection is done with ``request``: its reply, or an error."""
         if request.finished:
-            return
-        request.finished = True
-        self.stats.replies += 1
-        request.done(reply, None)
+            return  # cancelled meanwhile
+        error = request.error
+        if error is None:
+            request.finished = True
+            self.stats.replies += 1
+            request.done(request.reply, None)
+        elif type(error) is ConnectionLost and request.retry(now):
+            self.stats.retries += 1
+            self._dispatch(request, now)
+        else:
+            self._fail(request, error)
 
     def _fail(self, request: _TcpRequest, error: UpstreamError) -> None:
         if request.finished:
@@ -305,32 +310,29 @@ class TcpUpstream(Upstream):
             self.stats.failures += 1
         request.done(None, error)
 
-    def _lost(self, request: _TcpRequest, error: UpstreamError) -> None:
-        """Its connection went away with the query in flight: retry once (RFC 7766)."""
-        if request.finished:
-            return
-        loop = asyncio.get_running_loop()
-        if request.retried or loop.time() >= request.deadline:
-            self._fail(request, error)
-            return
-        request.retried = True
-        self.stats.retries += 1
-        self._dispatch(request, loop)
+    def _cancel(self, request: _TcpRequest) -> None:
+        pipeline = request.conn
+        for conn in (*self._active, *self._draining):
+            if conn.pipeline is pipeline:
+                conn.cancel(request)
+                return
 
-    def _pick(self, loop: asyncio.AbstractEventLoop) -> _TcpConnection | None:
+    def _pick(self, now: float) -> _UpstreamConnection | None:
         best = None
         best_load = self._max_inflight
         for conn in self._active:
-            load = len(conn.pending)
+            load = len(conn.pipeline.pending)
             if load < best_load:
                 best = conn
                 best_load = load
         if (best is None or best_load > 0) and len(self._active) < self._size:
-            return self._open(loop)
+            return self._open(now)
         return best
 
-    def _open(self, loop: asyncio.AbstractEventLoop) -> _TcpConnection:
-        conn = _TcpConnection(self, loop)
+    def _open(self, now: float) -> _UpstreamConnection:
+        loop = self._loop
+        assert loop is not None
+        conn = _UpstreamConnection(self, loop, now)
         self._active.append(conn)
         task = loop.create_task(self._connect(conn))
         conn.connect_task = task
@@ -338,7 +340,7 @@ class TcpUpstream(Upstream):
         task.add_done_callback(self._tasks.discard)
         return conn
 
-    async def _connect(self, conn: _TcpConnection) -> None:
+    async def _connect(self, conn: _UpstreamConnection) -> None:
         loop = conn.loop
         try:
             async with asyncio.timeout(self.pool.connect_timeout_s):
@@ -348,14 +350,14 @@ class TcpUpstream(Upstream):
             log.debug("%s: connect failed: %r", self.label, exc)
             conn.close(UpstreamError, f"connect failed: {exc!r}")
 
-    def _retire(self, conn: _TcpConnection) -> None:
+    def _retire(self, conn: _UpstreamConnection) -> None:
         try:
             self._active.remove(conn)
         except ValueError:
             return
         self._draining.add(conn)
 
-    def _forget(self, conn: _TcpConnection) -> None:
+    def _forget(self, conn: _UpstreamConnection) -> None:
         try:
             self._active.remove(conn)
         except ValueError:
@@ -378,127 +380,114 @@ class TcpUpstream(Upstream):
             await asyncio.wait(lost, timeout=1.0)
 
 
-class _TcpConnection(asyncio.Protocol):
-    """One pipelined connection: ID allocation, framing, reply matching, timers.
+class _UpstreamConnection(asyncio.Protocol):
+    """The asyncio side of one pipelined upstream connection.
 
-    Query timeouts share one timer per connection, armed for the earliest deadline in
-    flight: a query costs a dict entry, not a timer to start and cancel.
+    Moves bytes between a transport and its :class:`PipelinedConnection`, arms the one
+    timer the pipeline asks for, and tells the pool about what the pipeline finished.
+    Frames queued in one loop iteration go out in one write.
     """
 
-    def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
         self.owner = owner
         self.loop = loop
         self.stats = owner.stats
-        self.pending: dict[int, _TcpRequest] = {}
-        self._expired: set[int] = set()  # IDs of queries that timed out here
+        pool = owner.pool
+        self.pipeline: PipelinedConnection[_TcpRequest] = PipelinedConnection(
+            now,
+            label=owner.label,
+            stats=owner.stats,
+            max_inflight=owner._max_inflight,
+            max_age_s=pool.connection_max_age_s,
+            idle_timeout_s=pool.idle_timeout_s,
+            ids=_tcp_id,
+        )
         self.connect_task: asyncio.Task[None] | None = None
         self.lost: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
-        self._backlog: list[tuple[int, bytes]] = []  # frames not yet written
         self._flush_handle: asyncio.Handle | None = None
-        self._buf = bytearray()
-        self._need = 2  # bytes the buffer must hold before a frame can be complete
-        self._closed = False
-        self._retired = False
-        self._replies = 0
-        self._idle_since = loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._deadline_at = _NEVER  # when _deadline_timer fires
-        self._age_timer: asyncio.TimerHandle | None = loop.call_later(
-            owner.pool.connection_max_age_s, self.retire
-        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = NEVER  # when _timer fires; never later than pipeline.timer()
+        self._down = False  # forgotten by the pool; the transport is closing or gone
+        self._arm()
 
-    # -- queries
+    # -- from the pool
 
-    def add(self, request: _TcpRequest) -> None:
-        pending = self.pending
-        expired = self._expired
-        qid = _tcp_id(16)
-        # Terminates: in-flight plus expired IDs stay below the ID space (see _on_timeout).
-        while qid in pending or qid in expired:
-            qid = _tcp_id(16)
-        request.conn = self
-        request.qid = qid
-        request.replies_seen = self._replies
-        if request.deadline < self._deadline_at:
-            self._arm(request.deadline)
-        pending[qid] = request
-        self.stats.inflight += 1
-        wire = request.wire
-        # Length prefix and message in one write (RFC 7766 §8): no segment carries half.
-        # Frames queued in one loop iteration go out in one write: a burst of misses
-        # (a UDP batch) costs one syscall per connection instead of one per query.
-        self._backlog.append((qid, _LEN_ID.pack(len(wire), qid) + wire[2:]))
+    def send(self, request: _TcpRequest, now: float) -> None:
+        self.pipeline.send(request, now)
         if self._transport is not None and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
+        if request.deadline < self._timer_at:
+            # A new query can only bring the pipeline's timer forward to its deadline.
+            self._arm_at(request.deadline)
 
-    def _release(self, qid: int, request: _TcpRequest) -> None:
-        del self.pending[qid]
-        self.stats.inflight -= 1
-        if not self.pending:
-            self._idle_since = self.loop.time()
-            if self._retired:
-                self.close()
-
-    def _arm(self, when: float) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        self._deadline_at = when
-        self._deadline_timer = self.loop.call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        """Time out every query past its deadline; re-arm for the earliest one left."""
-        self._deadline_timer = None
-        self._deadline_at = _NEVER
-        now = self.loop.time()
-        late = [(qid, r) for qid, r in self.pending.items() if r.deadline <= now]
-        for qid, request in late:
-            # Still the same query: a callback during this sweep may have cancelled it
-            # and a new query may have drawn its ID.
-            if self.pending.get(qid) is request:
-                self._on_timeout(qid)
-        if self.pending and not self._closed:
-            self._arm(min(request.deadline for request in self.pending.values()))
-
-    def _on_timeout(self, qid: int) -> None:
-        request = self.pending.get(qid)
-        if request is None:
-            return
-        self._release(qid, request)
-        # The ID stays reserved on this connection: a late reply to it must not be taken
-        # for the answer to a newer query that reused the ID (RFC 5452).
-        self._expired.add(qid)
-        if len(self._expired) > _MAX_EXPIRED_IDS:
-            self.retire()
-        self.owner._fail(request, UpstreamTimeout(f"{self.owner.label}: timed out"))
-        if request.replies_seen == self._replies:
-            # Nothing at all came back since this query went out: the peer is probably
-            # gone without a reset (a deleted pod), so stop feeding this connection.
-            self.retire()
-
-    def retire(self) -> None:
-        """Take no new queries; close once the ones in flight are done."""
-        if self._age_timer is not None:
-            self._age_timer.cancel()
-            self._age_timer = None
-        if self._closed or self._retired:
-            return
-        self._retired = True
-        self.owner._retire(self)
-        if not self.pending:
-            self.close()
-
-    # -- lifecycle
+    def cancel(self, request: _TcpRequest) -> None:
+        self.pipeline.cancel(request, self.loop.time())
+        self._settle()
 
     def close(
         self, error: type[UpstreamError] = UpstreamError, reason: str = "connection closed"
     ) -> None:
-        if self._closed:
+        failed = self.pipeline.close(error, reason)
+        self._shutdown()
+        self._finish(failed)
+
+    # -- timer
+
+    def _arm(self) -> None:
+        when = self.pipeline.timer()
+        self._arm_at(NEVER if when is None else when)
+
+    def _arm_at(self, when: float) -> None:
+        if when == self._timer_at:
             return
-        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when != NEVER:
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = NEVER
+        failed = self.pipeline.handle_timer(self.loop.time())
+        self._settle()
+        self._finish(failed)
+
+    # -- state changes
+
+    def _settle(self) -> None:
+        """Act on the pipeline's state: leave the pool when retired, close when closed."""
+        pipeline = self.pipeline
+        if pipeline.closed:
+            self._shutdown()
+            return
+        if pipeline.retired:
+            self.owner._retire(self)
+        self._arm()
+
+    def _finish(self, requests: list[_TcpRequest]) -> None:
+        # After _settle: a retry or a new query from a callback must see the pool as it
+        # now is, without this connection if it is retired or closed.
+        if requests:
+            now = self.loop.time()
+            complete = self.owner._complete
+            for request in requests:
+                complete(request, now)
+
+    def _shutdown(self) -> None:
+        if self._down:
+            return
+        self._down = True
         self.owner._forget(self)
-        self._cancel_timers()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = NEVER
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._transport is not None:
             self._transport.close()
         else:
@@ -507,140 +496,52 @@ class _TcpConnection(asyncio.Protocol):
                 task.cancel()
             if not self.lost.done():
                 self.lost.set_result(None)
-        self._fail_all(error, reason)
 
-    def _cancel_timers(self) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-            self._deadline_at = _NEVER
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        if self._age_timer is not None:
-            self._age_timer.cancel()
-            self._age_timer = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _fail_all(self, error: type[UpstreamError], reason: str) -> None:
-        pending = self.pending
-        if not pending:
-            return
-        self.pending = {}
-        self.stats.inflight -= len(pending)
-        message = f"{self.owner.label}: {reason}"
-        owner = self.owner
-        for request in pending.values():
-            # One instance per waiter: a shared exception would collect every
-            # waiter's traceback and keep their frames alive.
-            if error is _ConnectionLost:
-                owner._lost(request, error(message))
-            else:
-                owner._fail(request, error(message))
+    # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
         transport = cast(asyncio.Transport, transport)
         self.stats.open_connections += 1
         self.stats.connects += 1
-        if self._closed:
+        if self._down:
             transport.close()
             return
         self._transport = transport
+        self.pipeline.connected(self.loop.time())
         self._flush()
-        self._idle_timer = self.loop.call_later(self.owner.pool.idle_timeout_s, self._idle_check)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        if self._transport is None or self._closed:
-            return
-        pending = self.pending
-        frames = [frame for qid, frame in self._backlog if qid in pending]
-        self._backlog = []
-        if frames:
-            self._transport.write(b"".join(frames))
+        if self._transport is not None and not self._down:
+            data = self.pipeline.data_to_send()
+            if data:
+                self._transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        pipeline = self.pipeline
+        now = self.loop.time()
+        done = pipeline.receive(data, now)
+        if not pipeline.pending or pipeline.state != OPEN:
+            # Drained (the idle timer may be due sooner), retired or closed.
+            self._settle()
+        complete = self.owner._complete
+        for request in done:
+            complete(request, now)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost fails what is in flight
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stats.open_connections -= 1
         if not self.lost.done():
             self.lost.set_result(None)
-        if self._closed:
-            return
-        self._closed = True
-        self.owner._forget(self)
-        self._cancel_timers()
-        if self.pending:
-            log.debug(
-                "%s: connection lost with %d in flight: %r",
-                self.owner.label,
-                len(self.pending),
-                exc,
-            )
-        self._fail_all(_ConnectionLost, "connection closed by peer")
-
-    def eof_received(self) -> bool | None:
-        return None  # close our side too; connection_lost fails what is in flight
-
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self._closed:
-            return
-        idle_s = self.owner.pool.idle_timeout_s
-        if self.pending:
-            left = idle_s
-        else:
-            left = self._idle_since + idle_s - self.loop.time()
-            if left <= 0:
-                self.close()
-                return
-        # One timer per connection, re-armed lazily, rather than one per idle transition.
-        self._idle_timer = self.loop.call_later(left, self._idle_check)
-
-    # -- replies
-
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return
-            data = bytes(buf)
-            buf.clear()
-        n = len(data)
-        off = 0
-        while True:
-            if n - off < 2:
-                self._need = 2
-                break
-            length = (data[off] << 8) | data[off + 1]
-            if length < HEADER_LEN:
-                # Not a DNS message: the framing is lost and cannot be resynchronised.
-                self.stats.bad_replies += 1
-                self.close(_ConnectionLost, "bad framing from server")
-                return
-            end = off + 2 + length
-            if end > n:
-                self._need = 2 + length  # at most 65537, which bounds the buffer
-                break
-            self._on_reply(data[off + 2 : end])
-            if self._closed:
-                return
-            off = end
-        if off < n:
-            buf += memoryview(data)[off:]
-
-    def _on_reply(self, reply: bytes) -> None:
-        qid = (reply[0] << 8) | reply[1]
-        request = self.pending.get(qid)
-        # The ID was matched by the lookup; b"" skips reply_matches' own ID check.
-        if request is None or not reply_matches(reply, b"", request.question):
-            self.stats.bad_replies += 1
-            return
-        self._replies += 1
-        self._release(qid, request)
-        self.owner._succeed(request, reply)
+        failed = self.pipeline.connection_lost(self.loop.time())
+        self._shutdown()
+        if failed:
+            label = self.owner.label
+            log.debug("%s: connection lost with %d in flight: %r", label, len(failed), exc)
+        self._finish(failed)
 
 
 # --------------------------------------------------------------------------------------
@@ -675,11 +576,13 @@ def _expire(future: asyncio.Future[bytes], label: str) -> None:
         future.set_exception(UpstreamTimeout(f"{label}: timed out"))
 
 
-class _UdpRequest(Request):
-    __slots__ = ("done", "task")
+class _UdpRequest:
+    """One query through a UDP upstream: a task of its own."""
+
+    __slots__ = ("done", "finished", "task")
 
     def __init__(self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], done: Done) -> None:
-        super().__init__()
+        self.finished = False
         self.done = done
         self.task = asyncio.get_running_loop().create_task(coro)
         owner._tasks.add(self.task)
@@ -714,7 +617,9 @@ class UdpUpstream(Upstream):
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
 
-    def send(self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"") -> Request:
+    def send(
+        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+    ) -> Request:
         # UDP is opt-in and not the hot path: one task per query keeps it simple.
         return _UdpRequest(self, self._query(wire, timeout_s), done)
 

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import dnslib
 
+from dnsproxy.errors import DnsproxyError
+
 HEADER_LEN = 12
 
 # Response codes.
@@ -59,11 +61,11 @@ _new_tuple = tuple.__new__
 _KEY_FLAGS = (b"\x00", b"\x01", b"\x02", b"\x03")
 
 
-class WireError(ValueError):
+class WireError(DnsproxyError, ValueError):
     """A message that cannot be walked safely (truncated, bad label, bad pointer)."""
 
 
-class BadQuery(Exception):
+class BadQuery(DnsproxyError):
     """A query that gets an error reply (``rcode``) or, when ``rcode`` is None, no reply.
 
     ``qend`` is the end of the question when it could be read (so the reply can echo

@@ -96,6 +96,15 @@ async def proxy_with(
             yield app, fake
 
 
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
+    """Poll ``condition`` every 10 ms for up to ``timeout_s``; its last value."""
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
 def dnsproxy_cmd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m dnsproxy ARGS`` run to completion from the repository root, no stdin."""
     return subprocess.run(

@@ -7,11 +7,15 @@ left-overs of a killed run never collide::
     pod 169.254.50.2 ──veth── 169.254.50.1 node 169.254.60.1 ──veth── 169.254.60.2 up
         2001:db8:50::2         2001:db8:50::1      2001:db8:60::1          2001:db8:60::2
 
-The node namespace forwards between the two and holds what kube-proxy would: a DNAT of the
-simulated kube-dns ClusterIP 169.254.30.10 to the upstream, plus the common host-firewall
-rule that drops conntrack-INVALID packets (which also turns conntrack on for both
-families, so that "no conntrack entry" means something). The pod's resolv.conf
+The node namespace forwards between the two and holds what kube-proxy (iptables mode)
+would: a DNAT of the simulated kube-dns ClusterIP 169.254.30.10 to the upstream, for pods
+(nat PREROUTING) and for the node itself (nat OUTPUT), plus the common host-firewall rule
+that drops conntrack-INVALID packets (which also turns conntrack on for both families, so
+that "no conntrack entry" means something). The pod's resolv.conf
 (``/etc/netns/<pod>/resolv.conf``, bind-mounted by ``ip netns exec``) is the Kubernetes one.
+
+:class:`PodLoad` runs ``podload.py`` in the pod namespace: a bounded query load by glibc
+and dnspython that counts failed queries and the longest gap between answers.
 
 Addresses come only from 169.254.0.0/16 and 2001:db8::/32. Nothing here touches the host's
 own namespace except the ``/etc/netns/<name>`` directories, which are removed too.
@@ -22,15 +26,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -183,11 +189,16 @@ def _build(topo: Topology) -> None:
         run(["ip", "-n", ns.name, "-6", "route", "add", "default", "via", gw6])
     node.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     node.run("sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
-    # kube-proxy (iptables mode) for the kube-dns Service.
-    for proto in ("udp", "tcp"):
-        node.run("iptables", "-w", "5", "-t", "nat", "-A", "PREROUTING", "-d", CLUSTER_IP,
-                 "-p", proto, "--dport", "53", "-j", "DNAT",
-                 "--to-destination", f"{UPSTREAM_IP}:53")  # fmt: skip
+    # kube-proxy (iptables mode) for the kube-dns Service: pods' packets and the node's own.
+    for chain in ("PREROUTING", "OUTPUT"):
+        for proto in ("udp", "tcp"):
+            node.run("iptables", "-w", "5", "-t", "nat", "-A", chain, "-d", CLUSTER_IP,
+                     "-p", proto, "--dport", "53", "-j", "DNAT",
+                     "--to-destination", f"{UPSTREAM_IP}:53")  # fmt: skip
+    # A node sends a ClusterIP to its default gateway, where kube-proxy's nat OUTPUT DNAT
+    # then takes it; a route for this one address does that without making every other
+    # address look routable from the node.
+    node.run("ip", "route", "add", f"{CLUSTER_IP}/32", "via", UPSTREAM_IP)
     for binary in ("iptables", "ip6tables"):
         node.run(binary, "-w", "5", "-A", "INPUT", "-m", "conntrack",
                  "--ctstate", "INVALID", "-j", "DROP")  # fmt: skip
@@ -241,3 +252,74 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class PodLoad:
+    """``podload.py`` in the pod namespace: glibc and dnspython asking in a loop, bounded.
+
+    glibc asks ``glibc_name`` through the pod's resolv.conf; dnspython asks ``name`` of
+    ``server``; both must get ``expect``. :meth:`stop` ends it and returns the counts.
+    """
+
+    def __init__(
+        self,
+        topo: Topology,
+        tmp_path: Path,
+        *,
+        server: str,
+        glibc_name: str,
+        name: str,
+        expect: str,
+        max_s: float = 60.0,
+    ) -> None:
+        self.status_path = tmp_path / "podload.json"
+        self.stop_path = tmp_path / "podload.stop"
+        self.stop_path.unlink(missing_ok=True)
+        self.status_path.unlink(missing_ok=True)
+        script = Path(__file__).resolve().parent / "podload.py"
+        argv = [sys.executable, str(script), "--server", server, "--glibc-name", glibc_name,
+                "--name", name, "--expect", expect, "--stop-file", str(self.stop_path),
+                "--status", str(self.status_path), "--max-s", str(max_s)]  # fmt: skip
+        self._stderr = (tmp_path / "podload.stderr").open("wb")
+        self.proc = subprocess.Popen(
+            topo.pod.exec_argv(argv),
+            env={**os.environ, "PATH": SBIN_PATH},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    def status(self) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):  # not written yet
+            doc = {}
+        if self.proc.poll() is not None and not doc.get("done"):
+            raise AssertionError(f"podload exited with {self.proc.returncode}")
+        return doc
+
+    def answered(self) -> int:
+        """Queries answered so far by the client that has answered fewer."""
+        doc = self.status()
+        return min((doc.get(c, {}).get("ok", 0) for c in ("glibc", "dnspython")), default=0)
+
+    def wait_answered(self, more: int, timeout: float, what: str) -> None:
+        """Wait until each client has answered ``more`` queries beyond what it has now."""
+        target = self.answered() + more
+        wait_for(lambda: self.answered() >= target, timeout, f"{more} answers {what}", 0.05)
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_path.touch()
+        try:
+            self.proc.wait(timeout=40)  # glibc's two 5 s attempts per name, at worst
+        finally:
+            self.close()
+        doc = self.status()
+        assert doc.get("done"), doc
+        return doc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._stderr.close()

@@ -148,3 +148,25 @@ def test_config_file_errors_are_prefixed_with_the_file(
         f"{path}: listen[0]: '127.0.0.1' needs a port (ADDR:PORT)",
         f"{path}: cache.max_tll_s: unknown key (did you mean 'max_ttl_s'?)",
     ]
+
+
+def test_every_flag_reaches_its_key(capsys: pytest.CaptureFixture[str]) -> None:
+    # Each flag given a bad value: each problem names the flag that carried it.
+    bad = {
+        "--listen": "127.0.0.1",
+        "--upstream": "kube-dns",
+        "--http-listen": "9253",
+        "--health-listen": "9254",
+        "--log-level": "loud",
+        "--log-format": "xml",
+        "--lameduck": "-1",
+        "--local-ip": "bogus",
+        "--interface": "a/b",
+        "--rules": "ipchains",
+        "--sync-interval": "0",
+        "--health-port": "http",
+    }
+    argv = [part for flag, value in bad.items() for part in (flag, value)]
+    assert main(argv) == 2
+    shown = {line.split(":")[0].split("[")[0] for line in capsys.readouterr().err.splitlines()}
+    assert shown == set(bad)

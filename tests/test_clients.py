@@ -20,7 +20,9 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 from conftest import dnsproxy_cmd, proxy_with
-from fakeupstream import Action, Drop, SyncHandler, zone_handler
+from fakeupstream import Action, Drop, FakeUpstream, SyncHandler, zone_handler
+from test_process import free_port
+from test_reload import HOST, app_from, doc_for, write
 
 from dnsproxy.app import App
 from dnsproxy.config import ServerLimits
@@ -135,8 +137,8 @@ async def test_refusals_and_errors_carry_no_ra_but_badvers_does() -> None:
 
 
 def _listener_socket(app: App) -> socket.socket:
-    (listener,) = app.server._udp
-    return listener.sock
+    (sock,) = [sock for (kind, _), sock in app.server.sockets().items() if kind == "udp"]
+    return sock
 
 
 async def test_receive_buffer_setting_is_applied_and_logged(
@@ -208,3 +210,31 @@ def test_udp_rcvbuf_is_checked_with_its_key_path(tmp_path: Path) -> None:
     result = dnsproxy_cmd("check-config", str(config))
     assert result.returncode == 2
     assert "limits.udp_rcvbuf" in result.stdout + result.stderr
+
+
+async def test_a_reload_changes_the_advertised_size_and_the_receive_buffer_at_once(
+    tmp_path: Path,
+) -> None:
+    # The answer is cached and its per-second preparation made before the reload: the
+    # first hit after it already carries the new size, and the open listener's buffer
+    # is set again.
+    path = tmp_path / "dnsproxy.yaml"
+    port = free_port()
+    query = dns.message.make_query("many.example.", "A", use_edns=0, payload=4096)
+    async with FakeUpstream(many_handler()) as fake:
+        write(path, doc_for(fake.port, [f"{HOST}:{port}"], limits={"udp_rcvbuf": 1 << 20}))
+        async with app_from(path) as app:
+            before = await dns.asyncquery.udp(query, HOST, port=port, timeout=5)
+            await dns.asyncquery.udp(query, HOST, port=port, timeout=5)  # prepared now
+            buffer_before = _listener_socket(app).getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            limits = {"udp_payload_size": 1400, "udp_rcvbuf": 1 << 19}
+            write(path, doc_for(fake.port, [f"{HOST}:{port}"], limits=limits))
+            assert await app.reload("test")
+            after = await dns.asyncquery.udp(
+                query, HOST, port=port, timeout=5, raise_on_truncation=False
+            )
+            buffer_after = _listener_socket(app).getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert len(fake.queries) == 1  # the answer after the reload came from the cache
+    assert before.payload == 1232 and len(before.answer[0]) == 74
+    assert after.payload == 1400 and len(after.answer[0]) == 84  # (1400 - 41) // 16
+    assert buffer_before != buffer_after

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import jsonschema
 import pytest
 import yaml
 from conftest import undocumented_keys
@@ -17,6 +21,7 @@ from dnsproxy.config import (
     CachePolicy,
     Config,
     ConfigError,
+    HandoverConfig,
     HostPort,
     LogConfig,
     Overrides,
@@ -28,8 +33,11 @@ from dnsproxy.config import (
     parse_resolv_conf,
     parse_upstream,
 )
+from dnsproxy.config_schema import all_keys, documented_keys, json_schema, schema_text
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "dnsproxy.yaml"
+NODELOCAL = SHIPPED.with_name("nodelocal.yaml")
+SCHEMA = SHIPPED.with_name("dnsproxy.schema.json")
 UPSTREAM = "127.0.0.1:5300"
 
 
@@ -445,6 +453,24 @@ def test_wildcard_listen_loops_to_loopback_upstream() -> None:
     ]
 
 
+def test_problems_are_listed_in_document_order_whichever_check_finds_them() -> None:
+    # A loop and a duplicate are found after every key has been read, and still listed
+    # at their entry, before the problems of the keys that follow it.
+    doc = base_doc()
+    doc["zones"][0].update(
+        upstreams=["127.0.0.1:5353", "kube-dns", "127.0.0.2", "127.0.0.2"], policy="fastest"
+    )
+    doc["log"] = {"level": "loud"}
+    assert problems(doc) == [
+        "zones[0].upstreams[0]: tcp://127.0.0.1:5353 is this proxy's own listen address "
+        "127.0.0.1:5353 (queries would loop)",
+        "zones[0].upstreams[1]: 'kube-dns' is a hostname; an IP address is required here",
+        "zones[0].upstreams[3]: tcp://127.0.0.2:53 is listed twice (also zones[0].upstreams[2])",
+        "zones[0].policy: must be one of sequential, random, round_robin (got 'fastest')",
+        "log.level: must be one of debug, info, warning, error (got 'loud')",
+    ]
+
+
 def test_document_that_is_not_a_mapping() -> None:
     assert problems(["listen"]) == ["(top level): must be a mapping of keys (got a list)"]
 
@@ -513,6 +539,8 @@ def test_minimal_document_takes_every_default() -> None:
     assert config.limits == ServerLimits()
     assert config.log == LogConfig()
     assert config.shutdown_grace_s == 5.0
+    assert config.handover == HandoverConfig()
+    assert config.reload_watch_interval_s == 5.0
     [zone] = config.zones
     assert (zone.policy, zone.try_timeout_s, zone.deadline_s) == ("sequential", 1.0, 2.0)
     assert zone.upstreams == (tcp("127.0.0.1", 5300),)
@@ -721,6 +749,43 @@ def test_flag_errors_name_the_flag() -> None:
     ]
 
 
+def test_flag_values_are_taken_literally() -> None:
+    # The shell (or Kubernetes' $(VAR)) has expanded a flag already; ${...} left in one
+    # is not a reference to expand again.
+    overrides = Overrides(rules="${RULES}", listen=("169.254.20.10:53",))
+    assert problems(base_doc(), {"RULES": "iptables"}, overrides=overrides) == [
+        "--rules: must be one of iptables, nftables, auto, none (got '${RULES}')"
+    ]
+
+
+def test_flag_for_a_section_that_is_not_a_mapping_is_still_read() -> None:
+    doc = base_doc()
+    doc["log"] = "verbose"
+    assert problems(doc, overrides=Overrides(log_level="loud")) == [
+        "log: must be a mapping (got 'verbose')",
+        "--log-level: must be one of debug, info, warning, error (got 'loud')",
+    ]
+
+
+def test_a_bad_upstream_flag_replaces_nothing() -> None:
+    doc = file_doc()
+    doc["zones"][1]["upstreams"] = ["${KUBE_DNS_UPSTREAM_SERVICE_HOST}"]
+    overrides = Overrides(upstreams=("127.0.0.2", "cluster.local=kube-dns"))
+    # The zone keeps its own upstreams, so they are read (and their problem shown).
+    assert problems(doc, overrides=overrides) == [
+        "--upstream[1]: 'kube-dns' is a hostname; an IP address is required here",
+        "zones[1].upstreams[0]: environment variable KUBE_DNS_UPSTREAM_SERVICE_HOST is not set",
+    ]
+
+
+def test_every_flag_names_a_key_of_the_table() -> None:
+    keys = set(all_keys())
+    for spec in fields(Overrides):
+        flag, key = spec.metadata["flag"], spec.metadata["key"]
+        assert flag.startswith("--")
+        assert key is None or key in keys, (flag, key)
+
+
 def test_built_in_defaults_with_an_upstream_flag() -> None:
     config = load_config(None, Overrides(upstreams=("127.0.0.2:5300",)), env={})
     assert config.listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
@@ -814,6 +879,8 @@ def test_shipped_config_is_valid() -> None:
     assert config.limits == ServerLimits()
     assert config.log == LogConfig()
     assert config.shutdown_grace_s == 5.0
+    assert config.handover == HandoverConfig()
+    assert config.reload_watch_interval_s == 5.0
 
 
 def test_shipped_config_lists_every_key() -> None:
@@ -828,6 +895,8 @@ def test_shipped_config_lists_every_key() -> None:
         "zones",
         "log",
         "shutdown",
+        "handover",
+        "reload",
     }
     assert set(raw["acl"]) == {"allow"}
     assert set(raw["cache"]) == {"max_entries", *(f.name for f in fields(CachePolicy))}
@@ -847,3 +916,172 @@ def test_shipped_config_lists_every_key() -> None:
 
 def test_shipped_config_comments_every_key() -> None:
     assert undocumented_keys(SHIPPED) == []
+
+
+# Key lines: "key:", "- key:" (a list entry), "# key:" (a key left commented out, written
+# with one space after the '#'; prose and examples in comments indent further or start
+# with a capital).
+_YAML_LINE = re.compile(
+    r"(?P<indent> *)(?P<item>- )?(?P<hash># )?(?P<key>[a-z_][a-z0-9_]*:(\s|$))?"
+)
+
+
+def file_keys(path: Path) -> dict[str, bool]:
+    """The key paths a YAML file writes out, as the table names them (``zones[].zone``),
+    commented-out ones included, each with whether a comment is on the line right above."""
+    lines = path.read_text().splitlines()
+    open_: list[tuple[int, str]] = []  # (column, path) of the keys and list entries open
+    found: dict[str, bool] = {}
+    for i, line in enumerate(lines):
+        m = _YAML_LINE.match(line)
+        assert m is not None
+        column = len(m["indent"])
+        if m["item"]:  # a list entry opens under the key above it
+            while open_ and open_[-1][0] >= column:
+                open_.pop()
+            open_.append((column, (open_[-1][1] if open_ else "") + "[]"))
+            column += 2
+        if not m["key"] or (m["hash"] and m["item"]):
+            continue
+        while open_ and open_[-1][0] >= column:
+            open_.pop()
+        name = m["key"].split(":")[0]
+        key_path = f"{open_[-1][1]}.{name}" if open_ else name
+        above = lines[i - 1].strip() if i else ""
+        found[key_path] = above.startswith("#") or (not m["item"] and above.startswith("- #"))
+        open_.append((column, key_path))
+    return found
+
+
+def test_shipped_config_documents_exactly_the_keys_of_the_table() -> None:
+    # Each key once, in the table's order, with its comment right above it; the keys of
+    # the Kubernetes node role are described in nodelocal.yaml instead.
+    found = file_keys(SHIPPED)
+    assert list(found) == documented_keys("proxy")
+    assert [k for k, commented in found.items() if not commented] == []
+
+
+def test_nodelocal_config_documents_the_node_role_keys() -> None:
+    found = file_keys(NODELOCAL)
+    node_keys = documented_keys("node")
+    assert [k for k in found if k in node_keys] == node_keys
+    assert [k for k in found if k not in all_keys()] == []
+    assert [k for k, commented in found.items() if not commented] == []
+    # node.local_ips is left commented out: its default follows listen.
+    assert "local_ips" not in yaml.safe_load(NODELOCAL.read_text())["node"]
+
+
+def test_file_keys_sees_what_a_file_lacks_or_adds(tmp_path: Path) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_text(
+        "# About the file.\n# Default: ignored prose.\nlisten: []\nzones:\n"
+        "  - # The zone.\n    zone: .\n    upstreams: [x]\ncache:\n"
+        "  # A key left out.\n  # max_entries: 5\n  typo_s: 1\n"
+    )
+    assert file_keys(path) == {
+        "listen": True,
+        "zones": False,
+        "zones[].zone": True,
+        "zones[].upstreams": False,
+        "cache": False,
+        "cache.max_entries": True,
+        "cache.typo_s": True,
+    }
+
+
+def test_published_schema_is_what_the_table_generates() -> None:
+    # `make schema` writes it; this fails until it is run after a key changes.
+    assert SCHEMA.read_text(encoding="utf-8") == schema_text()
+
+
+def schema_problems(doc: object) -> list[str]:
+    validator = jsonschema.Draft202012Validator(json_schema())
+    return [e.message for e in validator.iter_errors(doc)]
+
+
+def test_shipped_configs_validate_against_the_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(json.loads(SCHEMA.read_text()))
+    for path in (SHIPPED, NODELOCAL):
+        assert schema_problems(yaml.safe_load(path.read_text())) == [], path
+
+
+def test_schema_takes_what_dnsproxy_takes_and_refuses_what_it_refuses() -> None:
+    good = base_doc()
+    good["listen"] = ["169.254.20.10:53"]
+    good["log"] = {"level": "WARNING", "queries": "${LOG_QUERIES:-false}"}
+    good["cache"] = {"max_entries": "${CACHE_SIZE}", "max_ttl_s": 600}
+    good["node"] = {"health_port": "none", "interface": "dnsp0", "sync_interval_s": 1.5}
+    good["zones"][0]["cache"] = {"min_ttl_s": 5}
+    env = {"CACHE_SIZE": "500"}
+    parse(good, env)
+    assert schema_problems(good) == []
+    for key, value in [
+        ("cache.max_tll_s", 5),
+        ("cache.max_ttl_s", 604801),
+        ("log.level", "loud"),
+        ("upstream.connect_timeout_s", 0),
+        ("limits.udp_payload_size", 511),
+        ("node.interface", "a/b"),
+        ("node.health_port", 70000),
+        ("zones[0].policy", "fastest"),
+        ("zones[0].cache.max_entries", 5),
+        ("acl", []),
+    ]:
+        bad = base_doc()
+        _set(key, value)(bad)
+        with pytest.raises(ConfigError):
+            parse(bad, env)
+        assert schema_problems(bad) != [], key
+    assert schema_problems(cast(dict[str, Any], {"listen": ["127.0.0.1:53"]})) == [
+        "'zones' is a required property"
+    ]
+
+
+# --- the modules ------------------------------------------------------------------------
+
+
+def test_components_import_the_config_types_without_yaml() -> None:
+    # The sans-IO cache (and every component built from a Config) must not pull in the
+    # file loader: the types live in config_types, which imports no YAML.
+    code = (
+        "import sys\n"
+        "import dnsproxy.cache, dnsproxy.forwarder, dnsproxy.upstream, dnsproxy.server\n"
+        "import dnsproxy.node\n"
+        "assert 'yaml' not in sys.modules, 'yaml was imported'\n"
+        "import dnsproxy.config\n"
+        "assert 'yaml' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_still_exports_every_name_it_did() -> None:
+    import dnsproxy.config
+    import dnsproxy.config_types
+
+    for name in (
+        "CachePolicy",
+        "Config",
+        "HostPort",
+        "IPNetwork",
+        "LogConfig",
+        "NodeConfig",
+        "Policy",
+        "RulesBackend",
+        "ServerLimits",
+        "Transport",
+        "UpstreamConfig",
+        "UpstreamPoolConfig",
+        "ZoneConfig",
+    ):
+        assert getattr(dnsproxy.config, name) is getattr(dnsproxy.config_types, name)
+    for name in (
+        "ConfigError",
+        "DEFAULT_RESOLV_CONF",
+        "Overrides",
+        "load_config",
+        "parse_config",
+        "parse_resolv_conf",
+        "parse_upstream",
+    ):
+        assert hasattr(dnsproxy.config, name)

@@ -46,6 +46,7 @@ from dnsproxy.node import (
 ROOT = Path(__file__).resolve().parent.parent
 NODELOCAL = ROOT / "config" / "nodelocal.yaml"
 IP4, IP6 = "169.254.20.10", "2001:db8::a"
+CLUSTER_DNS = "169.254.25.10"  # the kube-dns-upstream ClusterIP, as fallback_ip
 WAIT_S = 5.0
 
 
@@ -221,6 +222,48 @@ def test_iptables_argv_waits_for_the_lock_and_carries_the_comment() -> None:
     ]
 
 
+def test_fail_safe_rules_match_queries_only_while_a_socket_is_bound() -> None:
+    rules = build_rules([IP4, IP6], 8080, when_bound=True)
+    assert len(rules) == 24 and len({r.comment for r in rules}) == 24
+    bound = [r for r in rules if r.bound]
+    # Only arriving queries: OUTPUT has no lookup of the receiving socket.
+    assert {(r.table, r.chain, r.direction, r.target) for r in bound} == {
+        ("raw", "PREROUTING", "dst", "NOTRACK")
+    }
+    assert len(bound) == 4
+    udp4 = next(r for r in bound if r.ip == IP4 and r.proto == "udp")
+    assert udp4.iptables_argv("-I") == [
+        *("iptables", "-w", "5", "-t", "raw", "-I", "PREROUTING"),
+        *("-p", "udp", "-d", IP4, "--dport", "53", "-m", "socket", "--nowildcard"),
+        *("-m", "comment", "--comment", f"dnsproxy: notrack queries to {IP4} udp/53 while bound"),
+        *("-j", "NOTRACK"),
+    ]
+    assert udp4.nft_line() == (
+        f"ip daddr {IP4} udp dport 53 socket wildcard 0 notrack "
+        f'comment "dnsproxy: notrack queries to {IP4} udp/53 while bound"'
+    )
+
+
+def test_fallback_rules_rewrite_new_connections_of_their_family_then_bind_them() -> None:
+    rules = build_rules([IP4, IP6], None, when_bound=True, fallback_ip=CLUSTER_DNS)
+    fallback = [r for r in rules if r.target in ("REWRITE", "DNAT")]
+    assert {r.ip for r in fallback} == {IP4}  # the IPv6 local IP has no IPv6 fallback
+    assert len(rules) == 20 + 4
+    text = nft_ruleset(rules)
+    assert "\tchain fallback {\n\t\ttype filter hook prerouting priority mangle;" in text
+    assert "\tchain fallback_nat {\n\t\ttype nat hook prerouting priority dstnat + 10;" in text
+    assert (
+        f"ip daddr {IP4} udp dport 53 ct state new ip daddr set {CLUSTER_DNS} "
+        f'comment "dnsproxy: fallback of {IP4} udp/53 to {CLUSTER_DNS}"'
+    ) in text
+    assert (
+        f"ip daddr {CLUSTER_DNS} tcp dport 53 ct original ip daddr {IP4} dnat ip to {CLUSTER_DNS} "
+        f'comment "dnsproxy: fallback nat of {IP4} tcp/53 to {CLUSTER_DNS}"'
+    ) in text
+    six = build_rules([IP6], None, when_bound=True, fallback_ip="2001:db8::53")
+    assert "ct original ip6 daddr 2001:db8::a dnat ip6 to 2001:db8::53" in nft_ruleset(six)
+
+
 def test_nft_ruleset_is_one_replacing_transaction_with_raw_and_filter_chains() -> None:
     text = nft_ruleset(build_rules([IP4, IP6], 8080))
     lines = text.splitlines()
@@ -283,16 +326,29 @@ def test_plan_iptables_is_the_exact_commands() -> None:
         f"ip addr add {IP4}/32 dev nodelocaldns",
     ]
     inserts = commands[3:]
-    assert inserts == [shlex.join(r.iptables_argv("-I")) for r in build_rules([IP4], 8080)]
+    rules = build_rules([IP4], 8080, when_bound=True)
+    assert inserts == [shlex.join(r.iptables_argv("-I")) for r in rules]
     assert len(inserts) == 12
+    assert sum("-m socket --nowildcard" in line for line in inserts) == 2  # udp and tcp
+
+
+def test_plan_iptables_says_the_fallback_ip_needs_nftables() -> None:
+    config = NodeConfig(local_ips=(IP4,), rules="iptables", fallback_ip=CLUSTER_DNS)
+    text = plan(config, "iptables")
+    assert f"# node.fallback_ip {CLUSTER_DNS} is not applied: the iptables backend" in text
+    assert CLUSTER_DNS not in text.split("# dnsproxy node setup", 1)[1].split("\n", 3)[3]
+    assert len([line for line in text.splitlines() if line.startswith("iptables")]) == 10
 
 
 def test_plan_nftables_is_the_ruleset_in_a_heredoc() -> None:
     config = NodeConfig(local_ips=(IP6,), setup_interface=False, rules="nftables")
     text = plan(config, "nftables")
     body = text.split("nft -f - <<'EOF'\n", 1)[1]
-    assert body == nft_ruleset(build_rules([IP6], None)) + "EOF\n"
+    assert body == nft_ruleset(build_rules([IP6], None, when_bound=True)) + "EOF\n"
     assert "ip link" not in text
+    unconditional = dataclasses.replace(config, fallback=False)
+    assert "socket" not in plan(unconditional, "nftables")
+    assert "fail-safe" not in plan(unconditional, "nftables")
 
 
 # --- NodeManager on a fake host ---------------------------------------------------------
@@ -353,6 +409,80 @@ async def test_deleted_link_is_made_again() -> None:
     assert await node.sync()
     assert host.links["nodelocaldns"].addrs == [f"{IP4}/32", f"{IP6}/128"]
     assert node.stats.addresses_readded == 2
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+async def test_rules_of_a_killed_instance_are_reported_and_adopted(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = FakeHost()
+    first = NodeManager(node_config(), backend, host)
+    with caplog.at_level(logging.INFO, logger="dnsproxy.node"):
+        assert await first.sync()
+    assert first.stats.rules_left_over == 0
+    assert "no rules of a previous instance found" in caplog.text
+    # SIGKILL: no teardown. The next instance finds them, says so, and changes nothing.
+    caplog.clear()
+    calls = len(host.calls)
+    second = NodeManager(node_config(), backend, host)
+    with caplog.at_level(logging.WARNING, logger="dnsproxy.node"):
+        assert await second.sync()
+    assert second.stats.rules_left_over == 24
+    assert "24 of our rules were in place at start" in caplog.text
+    assert all(c[1:3] != ["-t", "raw"] or "-S" in c for c in host.calls[calls:])
+    assert not any(c[:2] == ["nft", "-f"] for c in host.calls[calls:])
+    assert second.stats.rules_readded == 0 and second.stats.rules_present == 24
+    # The count is the start's: later syncs leave it alone.
+    await second.teardown()
+    assert await second.sync()
+    assert second.stats.rules_left_over == 24
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+async def test_rules_no_longer_built_are_replaced(backend: str) -> None:
+    """A node upgraded from unconditional rules (or with fallback switched) gets the new set."""
+    host = FakeHost()
+    old = NodeManager(node_config(fallback=False, health_port=9999), backend, host)
+    assert await old.sync()
+    # Someone else's rule for our IP, without our comment prefix, is left alone.
+    host.chains.setdefault(("iptables", "raw", "PREROUTING"), []).append(
+        ["-d", IP4, "-m", "comment", "--comment", f"cni: {IP4} ", "-j", "ACCEPT"]
+    )
+    new = NodeManager(node_config(), backend, host)
+    assert await new.sync()
+    assert new.stats.rules_left_over == 24
+    if backend == "iptables":
+        comments = [c for chain in host.chains.values() for c in iptables_comments(
+            "\n".join(f"-A X {shlex.join(spec)}" for spec in chain))]  # fmt: skip
+        assert f"cni: {IP4} " in comments
+        comments.remove(f"cni: {IP4} ")
+    else:
+        assert host.nft_table is not None
+        comments = nft_comments(host.nft_table)
+    assert sorted(comments) == sorted(
+        r.comment for r in build_rules([IP4, IP6], 8080, when_bound=True)
+    )
+    assert new.stats.rules_readded == 0
+    await new.teardown()
+    assert host.rule_count() == 1  # the cni rule
+    assert host.nft_table is None
+
+
+async def test_fallback_ip_is_installed_by_nftables_and_refused_by_iptables_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    host = FakeHost()
+    nft = NodeManager(node_config(fallback_ip=CLUSTER_DNS), "nftables", host)
+    assert await nft.sync()
+    assert host.nft_table is not None
+    assert f"ct original ip daddr {IP4} dnat ip to {CLUSTER_DNS}" in host.nft_table
+    assert nft.stats.rules_present == 24 + 4
+    with caplog.at_level(logging.WARNING, logger="dnsproxy.node"):
+        ipt = NodeManager(node_config(fallback_ip=CLUSTER_DNS), "iptables", host)
+    assert "the iptables backend cannot rewrite" in caplog.text and IP4 in caplog.text
+    assert await ipt.sync()
+    assert host.rule_count() == 24
+    assert not any(CLUSTER_DNS in " ".join(c) for c in host.named("iptables"))
 
 
 async def test_lock_timeout_is_counted_as_iptables_lock_and_retried() -> None:
@@ -487,6 +617,7 @@ async def test_collector_exports_every_error_type_and_the_counters() -> None:
     }
     assert errors["iptables_lock"] >= 1
     assert "dnsproxy_node_rules_readded" in families
+    assert "dnsproxy_node_rules_left_over" in families
     assert "dnsproxy_node_addresses_readded" in families
 
 
@@ -685,7 +816,7 @@ def test_no_node_section_means_no_node_role() -> None:
 
 def test_node_section_every_key() -> None:
     config = parse(
-        "listen: ['169.254.20.10:53', '0.0.0.0:53']\n"
+        "listen: ['169.254.20.10:53', '169.254.30.10:53']\n"
         "shutdown: {lameduck_s: 2.5}\n"
         "node:\n"
         "  local_ips: ['169.254.20.10', '169.254.30.10']\n"
@@ -694,7 +825,9 @@ def test_node_section_every_key() -> None:
         "  rules: NFTables\n"
         "  sync_interval_s: 1.5\n"
         "  teardown: false\n"
-        "  health_port: null\n" + ZONES
+        "  health_port: null\n"
+        "  fallback: true\n"
+        "  fallback_ip: '${UP}'\n" + ZONES
     )
     assert config.node == NodeConfig(
         local_ips=(IP4, "169.254.30.10"),
@@ -704,8 +837,42 @@ def test_node_section_every_key() -> None:
         sync_interval_s=1.5,
         teardown=False,
         health_port=None,
+        fallback=True,
+        fallback_ip="169.254.0.10",
     )
     assert config.shutdown_lameduck_s == 2.5
+    # Without the fail-safe, a wildcard listener may serve a local IP.
+    config = parse(
+        "listen: ['0.0.0.0:53']\nnode: {local_ips: ['169.254.20.10'], fallback: false}\n" + ZONES
+    )
+    assert config.node == NodeConfig(local_ips=(IP4,), fallback=False)
+
+
+def test_fallback_problems_name_the_key_and_the_fix() -> None:
+    found = problems(
+        "listen: ['169.254.20.10:53', '0.0.0.0:53']\n"
+        "node: {local_ips: ['169.254.20.10', '169.254.30.10'], fallback_ip: '169.254.20.10'}\n"
+        + ZONES
+    )
+    assert found == [
+        "node.fallback: 169.254.30.10 is served only by a wildcard listener; the fail-safe "
+        "rules need a socket bound to the address: add 169.254.30.10:53 to listen (or set "
+        "fallback: false)",
+        "node.fallback_ip: 169.254.20.10 is a local IP: queries would come back here (use the "
+        "kube-dns-upstream ClusterIP)",
+    ]
+    listen = "listen: ['169.254.20.10:53']\n"
+    for node, problem in [
+        ("{fallback_ip: kube-dns}", "'kube-dns' is not an IP address"),
+        ("{fallback_ip: '2001:db8::53'}", "no local IP is IPv6 like 2001:db8::53"),
+        ("{fallback_ip: '169.254.0.10', fallback: false}", "needs fallback: true"),
+        ("{fallback_ip: '0.0.0.0'}", "0.0.0.0 cannot take DNS queries (use a unicast IP)"),
+        ("{fallback_ip: '${NOPE}'}", "environment variable NOPE is not set"),
+    ]:
+        assert problems(f"{listen}node: {node}\n" + ZONES) == [f"node.fallback_ip: {problem}"]
+    assert problems(f"{listen}node: {{fallback: maybe}}\n" + ZONES) == [
+        "node.fallback: must be true or false (got 'maybe')"
+    ]
 
 
 def test_node_section_problems_all_reported_with_key_paths() -> None:
@@ -797,7 +964,9 @@ def test_shipped_nodelocal_config() -> None:
     assert str(config.http_listen) == "0.0.0.0:9253"
     assert str(config.health_listen) == "169.254.20.10:8080"
     assert config.allow == ()
-    assert config.node == NodeConfig(local_ips=("169.254.20.10",), health_port=8080)
+    assert config.node == NodeConfig(
+        local_ips=("169.254.20.10",), health_port=8080, fallback_ip="169.254.0.10"
+    )
     assert config.shutdown_lameduck_s == 5.0
     zones = {z.zone: z for z in config.zones}
     assert list(zones) == ["cluster.local.", "in-addr.arpa.", "ip6.arpa.", "."]
@@ -880,8 +1049,8 @@ def test_node_setup_dry_run_nftables_via_flag(
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[1] == "nft -f - <<'EOF'"
-    assert nft_ruleset(build_rules([IP4, IP6], 8080)) in out
+    assert out.splitlines()[2] == "nft -f - <<'EOF'"
+    assert nft_ruleset(build_rules([IP4, IP6], 8080, when_bound=True)) in out
     assert out.endswith("}\nEOF\n")
 
 

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -34,8 +35,11 @@ from netns import (
     LOCAL_IP6,
     NODE_POD_IP,
     NODE_POD_IP6,
+    POD_IP,
     SBIN_PATH,
     UPSTREAM_IP,
+    NetNs,
+    PodLoad,
     Topology,
     tool,
     topology,
@@ -51,6 +55,7 @@ METRICS_URL = "http://127.0.0.1:9253"
 START_TIMEOUT_S = 15.0
 EXIT_TIMEOUT_S = 15.0
 RULES_PER_IP = 10  # port 53; the health port adds 2 when health_listen is set
+FALLBACK_RULES_PER_IP = 4  # with fallback_ip: a rewrite and a nat rule, for UDP and TCP
 
 BACKENDS = ["iptables", "nftables"]
 
@@ -72,11 +77,21 @@ def topo() -> Iterator[Topology]:
 
 
 class Upstream:
-    def __init__(self, topo: Topology, tmp_path: Path) -> None:
+    """dnsmasq as CoreDNS on ``address`` in ``ns`` (the upstream namespace by default)."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        tmp_path: Path,
+        ns: NetNs | None = None,
+        address: str = UPSTREAM_IP,
+        example_ip: str = EXTERNAL_IP,
+    ) -> None:
         binary = tool("dnsmasq", "dnsmasq-base")
         self.topo = topo
-        self.log_path = tmp_path / "dnsmasq.log"
-        ns = topo.upstream
+        self.log_path = tmp_path / f"dnsmasq-{address}.log"
+        ns = ns or topo.upstream
+        self.ns = ns
         for proto in ("udp", "tcp"):
             ns.run("iptables", "-w", "5", "-A", "INPUT", "-p", proto, "--dport", "53",
                    "-j", "ACCEPT")  # fmt: skip
@@ -88,17 +103,17 @@ class Upstream:
             "--keep-in-foreground",
             "--user=root",
             "--conf-file=/dev/null",
-            f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+            f"--pid-file={tmp_path / f'dnsmasq-{address}.pid'}",
             "--no-resolv",
             "--no-hosts",
             "--port=53",
-            f"--listen-address={UPSTREAM_IP}",
+            f"--listen-address={address}",
             "--bind-interfaces",
             "--log-queries",
             "--log-facility=-",
             "--local-ttl=60",  # dnsmasq's own answers have TTL 0 otherwise: never cached
             f"--address=/kubernetes.default.svc.cluster.local/{KUBERNETES_IP}",
-            f"--address=/example.test/{EXTERNAL_IP}",
+            f"--address=/example.test/{example_ip}",
             f"--address=/example.test/{EXTERNAL_IP6}",
             # Every other name in these zones is NXDOMAIN, as CoreDNS answers for a search
             # suffix that does not exist (REFUSED would stop glibc's search list).
@@ -114,7 +129,7 @@ class Upstream:
             if self.proc.poll() is not None:
                 raise AssertionError(f"dnsmasq exited:\n{self.log}")
             try:
-                topo.node.call(lambda: dns.query.tcp(query, UPSTREAM_IP, timeout=0.5))
+                topo.node.call(lambda: dns.query.tcp(query, address, timeout=0.5))
             except (OSError, dns.exception.DNSException):
                 return False
             return True
@@ -127,7 +142,7 @@ class Upstream:
 
     def packets(self) -> dict[str, int]:
         """Packets received on port 53 since the last :meth:`zero`, by protocol."""
-        out = self.topo.upstream.run("iptables", "-w", "5", "-L", "INPUT", "-n", "-v", "-x").stdout
+        out = self.ns.run("iptables", "-w", "5", "-L", "INPUT", "-n", "-v", "-x").stdout
         counts = {"udp": 0, "tcp": 0}
         names = {"udp": "udp", "17": "udp", "tcp": "tcp", "6": "tcp"}  # -n prints numbers
         for line in out.splitlines():
@@ -137,7 +152,7 @@ class Upstream:
         return counts
 
     def zero(self) -> None:
-        self.topo.upstream.run("iptables", "-w", "5", "-Z", "INPUT")
+        self.ns.run("iptables", "-w", "5", "-Z", "INPUT")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -172,9 +187,10 @@ class Proxy:
         *args: str,
         env: dict[str, str] | None = None,
         path_prefix: str | None = None,
+        name: str = "dnsproxy",
     ) -> None:
         self.topo = topo
-        self.stderr_path = tmp_path / "dnsproxy.stderr"
+        self.stderr_path = tmp_path / f"{name}.stderr"
         self._stderr = self.stderr_path.open("wb")
         full_env = {**os.environ, "PATH": SBIN_PATH, **(env or {})}
         if path_prefix is not None:
@@ -246,8 +262,9 @@ def proxy(
     *args: str,
     env: dict[str, str] | None = None,
     path_prefix: str | None = None,
+    name: str = "dnsproxy",
 ) -> Iterator[Proxy]:
-    p = Proxy(topo, tmp_path, *args, env=env, path_prefix=path_prefix)
+    p = Proxy(topo, tmp_path, *args, env=env, path_prefix=path_prefix, name=name)
     try:
         yield p
     finally:
@@ -263,6 +280,7 @@ def write_config(
     teardown: bool = True,
     lameduck_s: float = 0,
     health: bool = False,
+    fallback_ip: str | None = None,
 ) -> str:
     """A node config forwarding every zone to the upstream over TCP."""
     doc = {
@@ -279,7 +297,12 @@ def write_config(
             {"zone": ".", "upstreams": [UPSTREAM_IP]},
         ],
         "shutdown": {"grace_s": 1, "lameduck_s": lameduck_s},
-        "node": {"rules": backend, "sync_interval_s": sync_s, "teardown": teardown},
+        "node": {
+            "rules": backend,
+            "sync_interval_s": sync_s,
+            "teardown": teardown,
+            "fallback_ip": fallback_ip,
+        },
     }
     path = tmp_path / "node.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
@@ -355,7 +378,9 @@ def test_glibc_pod_resolves_through_the_shipped_config_without_conntrack(
     args = ("--config", str(NODELOCAL), "--rules", backend, "--lameduck", "0")
     with proxy(topo, tmp_path, *args, env=env) as p:
         p.wait_ready()
-        assert len(our_rules(topo)) == RULES_PER_IP + 2  # with the health port 8080
+        # With the health port 8080, and the fallback of fallback_ip (nftables only).
+        fallback = FALLBACK_RULES_PER_IP if backend == "nftables" else 0
+        assert len(our_rules(topo)) == RULES_PER_IP + 2 + fallback
         device = local_addresses(topo).get(LOCAL_IP)
         assert device in ("nodelocaldns", "lo")
         if device == "lo":  # this kernel has no dummy links: the fallback, and it says so
@@ -435,12 +460,14 @@ def test_teardown_off_leaves_rules_and_addresses(
     # (the namespace's deletion removes them)
 
 
+BOUND_UDP_SPEC = ("-p", "udp", "-d", LOCAL_IP, "--dport", "53", "-m", "socket", "--nowildcard")
+
+
 def _delete_one_rule(topo: Topology, backend: str) -> str:
-    comment = f"dnsproxy: notrack queries to {LOCAL_IP} udp/53"
+    comment = f"dnsproxy: notrack queries to {LOCAL_IP} udp/53 while bound"
     if backend == "iptables":
-        topo.node.run("iptables", "-w", "5", "-t", "raw", "-D", "PREROUTING", "-p", "udp",
-                      "-d", LOCAL_IP, "--dport", "53", "-m", "comment", "--comment", comment,
-                      "-j", "NOTRACK")  # fmt: skip
+        topo.node.run("iptables", "-w", "5", "-t", "raw", "-D", "PREROUTING", *BOUND_UDP_SPEC,
+                      "-m", "comment", "--comment", comment, "-j", "NOTRACK")  # fmt: skip
     else:
         listing = topo.node.run("nft", "-a", "list", "table", "inet", "dnsproxy").stdout
         handle = re.search(rf'comment "{re.escape(comment)}" # handle (\d+)', listing)
@@ -473,9 +500,9 @@ def test_sync_adds_back_what_was_deleted_and_never_duplicates(
 
         if backend == "iptables":
             # A copy added by someone else is removed again.
-            topo.node.run("iptables", "-w", "5", "-t", "raw", "-A", "PREROUTING", "-p", "udp",
-                          "-d", LOCAL_IP, "--dport", "53", "-m", "comment", "--comment",
-                          comment, "-j", "NOTRACK")  # fmt: skip
+            topo.node.run("iptables", "-w", "5", "-t", "raw", "-A", "PREROUTING",
+                          *BOUND_UDP_SPEC, "-m", "comment", "--comment", comment,
+                          "-j", "NOTRACK")  # fmt: skip
             assert our_rules(topo).count(comment) == 2
         syncs = p.metric("dnsproxy_node_syncs_total")
         wait_for(
@@ -575,3 +602,228 @@ def test_ipv6_local_address_serves_glibc_in_the_same_process(
     assert our_rules(topo) == []
     addresses = local_addresses(topo)
     assert LOCAL_IP6 not in addresses and LOCAL_IP not in addresses
+
+
+# -- the fail-safe: what pods see when dnsproxy dies without teardown
+
+PINNED_PORT = 20053  # a pod's UDP flow from one source port, as a long-lived stub keeps it
+IPVS_IP = "169.254.40.10"  # a ClusterIP as IPVS makes it: an address of the node itself
+IPVS_EXAMPLE_IP = "169.254.100.4"  # what the CoreDNS behind it answers for example.test
+
+# (backend, mode): the modes where a fallback applies. Link-local with iptables has none
+# (test_iptables_link_local_ip_has_no_fallback_and_says_so).
+FAILSAFE_CASES = [
+    ("iptables", "transparent"),
+    ("nftables", "transparent"),
+    ("nftables", "link-local"),
+]
+
+
+def failsafe_setup(
+    topo: Topology, tmp_path: Path, backend: str, mode: str, *, teardown: bool = True
+) -> tuple[str, str]:
+    """(the pod's nameserver, the config file) for ``mode``.
+
+    Transparent: the pod asks the ClusterIP, which is also a local IP; no fallback_ip, so
+    the fallback is kube-proxy's own DNAT. Link-local: the pod asks 169.254.20.10, whose
+    fallback_ip is the ClusterIP (standing in for kube-dns-upstream's), which kube-proxy
+    (iptables mode) translates.
+    """
+    if backend == "nftables":
+        tool("nft", "nftables")
+    tool("conntrack", "conntrack")
+    transparent = mode == "transparent"
+    server = CLUSTER_IP if transparent else LOCAL_IP
+    topo.set_pod_nameserver(server)
+    listen = [f"{LOCAL_IP}:53", *([f"{CLUSTER_IP}:53"] if transparent else [])]
+    fallback_ip = None if transparent else CLUSTER_IP
+    config = write_config(tmp_path, backend, listen=listen, fallback_ip=fallback_ip,
+                          teardown=teardown)  # fmt: skip
+    return server, config
+
+
+def start_load(topo: Topology, tmp_path: Path, server: str) -> PodLoad:
+    return PodLoad(
+        topo,
+        tmp_path,
+        server=server,
+        glibc_name="kubernetes.default",  # through the search list, as pods ask
+        name="kubernetes.default.svc.cluster.local.",
+        expect=KUBERNETES_IP,
+    )
+
+
+def ask_from(topo: Topology, server: str, port: int) -> str:
+    """A query from the pod's fixed source ``port``: one UDP flow for conntrack."""
+    query = dns.message.make_query("example.test.", "A")
+    reply = topo.pod.call(
+        lambda: dns.query.udp(query, server, timeout=2, source=POD_IP, source_port=port)
+    )
+    return str(reply.answer[0][0]) if reply.answer else ""
+
+
+def flow_entries(topo: Topology, sport: int) -> list[str]:
+    out = topo.node.run("conntrack", "-L", "-p", "udp", "--sport", str(sport), check=False)
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def node_answer(topo: Topology, server: str) -> str | None:
+    """A query sent by the node itself (as a hostNetwork pod's), or None without an answer."""
+    query = dns.message.make_query("example.test.", "A")
+    try:
+        reply = topo.node.call(lambda: dns.query.udp(query, server, timeout=1.5))
+    except (OSError, dns.exception.DNSException):
+        return None
+    return str(reply.answer[0][0]) if reply.answer else ""
+
+
+def assert_no_failed_query(what: str, result: dict[str, Any]) -> None:
+    """Print the figures (pytest -s shows them), then check that no client gave up."""
+    clients = ("glibc", "dnspython")
+    line = f"{what}: " + "; ".join(
+        f"{c}: {result[c]['ok']} answered, {result[c]['failed']} failed, longest gap "
+        f"{result[c]['longest_gap_s'] * 1000:.0f} ms"
+        for c in clients
+    )
+    print(line)
+    assert all(result[c]["failed"] == 0 for c in clients), (line, result)
+
+
+@pytest.mark.parametrize(("rules", "mode"), FAILSAFE_CASES)
+def test_kill_9_under_load_falls_back_to_coredns_then_the_next_instance_takes_over(
+    topo: Topology, upstream: Upstream, tmp_path: Path, rules: str, mode: str
+) -> None:
+    server, config = failsafe_setup(topo, tmp_path, rules, mode)
+    with proxy(topo, tmp_path, "--config", config, name="first") as first:
+        first.wait_ready()
+        installed = len(our_rules(topo))
+        assert first.metric("dnsproxy_node_rules_left_over") == 0
+        assert "no rules of a previous instance found" in first.stderr
+        upstream.zero()
+        load = start_load(topo, tmp_path, server)
+        try:
+            load.wait_answered(30, START_TIMEOUT_S, "while dnsproxy runs")
+            # Alive: every query went through the proxy, none through conntrack.
+            assert upstream.packets()["udp"] == 0
+            assert conntrack_entries(topo, "ipv4", server) == []
+            assert node_answer(topo, server) == EXTERNAL_IP  # the node's own query too
+
+            first.proc.kill()  # SIGKILL: no teardown, as an OOM kill
+            first.proc.wait(timeout=EXIT_TIMEOUT_S)
+            load.wait_answered(50, 30.0, "after kill -9")
+            # CoreDNS answered the pods directly, through kube-proxy's DNAT.
+            assert upstream.packets()["udp"] > 0
+            assert len(our_rules(topo)) == installed  # the rules and address stayed
+            assert server in local_addresses(topo)
+            # The limit: the node's own queries cannot be made conditional (OUTPUT).
+            assert node_answer(topo, server) is None
+            # A flow answered by CoreDNS leaves a conntrack entry behind.
+            assert ask_from(topo, server, PINNED_PORT) == EXTERNAL_IP
+            assert flow_entries(topo, PINNED_PORT)
+
+            with proxy(topo, tmp_path, "--config", config, name="second") as second:
+                second.wait_ready()
+                assert second.metric("dnsproxy_node_rules_left_over") == installed
+                assert f"{installed} of our rules were in place at start" in second.stderr
+                assert len(our_rules(topo)) == installed  # adopted, not duplicated
+                before = second.metric('dnsproxy_requests_total{proto="udp"}')
+                upstream.zero()
+                load.wait_answered(50, 30.0, "after the restart")
+                # The pinned flow moves back too: NOTRACK comes before conntrack's lookup,
+                # so the entry made during the fallback does not matter (no flush needed).
+                assert flow_entries(topo, PINNED_PORT)
+                assert ask_from(topo, server, PINNED_PORT) == EXTERNAL_IP
+                assert upstream.packets()["udp"] == 0
+                assert second.metric('dnsproxy_requests_total{proto="udp"}') > before + 50
+                assert node_answer(topo, server) == EXTERNAL_IP
+                result = load.stop()
+                stop(second)
+        finally:
+            load.close()
+    assert_no_failed_query(f"kill -9 then restart, {rules}, {mode}", result)
+    assert our_rules(topo) == []
+
+
+@pytest.mark.parametrize(
+    ("rules", "mode", "teardown"),
+    [
+        ("iptables", "transparent", True),
+        ("nftables", "transparent", True),
+        ("nftables", "link-local", False),
+    ],
+)
+def test_sigterm_then_start_restart_loses_no_query(
+    topo: Topology, upstream: Upstream, tmp_path: Path, rules: str, mode: str, teardown: bool
+) -> None:
+    """No handover: the old instance stops, the new one starts; CoreDNS answers the gap."""
+    server, config = failsafe_setup(topo, tmp_path, rules, mode, teardown=teardown)
+    with proxy(topo, tmp_path, "--config", config, name="first") as first:
+        first.wait_ready()
+        load = start_load(topo, tmp_path, server)
+        try:
+            load.wait_answered(30, START_TIMEOUT_S, "while dnsproxy runs")
+            upstream.zero()
+            stop(first)
+            # No instance runs: CoreDNS answers the pods.
+            load.wait_answered(20, 30.0, "while no instance runs")
+            assert upstream.packets()["udp"] > 0
+            # The node's own queries: through kube-proxy once the rules are gone, unanswered
+            # while the unconditional OUTPUT rule stays (teardown off).
+            assert node_answer(topo, server) == (EXTERNAL_IP if teardown else None)
+            with proxy(topo, tmp_path, "--config", config, name="second") as second:
+                second.wait_ready()
+                load.wait_answered(50, 30.0, "after the restart")
+                result = load.stop()
+                stop(second)
+        finally:
+            load.close()
+    assert_no_failed_query(f"SIGTERM then start, {rules}, {mode}, teardown {teardown}", result)
+
+
+@pytest.mark.parametrize("target", ["endpoint", "local address"])
+def test_link_local_fallback_to_an_address_kube_proxy_does_not_translate(
+    topo: Topology, upstream: Upstream, tmp_path: Path, target: str
+) -> None:
+    """fallback_ip need not be a ClusterIP kube-proxy DNATs: an endpoint, or an address of
+    the node itself as IPVS makes every ClusterIP (this kernel may lack IPVS: a dnsmasq
+    bound to such an address stands in for the virtual server)."""
+    tool("nft", "nftables")
+    tool("getent", "libc-bin")
+    topo.set_pod_nameserver(LOCAL_IP)
+    expected = EXTERNAL_IP
+    local: Upstream | None = None
+    if target == "local address":
+        topo.node.run("ip", "addr", "add", f"{IPVS_IP}/32", "dev", "lo")
+        local = Upstream(topo, tmp_path, topo.node, IPVS_IP, example_ip=IPVS_EXAMPLE_IP)
+        expected = IPVS_EXAMPLE_IP
+    try:
+        fallback_ip = UPSTREAM_IP if local is None else IPVS_IP
+        config = write_config(tmp_path, "nftables", listen=[f"{LOCAL_IP}:53"],
+                              fallback_ip=fallback_ip)  # fmt: skip
+        with proxy(topo, tmp_path, "--config", config) as p:
+            p.wait_ready()
+            assert ask(topo, LOCAL_IP) == EXTERNAL_IP
+            p.proc.kill()
+            p.proc.wait(timeout=EXIT_TIMEOUT_S)
+        assert ask(topo, LOCAL_IP) == expected
+        assert expected in getent(topo, "example.test")
+    finally:
+        if local is not None:
+            local.close()
+
+
+def test_iptables_link_local_ip_has_no_fallback_and_says_so(
+    topo: Topology, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The documented limit: iptables cannot rewrite before kube-proxy's DNAT."""
+    config = write_config(tmp_path, "iptables", listen=[f"{LOCAL_IP}:53"],
+                          fallback_ip=CLUSTER_IP)  # fmt: skip
+    with proxy(topo, tmp_path, "--config", config) as p:
+        p.wait_ready()
+        assert "the iptables backend cannot rewrite" in p.stderr
+        assert len(our_rules(topo)) == RULES_PER_IP
+        assert ask(topo, LOCAL_IP) == EXTERNAL_IP
+        p.proc.kill()
+        p.proc.wait(timeout=EXIT_TIMEOUT_S)
+    with pytest.raises(dns.exception.Timeout):
+        ask(topo, LOCAL_IP)

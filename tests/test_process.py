@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
 EXIT_TIMEOUT_S = 10.0
+
+_serial = itertools.count()
 
 RECORDS: dict[tuple[str, str], list[str]] = {
     ("www.example.", "A"): ["169.254.1.1"],
@@ -82,9 +85,17 @@ def metric_value(text: str, sample: str) -> float:
 class DnsProxyProcess:
     """``python -m dnsproxy`` on free loopback ports; stderr goes to a file for inspection."""
 
-    def __init__(self, tmp_path: Path, *args: str, loop: str | None = None) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: str,
+        loop: str | None = None,
+        port: int | None = None,
+        http_port: int | None = None,
+    ) -> None:
+        # Given ports: a successor of a running instance, which takes over its sockets.
+        self.port = port or free_port()
+        self.http_port = http_port or free_port()
         cmd = [
             *(sys.executable, "-m", "dnsproxy", "--log-level", "info"),
             *("--listen", f"{HOST}:{self.port}", "--http-listen", f"{HOST}:{self.http_port}"),
@@ -93,7 +104,7 @@ class DnsProxyProcess:
         env = dict(os.environ)
         if loop is not None:
             env["DNSPROXY_LOOP"] = loop
-        self.stderr_path = tmp_path / f"dnsproxy-{self.port}.stderr"
+        self.stderr_path = tmp_path / f"dnsproxy-{self.port}-{next(_serial)}.stderr"
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
             cmd,

@@ -16,6 +16,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import pytest
+from conftest import wait_for
 from fakeupstream import (
     Action,
     Close,
@@ -81,14 +82,6 @@ def first_then_zone(first: Action) -> SyncHandler:
         return first if calls == 1 else base(msg, transport)
 
     return handler
-
-
-async def wait_for(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
 
 
 @pytest.fixture
@@ -432,7 +425,7 @@ async def test_frame_parser_any_chunking(make: MakeUpstream) -> None:
             assert await wait_for(lambda: len(server.queries) == sent)  # noqa: B023
             conn = up._active[0]
             stream = b""
-            for qid, entry in list(conn.pending.items()):
+            for qid, entry in list(conn.pipeline.pending.items()):
                 name, _ = dns.name.from_wire(entry.question, 0)
                 msg = dns.message.make_query(name, "A")
                 msg.id = qid

@@ -1,0 +1,142 @@
+"""The configuration as frozen dataclasses: what every component is built from.
+
+No I/O and no YAML: ``cache``, ``forwarder``, ``upstream``, ``server`` and ``node`` import
+these types without pulling in the loader. ``config_schema`` validates a document into them
+(its table says which key fills which field, and takes each default from here);
+``config`` reads the files. Units are in the names (``_s`` seconds).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+Transport = Literal["tcp", "udp"]
+Policy = Literal["sequential", "random", "round_robin"]
+RulesBackend = Literal["iptables", "nftables", "auto", "none"]
+WhenReplaced = Literal["exit", "wait"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str  # an IP address literal, without brackets
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    transport: Transport
+    host: str  # an IP address literal, without brackets
+    port: int = 53
+
+    @property
+    def label(self) -> str:
+        return f"{self.transport}://{HostPort(self.host, self.port)}"
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    min_ttl_s: int = 0
+    max_ttl_s: int = 86400
+    denial_max_ttl_s: int = 1800
+    servfail_ttl_s: int = 5  # 0 disables SERVFAIL caching; at most 300 (RFC 2308 §7.1)
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneConfig:
+    zone: str  # lowercase, absolute with trailing dot; "." is the root
+    upstreams: tuple[UpstreamConfig, ...]
+    policy: Policy = "sequential"
+    try_timeout_s: float = 1.0  # one attempt at one upstream server
+    deadline_s: float = 2.0  # whole query, all attempts; then SERVFAIL
+    cache: CachePolicy = field(default_factory=CachePolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPoolConfig:
+    tcp_connections: int = 2  # persistent connections per upstream server
+    max_inflight_per_connection: int = 100  # pipelined queries on one connection
+    connect_timeout_s: float = 1.0
+    connection_max_age_s: float = 30.0  # rotate so traffic spreads over the pods
+    idle_timeout_s: float = 30.0  # close a connection unused this long
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_tcp_clients: int = 1024
+    tcp_idle_timeout_s: float = 10.0
+    max_pipelined_per_client: int = 100
+    max_inflight: int = 10000  # distinct queries waiting for an upstream
+    max_waiters_per_query: int = 1000  # clients coalesced onto one upstream query
+    udp_payload_size: int = 1232  # largest UDP reply we send and advertise to clients
+    max_tcp_clients_per_source: int = 256  # so that one address cannot take every slot
+    # Receive buffer of each UDP listener, bytes (0: the kernel's default). 4 MiB holds
+    # about 10,000 queued queries: a burst of a tenth of a second at full speed.
+    udp_rcvbuf: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"  # debug, info, warning, error
+    format: Literal["text", "json"] = "text"
+    queries: bool = False  # one line per query (off the hot path only when off)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """The NodeLocal DNSCache role: local addresses on an interface, NOTRACK/ACCEPT rules."""
+
+    local_ips: tuple[str, ...]  # IP literals, IPv4 and IPv6 mixed; each served on port 53
+    interface: str = "nodelocaldns"  # created as a dummy link; "lo" when dummy is missing
+    setup_interface: bool = True  # False: something else puts the addresses in place
+    rules: RulesBackend = "auto"
+    sync_interval_s: float = 60.0  # verify and re-add addresses and rules this often
+    teardown: bool = True  # remove rules and addresses at exit
+    health_port: int | None = None  # TCP port the health rules cover; None: no such rules
+    # Fail-safe: NOTRACK a query only while a socket is bound to its local IP, so that a
+    # killed proxy's rules stop applying and a ClusterIP falls back to kube-proxy's DNAT.
+    fallback: bool = True
+    # Where queries to the local IPs of its family go while no socket holds them (the
+    # kube-dns-upstream ClusterIP); None: no such rules. nftables backend only.
+    fallback_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverConfig:
+    """Zero-loss replacement of a running instance through a Unix socket (dnsproxy.handover)."""
+
+    path: str | None = None  # the Unix socket; None: no handover, bind as usual
+    timeout_s: float = 3.0  # wait for each message of the other instance at most this long
+    cache: bool = True  # the cache travels too (a bounded snapshot)
+    # What a replaced instance does once its in-flight queries are answered: exit, or wait
+    # for its SIGTERM without serving (a container that exits by itself is restarted).
+    when_replaced: WhenReplaced = "exit"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[HostPort, ...]
+    zones: tuple[ZoneConfig, ...]
+    http_listen: HostPort | None = None
+    # A second endpoint with the same paths, for a liveness probe on the link-local
+    # address while metrics stay on http_listen (NodeLocal: :8080 health, :9253 metrics).
+    health_listen: HostPort | None = None
+    allow: tuple[IPNetwork, ...] = ()  # empty means every source is allowed
+    cache_max_entries: int = 10000
+    cache: CachePolicy = field(default_factory=CachePolicy)
+    upstream: UpstreamPoolConfig = field(default_factory=UpstreamPoolConfig)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown_grace_s: float = 5.0  # bound on finishing in-flight queries at exit
+    # After SIGTERM, /ready is 503 but queries are still served for this long.
+    shutdown_lameduck_s: float = 0.0
+    node: NodeConfig | None = None
+    handover: HandoverConfig = field(default_factory=HandoverConfig)
+    # Poll the config file this often and reload when it changed; 0 disables the watch.
+    reload_watch_interval_s: float = 5.0

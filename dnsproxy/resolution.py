@@ -1,0 +1,273 @@
+"""Sans-IO resolution of a cache miss: which server to ask, for how long, what came back.
+
+- :class:`ServerState`: one upstream server as the resolutions see it — consecutive
+  failures, marked down after :data:`MAX_FAILS`, the probe schedule while down (each probe
+  is a "please send this" output of :meth:`ServerState.handle_timer`), reply latency.
+- :class:`Zone`: the servers of one zone in the order its policy asks for, healthy first.
+- :class:`Resolution`: the tries of one question — every server once and at least two
+  tries in all, each bounded by the zone's ``try_timeout_s`` and all by its
+  ``deadline_s`` — and the entry it ends with.
+
+Nothing here reads a clock, sleeps or touches a socket: ``now`` comes in, and what to send
+and when a timer is due go out. The forwarder (``forwarder.py``) is the asyncio adapter:
+it coalesces identical questions, hands each try to an upstream, feeds the outcome back,
+and sends the probes. The per-try deadline is enforced by the upstream connection's
+own timer (one per connection), so a try costs no timer of its own here.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_left
+from typing import Generic, TypeVar
+
+from dnsproxy import wire
+from dnsproxy.cache import Entry, make_entry, servfail_entry
+from dnsproxy.config_types import ZoneConfig
+from dnsproxy.framing import NEVER
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_FAILS",
+    "PROBE_INTERVAL_S",
+    "PROBE_QUERY",
+    "PROBE_TIMEOUT_S",
+    "LatencyHistogram",
+    "Resolution",
+    "ServerState",
+    "Zone",
+]
+
+# A server that failed this many times in a row is marked down: tried only after the
+# healthy ones, and probed with ". IN NS" every PROBE_INTERVAL_S until it answers.
+MAX_FAILS = 2
+PROBE_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 1.0
+PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
+
+# Upstream rcodes that mean "this server could not answer": try the next one, and if
+# none does better, the client gets SERVFAIL (never a FORMERR for its valid query).
+TRY_NEXT_RCODES = frozenset((wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED))
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class LatencyHistogram:
+    """Upstream reply latency in buckets: plain ints, exported at scrape time.
+
+    prometheus_client's Histogram takes a lock and does several calls per observation;
+    this one is only touched from the event loop thread, so a list of ints will do.
+    """
+
+    __slots__ = ("counts", "total_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total_s += seconds
+
+
+class ServerState:
+    """Health and latency of one upstream server, shared by every zone that uses it.
+
+    Down after :data:`MAX_FAILS` failures in a row; any well-formed reply to a real query
+    resets the count. While down it is probed: :meth:`timer` says when the next probe is
+    due, :meth:`handle_timer` hands out the probe query to send (with
+    :data:`PROBE_TIMEOUT_S`), and :meth:`probed` takes its outcome.
+    """
+
+    __slots__ = ("fails", "label", "latency", "probe_at", "probe_failures", "probing")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.fails = 0
+        self.latency = LatencyHistogram()
+        self.probe_at = NEVER  # when the next probe is due
+        self.probing = False  # a probe is out
+        self.probe_failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self.fails < MAX_FAILS
+
+    def failed(self, now: float) -> bool:
+        """A try at this server failed (no reply, or a malformed one).
+
+        True when this marks the server down: probing starts, and :meth:`timer` is due.
+        """
+        self.fails += 1
+        if self.fails >= MAX_FAILS and self.probe_at == NEVER and not self.probing:
+            self.probe_at = now
+            return True
+        return False
+
+    def timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due, or None."""
+        return None if self.probe_at == NEVER else self.probe_at
+
+    def handle_timer(self, now: float) -> bytes | None:
+        """The probe to send now, or None (not due, or the server is up again)."""
+        if now < self.probe_at:
+            return None
+        self.probe_at = NEVER
+        if self.up:
+            return None
+        self.probing = True
+        return PROBE_QUERY
+
+    def probed(self, reply: bytes | None, now: float) -> bool:
+        """The outcome of the probe sent (``None``: no valid reply). True: up again."""
+        self.probing = False
+        ok = False
+        if reply is not None:
+            try:
+                ok = wire.inspect_response(reply).rcode not in TRY_NEXT_RCODES
+            except wire.WireError:
+                pass
+        if ok:
+            was_down = not self.up
+            self.fails = 0
+            return was_down
+        self.probe_failures += 1
+        if not self.up:
+            self.probe_at = now + PROBE_INTERVAL_S
+        return False
+
+
+S = TypeVar("S", bound=ServerState)
+
+
+class Zone(Generic[S]):
+    """A configured zone and its servers; :meth:`order` applies the policy.
+
+    ``rng`` draws the order of the ``random`` policy (tests seed it).
+    """
+
+    __slots__ = ("config", "next_index", "rng", "servers")
+
+    def __init__(
+        self, config: ZoneConfig, servers: list[S], rng: random.Random | None = None
+    ) -> None:
+        self.config = config
+        self.servers = servers
+        self.next_index = 0
+        self.rng = rng or random.Random()
+
+    def order(self) -> list[S]:
+        """The servers in the order to try them: by policy, and servers that are down last."""
+        servers = self.servers
+        if len(servers) == 1:
+            return servers
+        policy = self.config.policy
+        if policy == "random":
+            servers = self.rng.sample(servers, len(servers))
+        elif policy == "round_robin":
+            i = self.next_index % len(servers)
+            self.next_index = i + 1
+            servers = servers[i:] + servers[:i]
+        if all(s.fails < MAX_FAILS for s in servers):
+            return servers
+        return [s for s in servers if s.up] + [s for s in servers if not s.up]
+
+
+class Resolution(Generic[S]):
+    """The tries of one question at its zone's servers.
+
+    :meth:`next_try` names the server to ask next (and sets ``timeout_s``), or None when
+    tries or time have run out; :meth:`failed` or :meth:`answered` take the outcome of
+    that try; :meth:`failure` is the answer when no server gave a usable one.
+    """
+
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "key",
+        "last",
+        "local_failure",
+        "order",
+        "query",
+        "question",
+        "server",
+        "started",
+        "timeout_s",
+        "zone",
+    )
+
+    def __init__(self, key: bytes, question: bytes, zone: Zone[S], now: float) -> None:
+        self.key = key
+        self.question = question
+        self.zone = zone
+        self.query = wire.upstream_query(key, question)
+        self.order = zone.order()
+        self.attempt = 0
+        self.deadline = now + zone.config.deadline_s
+        self.server: S | None = None
+        self.started = 0.0
+        self.timeout_s = 0.0
+        self.last: wire.ResponseInfo | None = None  # the last SERVFAIL/REFUSED/... reply
+        self.local_failure = False  # a try failed on our side (pool full), not the server
+
+    def next_try(self, now: float) -> S | None:
+        """The server to send :attr:`query` to, with ``timeout_s`` for it; None: done."""
+        order = self.order
+        attempt = self.attempt
+        # Every server once, and at least two tries in all, within the deadline.
+        if attempt < 2 or attempt < len(order):
+            remaining = self.deadline - now
+            if remaining > 0:
+                server = order[attempt % len(order)]
+                self.attempt = attempt + 1
+                self.server = server
+                self.started = now
+                timeout = self.zone.config.try_timeout_s
+                self.timeout_s = timeout if timeout < remaining else remaining
+                return server
+        return None
+
+    def failed(self, local: bool, now: float) -> bool:
+        """The try got no reply. ``local``: the cause was on our side (a full pool), which
+        says nothing about the server. True when this marked the server down."""
+        if local:
+            self.local_failure = True
+            return False
+        server = self.server
+        assert server is not None
+        return server.failed(now)
+
+    def answered(self, reply: bytes, now: float) -> tuple[Entry, bool] | None:
+        """The try got ``reply`` (matched to our question by the upstream).
+
+        The entry to answer with and whether it may be cached, or None to try the next
+        server (an error rcode; kept for :meth:`failure`). Raises :class:`wire.WireError`
+        for a malformed reply, to be taken as a failed try (:meth:`failed`).
+        """
+        server = self.server
+        assert server is not None
+        server.latency.observe(now - self.started)
+        # The upstream checked that the reply's question is ours.
+        info = wire.inspect_response(reply, wire.HEADER_LEN + len(self.question))
+        server.fails = 0
+        if info.rcode in TRY_NEXT_RCODES:
+            # Another server of the group may do better; keep this one as a fallback.
+            self.last = info
+            return None
+        return make_entry(info, self.zone.config.cache, now)
+
+    def failure(self, now: float) -> tuple[Entry, bool]:
+        """The answer when no server gave a usable one: the last SERVFAIL/REFUSED or ours.
+
+        Our own SERVFAIL (an upstream FORMERR/NOTIMP to a valid query is ours to report,
+        not the client's) is cached like an upstream SERVFAIL, so that a dead upstream is
+        not asked again for every retry, unless the cause was local.
+        """
+        policy = self.zone.config.cache
+        last = self.last
+        if last is not None and last.rcode in (wire.SERVFAIL, wire.REFUSED):
+            return make_entry(last, policy, now)
+        cd = wire.key_flags(self.key)[1]
+        body = wire.synth_body(self.question, wire.SERVFAIL, cd)
+        entry = servfail_entry(body, (), (), policy, now)
+        return entry, policy.servfail_ttl_s > 0 and not self.local_failure
