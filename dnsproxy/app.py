@@ -40,12 +40,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dnsproxy import __version__, handover
 from dnsproxy import reload as reloading
 from dnsproxy.cache import Cache
+from dnsproxy.compat import CoreDnsNames
 from dnsproxy.config import ConfigError, Overrides, load_config
 from dnsproxy.config_types import Config, HostPort
 from dnsproxy.forwarder import Forwarder
@@ -91,7 +92,9 @@ class App:
         self.metrics = StatsCollector(
             [BuildInfo(loop_name), self.server, self.cache, self.forwarder, _Lifecycle(self)]
         )
+        self._coredns_names(config)
         self.registry.register(self.metrics)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
@@ -231,6 +234,18 @@ class App:
                 taken.peer,
                 done.get("abandoned", "?"),
             )
+
+    def _coredns_names(self, config: Config) -> None:
+        """Export the CoreDNS names, or stop, as ``metrics.coredns_names`` says."""
+        sources = self.metrics.sources
+        present = [source for source in sources if isinstance(source, CoreDnsNames)]
+        if config.metrics_coredns_names and not present:
+            sources.append(
+                CoreDnsNames(self.server, lambda: (self.cache, self.forwarder), lambda: self.node)
+            )
+        elif not config.metrics_coredns_names:
+            for source in present:
+                sources.remove(source)
 
     def _endpoint(
         self, hp: HostPort | None, paths: str, inherited: Inherited | None = None
@@ -452,6 +467,7 @@ class App:
         sources[sources.index(self.cache)] = cache
         sources[sources.index(self.forwarder)] = forwarder
         self.cache, self.forwarder = cache, forwarder
+        self._coredns_names(new)
         removed = [hp for hp in old.listen if hp not in new.listen]
         close_removed = self.server.remove_listeners(removed)
         for before_ep, after_ep in ((self.http, http), (self.health, health)):
@@ -735,6 +751,10 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        # Structured lines (the per-query log) carry their values as fields of their own.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
         return json.dumps(out, separators=(",", ":"))
 
 

@@ -1186,6 +1186,23 @@ DOCUMENT = Section(
             "Logging to stderr.",
         ),
         Key(
+            "metrics",
+            Section(
+                (
+                    Key(
+                        "coredns_names",
+                        Boolean(),
+                        "Also export the CoreDNS / NodeLocal DNSCache metric names "
+                        "(coredns_dns_requests_total, coredns_cache_hits_total, ...) with "
+                        "their labels, so that dashboards and alerts written for node-cache "
+                        "keep working.",
+                        default=_field_default(Config, "metrics_coredns_names"),
+                    ),
+                )
+            ),
+            "What /metrics exports besides the dnsproxy_* families.",
+        ),
+        Key(
             "shutdown",
             Section(
                 (
@@ -1552,6 +1569,7 @@ def _build(doc: Fields) -> Config:
         node=None if node is None else node.build(),
         handover=v["handover"].build(),
         reload_watch_interval_s=v["reload"].values["watch_interval_s"],
+        metrics_coredns_names=v["metrics"].values["coredns_names"],
     )
 
 

@@ -140,3 +140,6 @@ class Config:
     handover: HandoverConfig = field(default_factory=HandoverConfig)
     # Poll the config file this often and reload when it changed; 0 disables the watch.
     reload_watch_interval_s: float = 5.0
+    # Also export the metric names of CoreDNS and node-cache (coredns_*), so that existing
+    # NodeLocal DNSCache dashboards and alerts keep working.
+    metrics_coredns_names: bool = False

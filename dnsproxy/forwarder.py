@@ -132,6 +132,11 @@ class Forwarder:
             self._zones[wire.name_to_wire(zone.zone)] = Zone(zone, servers)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Question] = {}
+        # The upstream whose reply (or failure) is being delivered, for the query log
+        # lines written inside the deliver callbacks; None outside a delivery. Kept only
+        # when queries are logged.
+        self.answering: str | None = None
+        self._log_queries = config.log.queries
         # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
         # getpid() system call on every use (its fork check), several per miss.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -318,11 +323,16 @@ class Forwarder:
         inflight = self._inflight
         if inflight.get(q.key) is q:
             del inflight[q.key]
+        log_queries = self._log_queries
+        if log_queries:
+            self.answering = q.server.label if q.server is not None else None
         for deliver in q.waiters:
             try:
                 deliver(entry)
             except Exception:
                 log.exception("delivering an answer failed")
+        if log_queries:
+            self.answering = None
 
     # -- health probes
 

@@ -53,21 +53,27 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class LatencyHistogram:
-    """Upstream reply latency in buckets: plain ints, exported at scrape time.
+    """Latency in buckets (upper bounds ``bounds``): plain ints, exported at scrape time.
 
     prometheus_client's Histogram takes a lock and does several calls per observation;
     this one is only touched from the event loop thread, so a list of ints will do.
     """
 
-    __slots__ = ("counts", "total_s")
+    __slots__ = ("bounds", "counts", "total_s")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total_s = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total_s += seconds
+
+    def observe_many(self, seconds: float, n: int) -> None:
+        """Record ``n`` observations of the same duration (one batch of queries)."""
+        self.counts[bisect_left(self.bounds, seconds)] += n
+        self.total_s += seconds * n
 
 
 class ServerState:
@@ -79,12 +85,13 @@ class ServerState:
     :data:`PROBE_TIMEOUT_S`), and :meth:`probed` takes its outcome.
     """
 
-    __slots__ = ("fails", "label", "latency", "probe_at", "probe_failures", "probing")
+    __slots__ = ("fails", "label", "latency", "probe_at", "probe_failures", "probing", "rcodes")
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.fails = 0
         self.latency = LatencyHistogram()
+        self.rcodes = [0] * 16  # well-formed replies by rcode (the header's 4 bits)
         self.probe_at = NEVER  # when the next probe is due
         self.probing = False  # a probe is out
         self.probe_failures = 0
@@ -250,6 +257,7 @@ class Resolution(Generic[S]):
         # The upstream checked that the reply's question is ours.
         info = wire.inspect_response(reply, wire.HEADER_LEN + len(self.question))
         server.fails = 0
+        server.rcodes[info.rcode] += 1
         if info.rcode in TRY_NEXT_RCODES:
             # Another server of the group may do better; keep this one as a fallback.
             self.last = info

@@ -13,20 +13,27 @@ import logging
 import os
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
 from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
-from dnsproxy.metrics import by_reason, qtype_name, rcode_name
+from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
+from dnsproxy.resolution import LatencyHistogram
 
 log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
@@ -38,6 +45,15 @@ _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
+# Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
+# so that quantiles compare with those of coredns_dns_request_duration_seconds.
+REQUEST_DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))
+REQUEST_DURATION_HELP = (
+    "Time from a query's arrival to its answer, seconds. A forwarded query is timed on its "
+    "own; UDP queries answered from the cache in one socket read batch are each recorded "
+    "with the batch's duration, an upper bound on their own (time queued in the socket "
+    "before the batch is not seen)."
+)
 # A TCP frame still incomplete this long after its first byte came is abandoned and the
 # connection closed. A query fits in one segment and RFC 7766 §8 asks clients to write
 # the length and the message together, so only a stalled or hostile client takes
@@ -50,30 +66,45 @@ class ServerStats:
 
     __slots__ = (
         "dropped",
-        "hits",
+        "hits_by_kind",
         "invalid",
         "misses",
-        "qtypes",
         "rcodes",
         "refused_acl",
         "tcp_clients",
+        "tcp_qtypes",
         "tcp_requests",
+        "udp_qtypes",
         "udp_requests",
     )
 
     def __init__(self) -> None:
         self.udp_requests = 0
         self.tcp_requests = 0
-        self.hits = 0
+        # Cache hits by the entry's kind (cache.KIND_NAMES: success, denial, servfail).
+        self.hits_by_kind = [0, 0, 0]
         self.misses = 0
         self.refused_acl = 0
         self.tcp_clients = 0
-        self.qtypes = [0] * 65536
+        # Valid queries by type and transport (one list each, so that the pair per type
+        # is exact for coredns_dns_requests_total{proto,type} at no cost per query).
+        self.udp_qtypes = [0] * 65536
+        self.tcp_qtypes = [0] * 65536
         self.rcodes = [0] * 4096
         # Packets we did not answer, and queries answered with FORMERR/NOTIMP/BADVERS,
         # by reason. Keys come from a fixed set of reasons, so both stay small.
         self.dropped: dict[str, int] = {}
         self.invalid: dict[str, int] = {}
+
+    @property
+    def hits(self) -> int:
+        """Queries answered from the cache."""
+        return sum(self.hits_by_kind)
+
+    @property
+    def qtypes(self) -> list[int]:
+        """Valid queries by type, both transports (a new list, for scrapes)."""
+        return [u + t for u, t in zip(self.udp_qtypes, self.tcp_qtypes, strict=True)]
 
 
 class Acl(dict[str, bool]):
@@ -125,6 +156,10 @@ class _Handler:
         self.max_udp = config.limits.udp_payload_size
         self.opts = wire.client_opts(self.max_udp)
         self.log_queries = config.log.queries
+        # Client-facing request durations. UDP queries answered in a read batch are each
+        # recorded with that batch's duration (see _UdpListener._readable); a forwarded query
+        # with the time from its arrival to its answer.
+        self.durations = LatencyHistogram(REQUEST_DURATION_BUCKETS)
         self.closing = False
         # Validated queries by their bytes after the ID: a repeated query (same name,
         # case, flags and OPT; only the ID differs) skips validation entirely.
@@ -167,13 +202,13 @@ class _Handler:
         peer: Any,
         tcp: bool,
         send: Callable[[bytes, Any], None],
-        deliver: Callable[[Any, bytes, bytes, int, int, Entry], None],
+        deliver: Callable[[Any, bytes, bytes, int, int, float, Entry], None],
     ) -> bool:
         """Answer a query the UDP fast path did not (or a TCP one); True when forwarded.
 
         Validation, ACL, cache lookup, refusals, each answered with ``send(reply, peer)``;
         a miss goes to the forwarder, which calls ``deliver(peer, key, data, qend, edns,
-        entry)`` once with the outcome.
+        started, entry)`` once with the outcome (``started``: when the query arrived).
         """
         stats = self.stats
         if parsed is None:
@@ -189,23 +224,28 @@ class _Handler:
             key, qend, edns, _limit, _hi, _ti, _mode, qtype = parsed
         if tcp:
             stats.tcp_requests += 1
+            stats.tcp_qtypes[qtype] += 1
         else:
             stats.udp_requests += 1
-        stats.qtypes[qtype] += 1
+            stats.udp_qtypes[qtype] += 1
         if self.acl is not None and not self.acl[peer[0]]:
             send(self.refuse(data, qend, edns), peer)
             return False
         now = time.monotonic()
         entry = self.cache.get(key, now)
         if entry is not None:
-            stats.hits += 1
+            stats.hits_by_kind[entry.kind] += 1
             stats.rcodes[entry.rcode] += 1
             limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
             send(entry.answer(data, qend, edns, now, limit, self.opts), peer)
             if parsed is None:
                 self.remember(data, key, qend, edns, qtype)
+            if tcp:
+                # UDP hits are recorded per read batch by the listener.
+                self.durations.observe(time.monotonic() - now)
             if self.log_queries:
-                self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "cache")
+                proto = "tcp" if tcp else "udp"
+                self.log_query(peer, proto, key, entry.rcode, time.monotonic() - now)
             return False
         stats.misses += 1
         if qtype in wire.NOT_FORWARDED:
@@ -215,33 +255,76 @@ class _Handler:
             stats.rcodes[rcode] += 1
             send(wire.error_reply(data, rcode, qend, edns, self.max_udp), peer)
             return False
-        self.forwarder.submit(key, data, qend, partial(deliver, peer, key, data, qend, edns), now)
+        deliver_miss = partial(deliver, peer, key, data, qend, edns, now)
+        self.forwarder.submit(key, data, qend, deliver_miss, now)
         return True
 
     def delivered(
-        self, peer: Any, tcp: bool, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+        self,
+        peer: Any,
+        tcp: bool,
+        key: bytes,
+        data: bytes,
+        qend: int,
+        edns: int,
+        started: float,
+        entry: Entry,
     ) -> bytes:
-        """The reply to a miss whose resolution ended with ``entry``, counted and logged."""
+        """The reply to a miss that arrived at ``started`` and whose resolution ended with
+        ``entry``, counted, timed and logged."""
         self.stats.rcodes[entry.rcode] += 1
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-        reply = entry.answer_once(data, qend, edns, time.monotonic(), limit, self.opts)
+        now = time.monotonic()
+        reply = entry.answer_once(data, qend, edns, now, limit, self.opts)
+        # LatencyHistogram.observe inlined: this runs for every miss.
+        durations = self.durations
+        durations.counts[bisect_left(durations.bounds, now - started)] += 1
+        durations.total_s += now - started
         if self.log_queries:
-            self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "upstream")
+            upstream = self.forwarder.answering
+            proto = "tcp" if tcp else "udp"
+            self.log_query(peer, proto, key, entry.rcode, now - started, upstream, hit=False)
         return reply
 
-    def log_query(self, peer: Any, proto: str, key: bytes, rcode: int, source: str) -> None:
+    def log_query(
+        self,
+        peer: Any,
+        proto: str,
+        key: bytes,
+        rcode: int,
+        duration_s: float,
+        upstream: str | None = None,
+        *,
+        hit: bool = True,
+    ) -> None:
+        """One ``dnsproxy.query`` line: logfmt-like text, and the same as fields
+        (``record.fields``) for the JSON format. ``upstream``: the server that answered a
+        miss (None for a hit, or a miss answered without one, such as a refusal)."""
         try:
             name = wire.read_name(key, 0)
         except wire.WireError:
             name = "?"
+        fields = {
+            "client": peer[0] if isinstance(peer, tuple) else str(peer),
+            "proto": proto,
+            "name": name,
+            "type": qtype_name(wire.key_qtype(key)),
+            "rcode": rcode_name(rcode),
+            "cache": "hit" if hit else "miss",
+            "upstream": upstream,
+            "duration_s": round(duration_s, 6),
+        }
         qlog.info(
-            "%s %s %s type=%d rcode=%d %s",
-            peer[0] if isinstance(peer, tuple) else peer,
+            "client=%s proto=%s name=%s type=%s rcode=%s cache=%s upstream=%s duration_ms=%.3f",
+            fields["client"],
             proto,
             name,
-            wire.key_qtype(key),
-            rcode,
-            source,
+            fields["type"],
+            fields["rcode"],
+            fields["cache"],
+            upstream or "-",
+            duration_s * 1000,
+            extra={"fields": fields},
         )
 
 
@@ -287,16 +370,21 @@ class _UdpListener:
         monotonic = time.monotonic
         join = b"".join
         acl = h.acl
-        qtypes = stats.qtypes
+        qtypes = stats.udp_qtypes
         rcodes = stats.rcodes
+        hits = stats.hits_by_kind
         # One clock read per batch: ages are in whole seconds and a batch takes
         # well under a millisecond.
         now = monotonic()
+        # Queries answered in this batch, not forwarded, go in the duration histogram at
+        # the end, each with the whole batch's duration: an upper bound on its own time in
+        # dnsproxy, for one more clock read per batch instead of two per query.
+        answered = stats.udp_requests - stats.misses
         for _ in range(_UDP_BATCH):
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 # ICMP errors for earlier replies surface here; the socket is fine.
                 _count(stats.dropped, "udp_recv_error")
@@ -311,7 +399,7 @@ class _UdpListener:
                 if entry is not None and entry.expires_at > now and (acl is None or acl[addr[0]]):
                     touch(key)
                     stats.udp_requests += 1
-                    stats.hits += 1
+                    hits[entry.kind] += 1
                     qtypes[qtype] += 1
                     rcodes[entry.rcode] += 1
                     age = int(now - entry.stored_at)
@@ -332,7 +420,7 @@ class _UdpListener:
                     except OSError as exc:
                         self._send_failed(exc)
                     if h.log_queries:
-                        h.log_query(addr, "udp", key, entry.rcode, "cache")
+                        h.log_query(addr, "udp", key, entry.rcode, monotonic() - now)
                     continue
             try:
                 h.serve(data, parsed, addr, False, self.send, self._deliver)
@@ -340,6 +428,9 @@ class _UdpListener:
                 # A bug must cost one query, not the rest of the batch or the listener.
                 _count(stats.dropped, "internal_error")
                 log.exception("query from %s failed", addr)
+        answered = stats.udp_requests - stats.misses - answered
+        if answered:
+            h.durations.observe_many(monotonic() - now, answered)
 
     def _send_failed(self, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):
@@ -354,12 +445,19 @@ class _UdpListener:
             self._send_failed(exc)
 
     def _deliver(
-        self, addr: Any, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+        self,
+        addr: Any,
+        key: bytes,
+        data: bytes,
+        qend: int,
+        edns: int,
+        started: float,
+        entry: Entry,
     ) -> None:
         if self.closed:
             _count(self.stats.dropped, "listener_closed")
             return
-        self.send(self.h.delivered(addr, False, key, data, qend, edns, entry), addr)
+        self.send(self.h.delivered(addr, False, key, data, qend, edns, started, entry), addr)
 
 
 def _set_receive_buffer(sock: socket.socket, size: int, label: str) -> None:
@@ -597,14 +695,21 @@ class _ClientConnection(asyncio.Protocol):
             self.pending -= 1
 
     def _deliver(
-        self, peer: Any, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+        self,
+        peer: Any,
+        key: bytes,
+        data: bytes,
+        qend: int,
+        edns: int,
+        started: float,
+        entry: Entry,
     ) -> None:
         self.pending -= 1
         if self.closed:
             _count(self.stats.dropped, "tcp_client_gone")
             return
         self.last_activity = time.monotonic()
-        self._send(self.h.delivered(self.peer, True, key, data, qend, edns, entry))
+        self._send(self.h.delivered(self.peer, True, key, data, qend, edns, started, entry))
         # Frames held back by the pipelining limit may now be handled.
         self._process()
 
@@ -705,6 +810,10 @@ class DnsServer:
         yield CounterMetricFamily(
             "dnsproxy_cache_misses", "Queries not answered from the cache.", value=s.misses
         )
+        durations = self.handler.durations
+        h = HistogramMetricFamily("dnsproxy_request_duration_seconds", REQUEST_DURATION_HELP)
+        h.add_metric([], buckets(durations.bounds, durations.counts.copy()), durations.total_s)
+        yield h
 
     @property
     def bound(self) -> list[HostPort]:

@@ -881,6 +881,7 @@ def test_shipped_config_is_valid() -> None:
     assert config.shutdown_grace_s == 5.0
     assert config.handover == HandoverConfig()
     assert config.reload_watch_interval_s == 5.0
+    assert config.metrics_coredns_names is False
 
 
 def test_shipped_config_lists_every_key() -> None:
@@ -897,7 +898,9 @@ def test_shipped_config_lists_every_key() -> None:
         "shutdown",
         "handover",
         "reload",
+        "metrics",
     }
+    assert set(raw["metrics"]) == {"coredns_names"}
     assert set(raw["acl"]) == {"allow"}
     assert set(raw["cache"]) == {"max_entries", *(f.name for f in fields(CachePolicy))}
     assert set(raw["upstream"]) == {f.name for f in fields(UpstreamPoolConfig)}

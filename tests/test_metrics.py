@@ -82,6 +82,27 @@ CONTRACT = {
             ("dnsproxy_upstream_request_duration_seconds_sum", ("upstream",)),
         )
     ),
+    # The client-facing request duration (the dashboard's latency panel).
+    *(
+        ("dnsproxy_request_duration_seconds", "histogram", name, labels)
+        for name, labels in (
+            ("dnsproxy_request_duration_seconds_bucket", ("le",)),
+            ("dnsproxy_request_duration_seconds_count", ()),
+            ("dnsproxy_request_duration_seconds_sum", ()),
+        )
+    ),
+    # prometheus-client's process collector (the dashboard's memory panel).
+    ("process_cpu_seconds", "counter", "process_cpu_seconds_total", ()),
+    *(
+        (name, "gauge", name, ())
+        for name in (
+            "process_max_fds",
+            "process_open_fds",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+            "process_virtual_memory_bytes",
+        )
+    ),
 }
 
 

@@ -24,6 +24,7 @@ import dns.message
 import pytest
 from conftest import make_config
 from fakeupstream import Delay, FakeUpstream, zone_handler
+from prometheus_client import generate_latest
 from test_process import free_port
 
 from dnsproxy import reload, wire
@@ -274,3 +275,21 @@ async def test_bad_or_restart_only_file_is_refused_and_the_running_one_stays(
     assert "handover.path: changing it (null -> " in log
     assert f"cannot bind UDP {HOST}:{taken}" in log
     assert log.count("still running configuration") == 3
+
+
+async def test_reload_moves_the_coredns_names_to_the_new_upstreams(tmp_path: Path) -> None:
+    path = tmp_path / "dnsproxy.yaml"
+    port = free_port()
+    records = zone_handler({("www.example.", "A"): ["169.254.1.1"]})
+    async with FakeUpstream(records) as first, FakeUpstream(records) as second:
+        write(path, doc_for(first.port, [f"{HOST}:{port}"]))
+        async with app_from(path) as app:
+            off = generate_latest(app.registry).decode()
+            write(path, doc_for(second.port, [f"{HOST}:{port}"], metrics={"coredns_names": True}))
+            assert await app.reload("test")
+            await ask(port, "www.example.")
+            on = generate_latest(app.registry).decode()
+    assert "coredns_forward_requests_total" not in off
+    new_label = f'to="{HOST}:{second.port}"'
+    assert f"coredns_forward_requests_total{{{new_label}}} 1.0" in on
+    assert f'to="{HOST}:{first.port}"' not in on
