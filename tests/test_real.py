@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -130,7 +130,8 @@ def unbound_server_lines(directory: Path) -> list[str]:
     ]
 
 
-def unbound_conf(directory: Path, port: int) -> str:
+def unbound_conf(directory: Path, port: int, extra: Sequence[str] = ()) -> str:
+    """Unbound's configuration; ``extra``: more lines of its server section."""
     lines = [
         *unbound_server_lines(directory),
         f"  interface: 127.0.0.1@{port}",
@@ -145,6 +146,7 @@ def unbound_conf(directory: Path, port: int) -> str:
         '  local-zone: "test." static',
         '  local-zone: "254.169.in-addr.arpa." static',
         *(f"  local-data: '{rr}'" for rr in LOCAL_DATA),
+        *(f"  {line}" for line in extra),
         "remote-control:",
         "  control-enable: yes",
         f'  control-interface: "{directory / "unbound.ctl"}"',
@@ -163,13 +165,14 @@ def tcp_probe(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def start_unbound(directory: Path) -> Iterator[Unbound]:
+def start_unbound(directory: Path, extra: Sequence[str] = ()) -> Iterator[Unbound]:
+    """Unbound serving the test zone on a free port (``extra``: more server lines)."""
     binary = tool("unbound", "unbound")
     control = tool("unbound-control", "unbound")
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = directory / "unbound.conf"
-    conf.write_text(unbound_conf(directory, port))
+    conf.write_text(unbound_conf(directory, port, extra))
     log = (directory / "unbound.log").open("wb")
     proc = subprocess.Popen(
         [binary, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
