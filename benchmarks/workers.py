@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import dnsperf, zone
-from benchmarks.__main__ import wait_quiet
+from benchmarks.__main__ import _terminate, wait_quiet
 from benchmarks.load import UdpLoad, make_query
 from benchmarks.procs import HOST, HarnessError, Procs, free_port, wait_answering, which
 from benchmarks.scenarios import cpu_seconds, machine_cpu_seconds, own_cpu_seconds, say
@@ -477,6 +477,9 @@ def main(argv: list[str]) -> int:
         echo(int(argv[1]), int(argv[2]))
         return 0
     args = parse_args(argv)
+    # An exception on SIGTERM, so that every process started is killed on the way out.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     if dnsperf.binary() is None:
         print(dnsperf.INSTALL_HINT, file=sys.stderr)
         return 2

@@ -4,8 +4,9 @@ Sans-IO: every method that needs the time takes ``now`` (seconds, monotonic). En
 hold the reply in stored form (no OPT, AA clear, TTLs already clamped; the ID is whatever
 the upstream exchange used, since every answer gets the client's) together with the
 offsets of its TTL fields, so a hit is answered by splicing (:func:`dnsproxy.wire.splice`)
-without parsing. The store is an LRU bounded by entry count and bytes; evictions are
-counted.
+without parsing. The TTL offsets also locate every record, so a reply too long for a UDP
+client is cut to whole records without parsing either (:func:`dnsproxy.wire.truncate`).
+The store is an LRU bounded by entry count and bytes; evictions are counted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from dnsproxy.config_types import CachePolicy
 # many records) cannot grow memory past what max_entries suggests.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
+# Distinct client sizes whose cut an entry keeps (512 without EDNS, the usual EDNS sizes
+# less our OPT, capped at limits.udp_payload_size); others are worked out each time.
+_MAX_CUTS = 8
+
 POSITIVE = 0
 NEGATIVE = 1
 SERVFAIL = 2
@@ -34,6 +39,7 @@ class Entry:
     __slots__ = (
         "age",
         "body",
+        "cuts",
         "expires_at",
         "kind",
         "offsets",
@@ -64,25 +70,60 @@ class Entry:
         # most, so a popular entry costs each client only a splice.
         self.age = -1
         self.prepared: wire.Prepared = (b"", b"", b"", b"", b"")
+        # Cuts for clients whose UDP size the reply exceeds, by room (see truncate).
+        self.cuts: dict[int, wire.Cut] | None = None
 
-    def prepare(self, age: int, qend: int) -> wire.Prepared:
+    def prepare(self, age: int, qend: int, opts: wire.Opts) -> wire.Prepared:
+        """Prepare the reply for splicing at ``age`` seconds old, with the server's OPT
+        records ``opts``; kept until the age changes."""
         self.age = age
-        self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend)
+        self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend, opts)
         return self.prepared
 
-    def answer(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit."""
+    def answer(
+        self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
+    ) -> bytes:
+        """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit:
+        cut to ``limit`` bytes when ``limit`` > 0 and it is longer; ``opts`` are the
+        server's OPT records (:func:`wire.client_opts`)."""
         age = int(now - self.stored_at)
-        prepared = self.prepared if age == self.age else self.prepare(age, qend)
-        return wire.splice(prepared, query, qend, edns, limit)
+        prepared = self.prepared if age == self.age else self.prepare(age, qend, opts)
+        out = wire.splice(prepared, query, qend, edns)
+        if limit and len(out) > limit:
+            return self.truncate(out, qend, edns, limit)
+        return out
 
-    def answer_once(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """Like :meth:`answer` without keeping the cut, for a miss's answer: most entries
-        are answered from upstream once and never hit, and the cut is about 400 bytes."""
+    def answer_once(
+        self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
+    ) -> bytes:
+        """Like :meth:`answer` without keeping the prepared reply, for a miss's answer:
+        most entries are answered from upstream once and never hit, and the prepared
+        reply is about 400 bytes."""
         age = int(now - self.stored_at)
-        if age == self.age:
-            return wire.splice(self.prepared, query, qend, edns, limit)
-        return wire.render(self.body, self.offsets, self.ttls, age, query, qend, edns, limit)
+        if age != self.age:
+            return wire.render(
+                self.body, self.offsets, self.ttls, age, query, qend, edns, limit, opts
+            )
+        out = wire.splice(self.prepared, query, qend, edns)
+        if limit and len(out) > limit:
+            return self.truncate(out, qend, edns, limit)
+        return out
+
+    def truncate(self, reply: bytes, qend: int, edns: int, limit: int) -> bytes:
+        """``reply`` (this entry answered to a client) cut to fit in ``limit`` bytes
+        (:func:`wire.truncate`). The cut depends only on the entry and the size, so it
+        is worked out once per size and kept: a client that cannot retry over TCP asks
+        again and again, and then only the slicing is repeated."""
+        room = wire.cut_room(limit, edns)
+        cuts = self.cuts
+        if cuts is None:
+            cuts = self.cuts = {}
+        cut = cuts.get(room)
+        if cut is None:
+            cut = wire.plan_cut(reply, qend, self.offsets, room)
+            if len(cuts) < _MAX_CUTS:
+                cuts[room] = cut
+        return wire.apply_cut(reply, cut, edns)
 
 
 def _clamped(ttls: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:

@@ -78,7 +78,7 @@ from dnsproxy.config_types import Config, HostPort
 from dnsproxy.engine import Engine
 from dnsproxy.errors import DnsproxyError
 from dnsproxy.runtime import loop_factory, setup_logging, tune_gc
-from dnsproxy.server import Inherited, bind_group
+from dnsproxy.server import Inherited, bind_group, udp_drops_family, udp_receive_drops
 
 log = logging.getLogger("dnsproxy")
 
@@ -106,6 +106,10 @@ _WORKER_IGNORES = (
 )
 # Gauges that are not summed over the workers: each worker reports the same fact (its
 # own start, its own file limit) or a state where one worker's view is not the node's.
+# Families the supervisor exports for the whole instance from its own view, in place of the
+# workers': the kernel's drops at each socket are counted once per socket, which a worker
+# reading a dead sibling's socket (or the replacement reading it again) would not be.
+_SUPERVISOR_ONLY = frozenset({"dnsproxy_udp_receive_drops"})
 _MIN_GAUGES = frozenset({"process_start_time_seconds", "process_max_fds", "dnsproxy_upstream_up"})
 
 
@@ -561,12 +565,15 @@ class WorkerPool:
             return
         try:
             reply = await slot.link.ask("metrics", timeout_s=_METRICS_TIMEOUT_S)
-            slot.families = [Family.decode(item) for item in json.loads(reply.payload)]
+            families = [Family.decode(item) for item in json.loads(reply.payload)]
+            slot.families = [f for f in families if f.name not in _SUPERVISOR_ONLY]
         except (WorkerError, ValueError, TypeError) as exc:
             log.debug("worker %d: metrics not read (%s); its last figures stand", slot.index, exc)
 
     def _families(self) -> list[Metric]:
         own = [Family.of(m) for m in self._process.collect()]
+        members = [sock for group in self._groups.values() for sock in group.udp]
+        own.append(Family.of(udp_drops_family(udp_receive_drops(members))))
         sources: list[Iterable[Family]] = [own]
         for slot in self._slots:
             if slot.serving:

@@ -233,6 +233,9 @@ def test_two_workers_answer_share_the_clients_and_metrics_add_up(
     # One build_info sample for the instance, however many processes there are.
     assert text.count("dnsproxy_build_info{") == 1
     assert metric_value(text, "process_resident_memory_bytes") > 0
+    # Counted by the supervisor, once per socket: none dropped at this rate.
+    drops = f'dnsproxy_udp_receive_drops_total{{listener="{HOST}:{proxy.port}"}}'
+    assert metric_value(text, drops) == 0
     for path in ("/ready", "/health"):
         assert http_get(proxy.url + path)[0] == 200
 
