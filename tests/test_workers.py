@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dns.message
@@ -157,8 +157,8 @@ def per_worker(text: str, count: int) -> list[float]:
     ]
 
 
-def wait_until(condition: object, what: str, proxy: DnsProxyProcess) -> None:
-    assert callable(condition)
+def wait_until(condition: Callable[[], bool], what: str, proxy: DnsProxyProcess) -> None:
+    """Poll ``condition`` (bounded by WAIT_S); fail with the proxy's log if it never holds."""
     deadline = time.monotonic() + WAIT_S
     while not condition():
         if time.monotonic() > deadline or proxy.proc.poll() is not None:
@@ -192,14 +192,15 @@ def which_worker(proxy: DnsProxyProcess, sock: socket.socket, count: int) -> int
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path) -> Iterator[tuple[DnsProxyProcess, object]]:
+def two_workers(tmp_path: Path) -> Iterator[DnsProxyProcess]:
+    """``workers: 2`` in front of the lifecycle tests' upstream, ready."""
     with upstream(upstream_handler()) as fake:
         config = tmp_path / "dnsproxy.yaml"
         write_config(config, fake.port, workers=2, reload={"watch_interval_s": 0})
         proxy = DnsProxyProcess(tmp_path, "--config", str(config))
         try:
             proxy.wait_ready()
-            yield proxy, fake
+            yield proxy
         finally:
             proxy.close()
 
@@ -208,9 +209,9 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[DnsProxyProcess, object]]:
 
 
 def test_two_workers_answer_share_the_clients_and_metrics_add_up(
-    two_workers: tuple[DnsProxyProcess, object],
+    two_workers: DnsProxyProcess,
 ) -> None:
-    proxy, _ = two_workers
+    proxy = two_workers
     pids = worker_pids(proxy.proc.pid)
     assert sorted(pids) == [0, 1], proxy.stderr
     warm(proxy.port, CACHED[:5])
@@ -258,9 +259,9 @@ def test_two_workers_answer_share_the_clients_and_metrics_add_up(
 
 
 def test_sigterm_with_two_workers_answers_what_is_in_flight_then_exits(
-    two_workers: tuple[DnsProxyProcess, object],
+    two_workers: DnsProxyProcess,
 ) -> None:
-    proxy, _ = two_workers
+    proxy = two_workers
     pids = worker_pids(proxy.proc.pid)
     # Misses the upstream answers after MISS_DELAY_S, from sockets of their own.
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
@@ -289,9 +290,9 @@ def test_sigterm_with_two_workers_answers_what_is_in_flight_then_exits(
 
 
 def test_kill_9_of_a_worker_under_load_restarts_it_while_the_other_answers(
-    two_workers: tuple[DnsProxyProcess, object],
+    two_workers: DnsProxyProcess,
 ) -> None:
-    proxy, _ = two_workers
+    proxy = two_workers
     qps, duration_s = 800, 8.0
     warm(proxy.port, CACHED)
     load = UdpLoad(
@@ -512,9 +513,9 @@ async def test_the_pool_gives_up_when_no_worker_has_served_for_a_while(
 
 
 def test_a_stalled_worker_is_killed_and_restarted(
-    two_workers: tuple[DnsProxyProcess, object],
+    two_workers: DnsProxyProcess,
 ) -> None:
-    proxy, _ = two_workers
+    proxy = two_workers
     pids = worker_pids(proxy.proc.pid)
     os.kill(pids[1], signal.SIGSTOP)  # its event loop stops answering, its process lives
     try:
