@@ -736,10 +736,11 @@ class WorkerPool:
             try:
                 sibling = next((s for s in self._slots if s.serving), None)
                 snapshot, entries = b"", 0
+                taken_at = time.time()  # before: the entries' ages then err on the old side
                 if sibling is not None:
                     limits = (self.config.cache_max_entries, DEFAULT_MAX_BYTES)
                     snapshot, entries = await self._snapshot_of(sibling, *limits)
-                await self._prepare(slot, snapshot or None, time.time())
+                await self._prepare(slot, snapshot or None, taken_at)
                 await self._start(slot)
                 await self._release(slot)
             except (OSError, WorkerError) as exc:
