@@ -166,6 +166,8 @@ class _Handler:
         # parse_query never reads the ID, so the memo is exact. Cleared when full.
         self.memo: dict[bytes, Parsed] = {}
         self.memo_max = max(1024, config.cache_max_entries)
+        # The clock entries are aged by (a test pins it to compare two paths' replies).
+        self.clock: Callable[[], float] = time.monotonic
 
     def remember(self, data: bytes, key: bytes, qend: int, edns: int, qtype: int) -> None:
         """Memoize a query that was just answered from the cache, for its repeats.
@@ -231,7 +233,7 @@ class _Handler:
         if self.acl is not None and not self.acl[peer[0]]:
             send(self.refuse(data, qend, edns), peer)
             return False
-        now = time.monotonic()
+        now = self.clock()
         entry = self.cache.get(key, now)
         if entry is not None:
             stats.hits_by_kind[entry.kind] += 1
@@ -242,10 +244,10 @@ class _Handler:
                 self.remember(data, key, qend, edns, qtype)
             if tcp:
                 # UDP hits are recorded per read batch by the listener.
-                self.durations.observe(time.monotonic() - now)
+                self.durations.observe(self.clock() - now)
             if self.log_queries:
                 proto = "tcp" if tcp else "udp"
-                self.log_query(peer, proto, key, entry.rcode, time.monotonic() - now)
+                self.log_query(peer, proto, key, entry.rcode, self.clock() - now)
             return False
         stats.misses += 1
         if qtype in wire.NOT_FORWARDED:
@@ -274,7 +276,7 @@ class _Handler:
         ``entry``, counted, timed and logged."""
         self.stats.rcodes[entry.rcode] += 1
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-        now = time.monotonic()
+        now = self.clock()
         reply = entry.answer_once(data, qend, edns, now, limit, self.opts)
         # LatencyHistogram.observe inlined: this runs for every miss.
         durations = self.durations
@@ -367,7 +369,7 @@ class _UdpListener:
         memo_get = h.memo.get
         store_get = h.cache.store.get
         touch = h.cache.store.move_to_end
-        monotonic = time.monotonic
+        monotonic = h.clock
         join = b"".join
         acl = h.acl
         qtypes = stats.udp_qtypes

@@ -817,22 +817,23 @@ class _TlsConnection(_UpstreamConnection):
     """One pipelined connection over TLS: counts its handshake and, once the server has
     answered (by then it has sent its session tickets), hands its session to the pool."""
 
-    owner: TlsUpstream
-
-    def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
+    def __init__(self, owner: TlsUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
         super().__init__(owner, loop, now)
+        # Its own name for the pool: a subclass may not narrow an attribute's type when
+        # compiled with mypyc.
+        self.tls_owner = owner
         self._session_saved = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called once the handshake is done; a failed one ends the connect instead.
-        self.owner.handshake_done(transport)
+        self.tls_owner.handshake_done(transport)
         super().connection_made(transport)  # writes the queries that waited for it
         tls.quick_ack(transport)
 
     def data_received(self, data: bytes) -> None:
         if not self._session_saved and self._transport is not None:
             self._session_saved = True
-            self.owner.save_session(self._transport)
+            self.tls_owner.save_session(self._transport)
         super().data_received(data)
 
 
