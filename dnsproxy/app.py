@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from dnsproxy import __version__
 from dnsproxy.cache import Cache
 from dnsproxy.config_types import Config, HostPort
-from dnsproxy.forwarder import Forwarder
+from dnsproxy.forwarder import Forwarder, LoopError
 from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
 from dnsproxy.server import DnsServer
@@ -87,8 +87,10 @@ class App:
             await self.server.start()
             self.http = self._endpoint(self.config.http_listen, "/metrics /health /ready")
             self.health = self._endpoint(self.config.health_listen, "/health /ready /metrics")
+            await self.check_loops(self.forwarder)
         except BaseException:
             await self.server.close()
+            await self.forwarder.close()
             if self.http is not None:
                 self.http.stop()
             if self.node is not None and node_config is not None and node_config.teardown:
@@ -103,6 +105,20 @@ class App:
         else:
             log.warning("node rules not in place yet; not ready until a sync succeeds")
         self._sync_task = asyncio.create_task(self._sync_loop(), name="dnsproxy-node-sync")
+
+    async def check_loops(self, forwarder: Forwarder) -> None:
+        """Raise :class:`LoopError` when ``forwarder``'s upstreams send a probe back here.
+
+        For a configuration about to be served: at start ``forwarder`` is the one being
+        started; for a reload, the new one (probes coming back reach the running one).
+        Takes an upstream's reply time, or its zone's deadline_s for one that does not
+        answer. Nothing when the configuration turns ``loop_check`` off.
+        """
+        if not forwarder.config.loop_check:
+            return
+        problems = await forwarder.find_loops(listening=self.forwarder)
+        if problems:
+            raise LoopError(problems)
 
     def _endpoint(self, hp: HostPort | None, paths: str) -> HttpEndpoint | None:
         if hp is None:
@@ -259,6 +275,10 @@ def run(config: Config) -> int:
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve(config, name))
+    except LoopError as exc:
+        for problem in exc.problems:
+            log.error("refusing the configuration: %s", problem)
+        return 2  # as for any configuration refused
     except (OSError, NodeError) as exc:
         log.error("cannot start: %s", exc)
         return 1

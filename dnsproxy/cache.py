@@ -6,12 +6,19 @@ the upstream exchange used, since every answer gets the client's) together with 
 offsets of its TTL fields, so a hit is answered by splicing (:func:`dnsproxy.wire.splice`)
 without parsing. The store is an LRU bounded by entry count and bytes; evictions are
 counted.
+
+Expired entries stay in the store (still bounded by the LRU) so that the forwarder can
+serve them stale when a refresh fails (RFC 8767, :meth:`Entry.stale_copy`). Prefetch
+bookkeeping rides on the hit path at the price of one increment per hit
+(``Entry.hits``); whether an entry has entered the last tenth of its TTL is checked where
+the hit path already re-cuts the entry once a second (:meth:`Entry.prepare`), and a due
+entry is handed to ``Cache.on_due`` (the forwarder) once in its lifetime.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -27,18 +34,34 @@ NEGATIVE = 1
 SERVFAIL = 2
 KIND_NAMES = ("success", "denial", "servfail")
 
+# TTL of every record in a stale answer (RFC 8767 §4 recommends 30 s), and the failure
+# recheck timer: a name whose refresh failed is served stale without asking again for
+# this long (unless one of its servers comes back meanwhile).
+STALE_TTL_S = 30
+# An age no entry reaches: the refresh age of an entry not due for prefetch.
+_NEVER_AGE = 1 << 62
+_NEVER_FAILED = -float("inf")
+
 
 class Entry:
-    """One cached reply. Immutable by convention once stored."""
+    """One cached reply. Immutable by convention once stored, apart from the prefetch
+    and serve-stale bookkeeping."""
+
+    key: bytes
 
     __slots__ = (
         "age",
         "body",
         "expires_at",
+        "failed_at",
+        "hits",
+        "key",
         "kind",
         "offsets",
+        "owner",
         "prepared",
         "rcode",
+        "refresh_age",
         "stored_at",
         "ttls",
     )
@@ -64,14 +87,39 @@ class Entry:
         # most, so a popular entry costs each client only a splice.
         self.age = -1
         self.prepared: wire.Prepared = (b"", b"", b"", b"", b"")
+        # self.key, the key the entry is cached under, is set by Cache.put with owner.
+        self.hits = 0  # cache hits, counted by the hit paths (prefetch wants popular ones)
+        # From this age on (whole seconds) a refresh would be due: the last tenth of the
+        # TTL, in the whole seconds the hit path ages by, and at least the last second (a
+        # TTL of 3 is due from age 2, one of 30 from 27). Only entries Cache.put gave an
+        # owner (the cache, with prefetch on) and a key are refreshed.
+        self.refresh_age = ttl_s - (ttl_s + 9) // 10
+        self.owner: Cache | None = None
+        # When a refresh of this (expired) entry last failed and it was served stale.
+        self.failed_at = _NEVER_FAILED
 
     def prepare(self, age: int, qend: int) -> wire.Prepared:
+        """Cut the reply aged ``age`` seconds for splicing (the hit path does this once a
+        second at most) and, entering the last tenth of the TTL, see whether it is due for
+        a refresh."""
         self.age = age
         self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend)
+        if age >= self.refresh_age:
+            self._refresh_due()
         return self.prepared
+
+    def _refresh_due(self) -> None:
+        owner = self.owner
+        if owner is None:
+            self.refresh_age = _NEVER_AGE  # not in a cache that prefetches
+        elif self.hits >= owner.prefetch_min_hits:
+            self.refresh_age = _NEVER_AGE  # one refresh per entry
+            owner.refresh_due(self)
+        # Else not popular enough yet: looked at again at the next second's cut, if any.
 
     def answer(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
         """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit."""
+        self.hits += 1
         age = int(now - self.stored_at)
         prepared = self.prepared if age == self.age else self.prepare(age, qend)
         return wire.splice(prepared, query, qend, edns, limit)
@@ -83,6 +131,26 @@ class Entry:
         if age == self.age:
             return wire.splice(self.prepared, query, qend, edns, limit)
         return wire.render(self.body, self.offsets, self.ttls, age, query, qend, edns, limit)
+
+    def stale_copy(self, now: float, ede: bool) -> Entry:
+        """This (expired) entry as a stale answer: every TTL 30, and with ``ede`` an
+        Extended DNS Error "Stale Answer" for EDNS clients. Not for the cache."""
+        ttls = (STALE_TTL_S,) * len(self.ttls)
+        body = wire.with_ttls(self.body, self.offsets, ttls)
+        cls = _StaleEntry if ede else Entry
+        return cls(body, self.offsets, ttls, now, STALE_TTL_S, self.kind, self.rcode)
+
+
+class _StaleEntry(Entry):
+    """A stale answer whose OPT record carries EDE 3 (RFC 8914)."""
+
+    __slots__ = ()
+
+    def answer_once(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
+        age = int(now - self.stored_at)
+        return wire.render(
+            self.body, self.offsets, self.ttls, age, query, qend, edns, limit, wire.OPTS_STALE
+        )
 
 
 def _clamped(ttls: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:
@@ -178,6 +246,11 @@ class Cache:
         self.bytes = 0  # reply bytes held, counting the per-client cuts (see _footprint)
         self.evictions = 0
         self.by_kind = [0, 0, 0]
+        # Prefetch, set by whoever carries the refreshes out (the forwarder): entries
+        # stored from now on with at least this many hits when they enter the last tenth
+        # of their TTL are handed to on_due, once each; 0 turns prefetch off.
+        self.prefetch_min_hits = 0
+        self.on_due: Callable[[Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self.store)
@@ -200,6 +273,9 @@ class Cache:
             old = self.store.get(key)
             if old is not None and old.kind != SERVFAIL and old.expires_at > now:
                 return False
+        elif self.prefetch_min_hits:
+            entry.key = key
+            entry.owner = self
         self._set(key, entry)
         if entry.rcode == wire.NXDOMAIN and entry.body[6:8] == b"\x00\x00":
             # Only a bare NXDOMAIN is about the name itself; behind a CNAME it is
@@ -221,6 +297,11 @@ class Cache:
             self.evictions += 1
             self.by_kind[evicted.kind] -= 1
             self.bytes -= _footprint(evicted)
+
+    def refresh_due(self, entry: Entry) -> None:
+        """``entry`` entered the last tenth of its TTL popular enough: hand it on."""
+        if self.on_due is not None and self.prefetch_min_hits:
+            self.on_due(entry)
 
     def clear(self) -> None:
         self.store.clear()

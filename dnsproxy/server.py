@@ -120,6 +120,11 @@ class _Handler:
         self.stats = ServerStats()
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
         self.max_udp = config.limits.udp_payload_size
+        # A UDP socket not read empty for this long is falling behind: the misses read
+        # from it are shed (answered SERVFAIL, or stale, by the forwarder) until it is
+        # empty again, so that the queue in the socket, which cache hits wait in too,
+        # stays this short. NEVER: never shed.
+        self.shed_after_s = config.limits.shed_after_s or NEVER
         self.log_queries = config.log.queries
         self.closing = False
         # Validated queries by their bytes after the ID: a repeated query (same name,
@@ -252,6 +257,9 @@ class _UdpListener:
         self.stats = handler.stats
         self.sock = sock
         self.closed = False
+        # When the first batch that did not empty the socket began; NEVER while the last
+        # batch emptied it.
+        self.backlog_since = NEVER
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
         except OSError:
@@ -280,10 +288,19 @@ class _UdpListener:
         # One clock read per batch: ages are in whole seconds and a batch takes
         # well under a millisecond.
         now = monotonic()
+        # Shedding is decided per batch, for the misses read in it, from how long this
+        # socket has been backlogged; the hits in it are answered all the same. The
+        # forwarder's flag is set for this batch only (TCP misses are never shed by it).
+        forwarder = h.forwarder
+        shed = now - self.backlog_since > h.shed_after_s
+        forwarder.overloaded = shed
         for _ in range(_UDP_BATCH):
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
             except (BlockingIOError, InterruptedError):
+                self.backlog_since = NEVER
+                if shed:
+                    forwarder.overloaded = False
                 return
             except OSError:
                 # ICMP errors for earlier replies surface here; the socket is fine.
@@ -300,6 +317,7 @@ class _UdpListener:
                     touch(key)
                     stats.udp_requests += 1
                     stats.hits += 1
+                    entry.hits += 1
                     qtypes[qtype] += 1
                     rcodes[entry.rcode] += 1
                     age = int(now - entry.stored_at)
@@ -324,6 +342,11 @@ class _UdpListener:
                 # A bug must cost one query, not the rest of the batch or the listener.
                 _count(stats.dropped, "internal_error")
                 log.exception("query from %s failed", addr)
+        # A full batch: the socket may hold more, read at the loop's next turn.
+        if self.backlog_since == NEVER:
+            self.backlog_since = now
+        if shed:
+            forwarder.overloaded = False
 
     def _send_failed(self, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):

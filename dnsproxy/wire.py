@@ -573,17 +573,28 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
 _OPT_SIZE = 1232
 
 
-def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:
+def opt_record(udp_size: int, do: bool, ext_rcode: int = 0, options: bytes = b"") -> bytes:
     return (
         b"\x00\x00\x29"
         + _U16.pack(udp_size)
         + _U32.pack((ext_rcode << 24) | (0x8000 if do else 0))
-        + b"\x00\x00"
+        + _U16.pack(len(options))
+        + options
     )
 
 
 _OPT_PLAIN = opt_record(_OPT_SIZE, False)
 _OPT_DO = opt_record(_OPT_SIZE, True)
+
+# Our OPT record without and with DO, as a pair for :func:`prepare` and :func:`render`.
+Opts = tuple[bytes, bytes]
+OPTS: Opts = (_OPT_PLAIN, _OPT_DO)
+# EDNS option 15, Extended DNS Error (RFC 8914), INFO-CODE 3 "Stale Answer", no text.
+EDE_STALE = b"\x00\x0f\x00\x02\x00\x03"
+OPTS_STALE: Opts = (
+    opt_record(_OPT_SIZE, False, options=EDE_STALE),
+    opt_record(_OPT_SIZE, True, options=EDE_STALE),
+)
 
 
 def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int) -> bytes:
@@ -602,13 +613,16 @@ def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int)
 Prepared = tuple[bytes, bytes, bytes, bytes, bytes]
 
 
-def prepare(body: bytes, qend: int) -> Prepared:
-    """Cut an (aged) stored reply once so each client costs only a splice."""
+def prepare(body: bytes, qend: int, opts: Opts = OPTS) -> Prepared:
+    """Cut an (aged) stored reply once so each client costs only a splice.
+
+    ``opts``: the OPT record an EDNS client gets, without and with DO.
+    """
     head = body[2:HEADER_LEN]
     arcount = ((head[8] << 8) | head[9]) + 1
     head_opt = head[:8] + bytes((arcount >> 8, arcount & 0xFF))
     tail = body[qend:]
-    return head, head_opt, tail, tail + _OPT_PLAIN, tail + _OPT_DO
+    return head, head_opt, tail, tail + opts[0], tail + opts[1]
 
 
 def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -> bytes:
@@ -669,6 +683,7 @@ def render(
     qend: int,
     edns: int,
     limit: int,
+    opts: Opts = OPTS,
 ) -> bytes:
     """Stored reply ``body`` aged by ``age`` seconds and answered to ``query`` in one go.
 
@@ -683,7 +698,7 @@ def render(
     else:
         arcount = ((body[10] << 8) | body[11]) + 1
         head = body[2:10] + bytes((arcount >> 8, arcount & 0xFF))
-        tail = body[qend:] + (_OPT_DO if edns & 0x10000 else _OPT_PLAIN)
+        tail = body[qend:] + opts[1 if edns & 0x10000 else 0]
     return splice((head, head, tail, tail, tail), query, qend, edns, limit)
 
 

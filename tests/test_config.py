@@ -24,7 +24,9 @@ from dnsproxy.config import (
     HostPort,
     LogConfig,
     Overrides,
+    PrefetchConfig,
     ServerLimits,
+    ServeStaleConfig,
     UpstreamConfig,
     UpstreamPoolConfig,
     load_config,
@@ -888,11 +890,19 @@ def test_shipped_config_lists_every_key() -> None:
         "upstream",
         "limits",
         "zones",
+        "loop_check",
         "log",
         "shutdown",
     }
     assert set(raw["acl"]) == {"allow"}
-    assert set(raw["cache"]) == {"max_entries", *(f.name for f in fields(CachePolicy))}
+    assert set(raw["cache"]) == {
+        "max_entries",
+        "serve_stale",
+        "prefetch",
+        *(f.name for f in fields(CachePolicy)),
+    }
+    assert set(raw["cache"]["serve_stale"]) == {f.name for f in fields(ServeStaleConfig)}
+    assert set(raw["cache"]["prefetch"]) == {f.name for f in fields(PrefetchConfig)}
     assert set(raw["upstream"]) == {f.name for f in fields(UpstreamPoolConfig)}
     assert set(raw["limits"]) == {f.name for f in fields(ServerLimits)}
     assert set(raw["log"]) == {f.name for f in fields(LogConfig)}

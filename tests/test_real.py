@@ -110,7 +110,7 @@ class Unbound:
         return total, tcp, total - tcp
 
 
-def unbound_conf(directory: Path, port: int) -> str:
+def unbound_conf(directory: Path, port: int, local_data: list[str] = LOCAL_DATA) -> str:
     lines = [
         "server:",
         "  do-daemonize: no",
@@ -133,7 +133,7 @@ def unbound_conf(directory: Path, port: int) -> str:
         '  local-zone: "." refuse',
         '  local-zone: "test." static',
         '  local-zone: "254.169.in-addr.arpa." static',
-        *(f"  local-data: '{rr}'" for rr in LOCAL_DATA),
+        *(f"  local-data: '{rr}'" for rr in local_data),
         "remote-control:",
         "  control-enable: yes",
         f'  control-interface: "{directory / "unbound.ctl"}"',
@@ -152,13 +152,17 @@ def tcp_probe(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def start_unbound(directory: Path) -> Iterator[Unbound]:
+def start_unbound(
+    directory: Path, port: int = 0, local_data: list[str] = LOCAL_DATA
+) -> Iterator[Unbound]:
+    """Unbound serving ``local_data`` (in zones ``test.`` and ``254.169.in-addr.arpa.``)
+    on ``port`` (a free one when 0), stopped on the way out."""
     binary = tool("unbound", "unbound")
     control = tool("unbound-control", "unbound")
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     conf = directory / "unbound.conf"
-    conf.write_text(unbound_conf(directory, port))
+    conf.write_text(unbound_conf(directory, port, local_data))
     log = (directory / "unbound.log").open("wb")
     proc = subprocess.Popen(
         [binary, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -330,8 +334,8 @@ def test_udp_upstream_is_seen_as_udp(tmp_path: Path) -> None:
         assert dig(proxy.port, "www.test", "A", "+tcp", "+short") == "169.254.1.1\n"
         assert dig(proxy.port, "test", "MX", "+short") == "10 mail.test.\n"
         total, tcp, udp = unbound.queries()
-    assert udp == 2
-    assert tcp == total - 2 == 1  # only the TCP readiness probe of start_unbound
+    assert udp == 3  # the two queries and the loop probe sent at start
+    assert tcp == total - 3 == 1  # only the TCP readiness probe of start_unbound
 
 
 def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
