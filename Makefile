@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/dnsproxy.yaml
 
-.PHONY: run test lint typecheck unit venv clean schema
+.PHONY: run test lint typecheck unit venv clean schema wheels image
 
 # dnsproxy/__init__.py holds the version, which the installed metadata records.
 $(STAMP): pyproject.toml dnsproxy/__init__.py
@@ -43,7 +43,24 @@ schema: $(STAMP)
 	sys.stdout.write(schema_text())' > config/dnsproxy.schema.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+
+# Container image (deploy/Dockerfile). The wheels are built here, on the host, for the
+# image's Python (3.11, glibc; binary wheels only), and installed in the image with
+# --no-index: the build needs no package index and does the same every time.
+IMAGE ?= localhost/dnsproxy:latest
+# Debian bookworm has glibc 2.36: any manylinux wheel up to that runs there.
+ARCH := $(shell uname -m)
+WHEEL_PLATFORMS ?= $(foreach v,36 34 31 28 17,--platform manylinux_2_$(v)_$(ARCH)) \
+	--platform manylinux2014_$(ARCH)
+wheels: $(STAMP)
+	rm -rf build/wheels
+	$(BIN)/pip wheel --quiet --no-deps -w build/wheels .
+	$(BIN)/pip download --quiet --only-binary=:all: --python-version 3.11 \
+		--implementation cp $(WHEEL_PLATFORMS) -d build/wheels build/wheels/dnsproxy-*.whl
+
+image: wheels
+	deploy/build-image.sh $(IMAGE)
 
 # Benchmarks (see benchmarks/README.md), never part of `make test`; CI runs bench-smoke.
 .PHONY: bench bench-smoke

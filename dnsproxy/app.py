@@ -1,16 +1,29 @@
-"""Wiring and lifecycle: build the parts from a Config, start in order, stop cleanly.
+"""Wiring and lifecycle: build the parts from a Config, start in order, hand over, reload,
+stop cleanly.
 
 Start: put the node's local addresses in place (a listener cannot bind to an address the
-host lacks), bind every listener (all or nothing), start the HTTP endpoints, install the
-node rules, report ready. The rules come only after the listeners: a NOTRACK rule on the
+host lacks), take the listening sockets over from a running instance (``handover.path``,
+see :mod:`dnsproxy.handover`) or bind them, start the HTTP endpoints, install the node
+rules, report ready. The rules come only after the listeners: a NOTRACK rule on the
 kube-dns ClusterIP with nothing listening would take DNS away from the node's pods, while
 an address alone changes nothing for them. Every ``sync_interval_s`` the addresses and
 rules are verified and whatever is missing is added again.
 
-Stop (SIGTERM/SIGINT): report not ready, keep serving for ``shutdown_lameduck_s`` (a second
-signal cuts it short), remove the rules and then the addresses (unless ``node.teardown`` is
-off), stop taking queries, let in-flight queries finish within ``shutdown_grace_s``, close
-upstream connections, exit 0.
+Replaced by a successor: stop reading and accepting (it reads the same sockets now),
+answer what is in flight, leave rules and addresses in place, then exit or wait for
+SIGTERM (``handover.when_replaced``).
+
+Reload (SIGHUP, or the config file changed): validate the new file; apply all of it or
+nothing (see :mod:`dnsproxy.reload`).
+
+Stop (SIGTERM/SIGINT/SIGQUIT): report not ready, keep serving for ``shutdown_lameduck_s``
+(a second signal cuts it short; a successor may still take over meanwhile), remove the
+rules and then the addresses (unless ``node.teardown`` is off), stop taking queries, let
+in-flight queries finish within ``shutdown_grace_s``, close upstream connections, exit 0.
+
+Signals: SIGTERM, SIGINT and SIGQUIT stop; SIGHUP reloads; SIGUSR1 logs a state summary;
+SIGUSR2 and SIGALRM are logged and ignored; SIGPIPE is ignored (a write to a closed
+socket is an error on that socket, not the end of the process).
 """
 
 from __future__ import annotations
@@ -24,51 +37,98 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dnsproxy import __version__
+from dnsproxy import __version__, handover
+from dnsproxy import reload as reloading
 from dnsproxy.cache import Cache
+from dnsproxy.compat import CoreDnsNames
+from dnsproxy.config import ConfigError, Overrides, load_config
 from dnsproxy.config_types import Config, HostPort
 from dnsproxy.forwarder import Forwarder, LoopError
 from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
-from dnsproxy.server import DnsServer
+from dnsproxy.server import DnsServer, Inherited
 
 log = logging.getLogger("dnsproxy")
 
 _HEARTBEAT_S = 0.5
+# How long a replaced instance waits for its successor to confirm that it serves the
+# sockets. It keeps serving meanwhile, so a long wait costs nothing; a successor that
+# dies closes the connection and ends the wait at once.
+_TAKEN_TIMEOUT_S = 60.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+_YIELD_EVERY = 2048  # cache entries copied on reload between two turns of the event loop
+# Signals with no meaning here whose default action would end the process.
+_IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGALRM)
 
 
 class App:
-    """One running dnsproxy: cache, forwarder, listeners, HTTP endpoints, node setup."""
+    """One running dnsproxy: cache, forwarder, listeners, HTTP endpoints, node setup.
 
-    def __init__(self, config: Config, loop_name: str = "asyncio") -> None:
+    ``config_path`` and ``overrides`` are what ``config`` was loaded from: a reload reads
+    them again (None: the built-in defaults plus the flags).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        loop_name: str = "asyncio",
+        config_path: str | None = None,
+        overrides: Overrides | None = None,
+    ) -> None:
         self.config = config
         self.loop_name = loop_name
+        self.config_path = config_path
+        self._overrides = overrides
         self.cache = Cache(config.cache_max_entries)
         self.forwarder = Forwarder(config, self.cache)
         self.server = DnsServer(config, self.cache, self.forwarder)
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = StatsCollector(
-            [BuildInfo(loop_name), self.server, self.cache, self.forwarder]
+            [BuildInfo(loop_name), self.server, self.cache, self.forwarder, _Lifecycle(self)]
         )
+        self._coredns_names(config)
         self.registry.register(self.metrics)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
         self.ready = False
+        self.started_at = time.time()
+        # Reloads
+        self.config_hash = reloading.config_hash(config)
+        self.config_loaded_at = time.time()
+        self.reloads = 0
+        self.reload_failures = 0
+        self._file_seen = reloading.file_signature(config_path) if config_path else None
+        self._reload_lock = asyncio.Lock()
+        # Handover: how this instance got its listeners, and whether it was replaced.
+        self.started_by = "bind"
+        self.handover_entries = 0
+        self.handed_over = False
+        self.replaced = asyncio.Event()
+        self._handover: handover.Listener | None = None
+        self._handover_lock = asyncio.Lock()
         self._beat: asyncio.TimerHandle | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        self._handover_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # reloads, drains, waits: referenced
         self._stopping = False
+        self._tearing_down = False
         self._hurry: asyncio.Event | None = None
 
     @property
     def listen(self) -> list[HostPort]:
         """Addresses actually bound (port 0 in the config resolved to the real port)."""
         return self.server.bound
+
+    # -- start
 
     async def start(self) -> None:
         node_config = self.config.node
@@ -77,26 +137,48 @@ class App:
             self.node = NodeManager(node_config, detect_backend(node_config.rules))
             self.node.check_tools()
             self.metrics.sources.append(NodeCollector(self.node.stats))
-            try:
-                await self.node.setup_interface()
-            except NodeError:
-                if node_config.teardown:
-                    await self.node.teardown(rules=False)
-                raise
+        taken = await self._take_over()
+        inherited: Inherited = taken.sockets if taken is not None else {}
         try:
-            await self.server.start()
-            self.http = self._endpoint(self.config.http_listen, "/metrics /health /ready")
-            self.health = self._endpoint(self.config.health_listen, "/health /ready /metrics")
-            await self.check_loops(self.forwarder)
+            if self.node is not None:
+                # Taken over: the addresses are there (the sockets are bound to them), and
+                # this verifies it; otherwise a listener cannot bind without them.
+                await self.node.setup_interface()
+            if taken is not None and taken.cache is not None:
+                # Before the first read: the first queries are then hits, not misses.
+                self.handover_entries = await handover.restore_cache(
+                    self.cache, taken.cache, taken.cache_time, time.monotonic()
+                )
+                taken.cache = None
+            await self.server.start(inherited)
+            self.http = self._endpoint(
+                self.config.http_listen, "/metrics /health /ready", inherited
+            )
+            self.health = self._endpoint(
+                self.config.health_listen, "/health /ready /metrics", inherited
+            )
+            if taken is None:
+                await self.check_loops(self.config)
+            else:
+                # Both instances read the sockets until the old one is told to stop: a
+                # probe coming back could reach either. The old one checked at its start,
+                # and a reload checks.
+                log.info("loop check skipped: the listeners were taken over from %s", taken.peer)
         except BaseException:
+            if taken is not None:
+                taken.close()  # the running instance goes on serving, addresses and all
             await self.server.close()
             await self.forwarder.close()
             if self.http is not None:
                 self.http.stop()
-            if self.node is not None and node_config is not None and node_config.teardown:
+            if taken is None and self.node is not None and self.node.config.teardown:
                 await self.node.teardown(rules=False)
             raise
+        if taken is not None:
+            await self._confirm(taken)
         self._heartbeat()
+        self._listen_for_successor()
+        self._start_watch()
         if self.node is None:
             self._set_ready()
             return
@@ -106,39 +188,117 @@ class App:
             log.warning("node rules not in place yet; not ready until a sync succeeds")
         self._sync_task = asyncio.create_task(self._sync_loop(), name="dnsproxy-node-sync")
 
-    async def check_loops(self, forwarder: Forwarder) -> None:
-        """Raise :class:`LoopError` when ``forwarder``'s upstreams send a probe back here.
+    async def check_loops(self, config: Config) -> None:
+        """Raise :class:`LoopError` when an upstream of ``config`` sends a probe back to
+        this instance's listeners (see :meth:`Forwarder.find_loops`).
 
-        For a configuration about to be served: at start ``forwarder`` is the one being
-        started; for a reload, the new one (probes coming back reach the running one).
-        Takes an upstream's reply time, or its zone's deadline_s for one that does not
-        answer. Nothing when the configuration turns ``loop_check`` off.
+        For a configuration about to be served, at start or on reload: the probes go out
+        through a forwarder of their own (with a cache of its own, so that nothing of the
+        running one changes) and come back, if they do, to the running forwarder. Takes
+        an upstream's reply time, or its zone's deadline_s for one that does not answer.
+        Nothing when ``config`` turns ``loop_check`` off.
         """
-        if not forwarder.config.loop_check:
+        if not config.loop_check:
             return
-        problems = await forwarder.find_loops(listening=self.forwarder)
+        prober = Forwarder(config, Cache(1))
+        try:
+            problems = await prober.find_loops(listening=self.forwarder)
+        finally:
+            await prober.close()
         if problems:
             raise LoopError(problems)
 
-    def _endpoint(self, hp: HostPort | None, paths: str) -> HttpEndpoint | None:
+    async def _take_over(self) -> handover.Taken | None:
+        """The running instance's sockets (and cache), or None: bind as usual."""
+        settings = self.config.handover
+        if settings.path is None:
+            return None
+        bounds = (self.config.cache_max_entries, self.cache.max_bytes) if settings.cache else None
+        result = await handover.take_over(settings.path, settings.timeout_s, bounds)
+        if isinstance(result, str):
+            log.info("handover: %s; binding the listeners", result)
+            return None
+        if not any(("udp", hp) in result.sockets for hp in self.config.listen):
+            offered = ", ".join(f"{kind} {hp}" for kind, hp in result.sockets)
+            log.warning(
+                "handover: %s serves none of this configuration's listen addresses "
+                "(it offers %s); declined, binding the listeners",
+                result.peer,
+                offered,
+            )
+            await result.decline("none of its DNS listeners is in the new configuration")
+            return None
+        return result
+
+    async def _confirm(self, taken: handover.Taken) -> None:
+        """Close what the new configuration does not serve, then tell the old one to stop."""
+        for (kind, hp), sock in taken.sockets.items():
+            log.info("handover: %s %s is not in this configuration; closed", kind, hp)
+            sock.close()
+        taken.sockets.clear()
+        self.started_by = "handover"
+        try:
+            await taken.confirm()
+        except (OSError, handover.HandoverError) as exc:
+            # We serve the sockets either way; the old one may serve them too until it ends.
+            log.warning("handover: could not tell %s that it is replaced: %s", taken.peer, exc)
+            taken.close()
+            return
+        log.info(
+            "handover: took over the listeners of %s%s",
+            taken.peer,
+            f" with {self.handover_entries} cache entries" if self.config.handover.cache else "",
+        )
+        wait = self.config.shutdown_grace_s + self.config.handover.timeout_s
+        self._spawn(self._old_done(taken, wait), "dnsproxy-handover-done")
+
+    async def _old_done(self, taken: handover.Taken, wait_s: float) -> None:
+        done = await taken.wait_done(wait_s)
+        if done is None:
+            log.warning("handover: %s did not say it finished within %.1fs", taken.peer, wait_s)
+        else:
+            log.info(
+                "handover: %s answered its in-flight queries (%s abandoned) and stopped",
+                taken.peer,
+                done.get("abandoned", "?"),
+            )
+
+    def _coredns_names(self, config: Config) -> None:
+        """Export the CoreDNS names, or stop, as ``metrics.coredns_names`` says."""
+        sources = self.metrics.sources
+        present = [source for source in sources if isinstance(source, CoreDnsNames)]
+        if config.metrics_coredns_names and not present:
+            sources.append(
+                CoreDnsNames(self.server, lambda: (self.cache, self.forwarder), lambda: self.node)
+            )
+        elif not config.metrics_coredns_names:
+            for source in present:
+                sources.remove(source)
+
+    def _endpoint(
+        self, hp: HostPort | None, paths: str, inherited: Inherited | None = None
+    ) -> HttpEndpoint | None:
         if hp is None:
             return None
-        endpoint = HttpEndpoint(hp.host, hp.port, self.registry, lambda: self.ready)
+        sock = None
+        if inherited:
+            sock = inherited.pop(("http", hp), None)
+        endpoint = HttpEndpoint(hp.host, hp.port, self.registry, lambda: self.ready, sock)
         endpoint.start()
-        log.info("http endpoint on %s (%s)", HostPort(hp.host, endpoint.port), paths)
+        how = ", taken over" if sock is not None else ""
+        log.info("http endpoint on %s (%s%s)", HostPort(hp.host, endpoint.port), paths, how)
         return endpoint
 
     def _set_ready(self) -> None:
-        if self._stopping:
+        if self._stopping or self.handed_over:
             return
         self.ready = True
         log.info("dnsproxy %s ready (%s loop)", __version__, self.loop_name)
 
     async def _sync_loop(self) -> None:
         assert self.node is not None
-        interval = self.node.config.sync_interval_s
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.node.config.sync_interval_s)
             try:
                 ok = await self.node.sync()
             except Exception:
@@ -149,11 +309,310 @@ class App:
                 self._set_ready()
 
     def _heartbeat(self) -> None:
+        # Also without endpoints: a reload may add one.
+        for endpoint in (self.http, self.health):
+            if endpoint is not None:
+                endpoint.beat()
+        self._beat = asyncio.get_running_loop().call_later(_HEARTBEAT_S, self._heartbeat)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- being replaced
+
+    def _listen_for_successor(self) -> None:
+        path = self.config.handover.path
+        if path is None:
+            return
+        try:
+            self._handover = handover.Listener(path)
+        except OSError as exc:
+            log.error(
+                "handover: cannot listen on %s (%s); a successor will not find this instance",
+                path,
+                exc.strerror or exc,
+            )
+            return
+        self._handover_task = asyncio.create_task(
+            handover.serve(self._handover, self._successor), name="dnsproxy-handover"
+        )
+
+    async def _successor(self, channel: handover.Channel, pid: int) -> bool:
+        """Hand over to the instance ``pid`` on ``channel``; True once replaced."""
+        settings = self.config.handover
+        # A reload under way finishes first: what is offered is then what is served.
+        async with self._handover_lock, self._reload_lock:
+            try:
+                given = await handover.give(
+                    channel, settings.timeout_s, self._offer, _TAKEN_TIMEOUT_S
+                )
+            except (OSError, handover.HandoverError, TimeoutError) as exc:
+                log.warning("handover to pid %d failed: %s; still serving", pid, exc or "timeout")
+                given = False
+            if not given:
+                channel.close()
+                return False
+            self.handed_over = True
+        await self._retire(channel, pid)
+        return True
+
+    def _offer(self) -> handover.Offer | str:
+        if self._tearing_down:
+            return "this instance is shutting down (removing its node rules)"
+        sockets = self.server.sockets()
+        for endpoint in (self.http, self.health):
+            if endpoint is not None:
+                host, port = endpoint.socket.getsockname()[:2]
+                sockets["http", HostPort(host, port)] = endpoint.socket
+        return handover.Offer(sockets, self.cache if self.config.handover.cache else None)
+
+    async def _retire(self, channel: handover.Channel, pid: int) -> None:
+        """The successor serves the sockets: stop reading, answer what is in flight."""
+        self.server.pause()
+        if self._hurry is not None:
+            self._hurry.set()  # a lameduck in progress has nothing left to wait for
+        for task in (self._sync_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        if self._handover is not None:
+            # The successor renames its own socket over the path: leave the path alone.
+            self._handover.close(unlink=False)
+        # The endpoints' threads take up to half a second to stop, off the event loop; they
+        # still answer /ready 200 meanwhile, which is true of the address: it is served.
+        endpoints = asyncio.ensure_future(self._stop_endpoints())
+        abandoned = await self._drain(self.forwarder)
+        await self._drain_reloads()
+        await endpoints
+        self.ready = False
+        with contextlib.suppress(OSError, handover.HandoverError):
+            await channel.send("done", {"abandoned": abandoned})
+        channel.close()
+        await self.server.close()
+        await self.forwarder.close()
+        self.cache.clear()  # nothing reads it any more
+        mode = self.config.handover.when_replaced
+        log.info(
+            "replaced by pid %d; node rules and addresses left to it; %s",
+            pid,
+            "exiting" if mode == "exit" else "waiting for SIGTERM (handover.when_replaced: wait)",
+        )
+        self.replaced.set()
+
+    async def _drain(self, forwarder: Forwarder) -> int:
+        """Let ``forwarder``'s questions finish within the grace; how many were abandoned."""
+        grace = self.config.shutdown_grace_s
+        if await forwarder.drain(grace):
+            return 0
+        abandoned = forwarder.abandon()
+        log.warning("%d questions still in flight after %.1fs: answered SERVFAIL", abandoned, grace)
+        return abandoned
+
+    async def _stop_endpoints(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         endpoints = [e for e in (self.http, self.health) if e is not None]
-        for endpoint in endpoints:
-            endpoint.beat()
-        if endpoints:
-            self._beat = asyncio.get_running_loop().call_later(_HEARTBEAT_S, self._heartbeat)
+        self.http = self.health = None
+        await asyncio.gather(*(_stopped(e) for e in endpoints))
+
+    # -- reload
+
+    def request_reload(self, why: str) -> None:
+        """Reload in the background (from a signal handler)."""
+        self._spawn(self.reload(why), "dnsproxy-reload")
+
+    async def reload(self, why: str) -> bool:
+        """Load the configuration again and apply it; False when refused.
+
+        Refused, with every problem logged and counted, when the file is invalid, a
+        restart-only setting changed or a new listener cannot be bound: the running
+        configuration then stays as it was, entirely.
+        """
+        async with self._reload_lock:
+            if self._stopping or self.handed_over:
+                log.info("reload (%s) skipped: this instance is stopping", why)
+                return False
+            if self.config_path is not None:
+                self._file_seen = reloading.file_signature(self.config_path)
+            try:
+                # Off the event loop: reading and validating take milliseconds of queries.
+                new = await asyncio.to_thread(load_config, self.config_path, self._overrides)
+            except ConfigError as exc:
+                return self._refuse(why, exc.lines())
+            problems = reloading.restart_only(self.config, new)
+            if problems:
+                return self._refuse(why, problems)
+            try:
+                await self.check_loops(new)
+            except LoopError as exc:
+                return self._refuse(why, exc.problems)
+            try:
+                await self._apply(new, why)
+            except OSError as exc:
+                return self._refuse(why, [str(exc)])
+            self.reloads += 1
+            return True
+
+    def _refuse(self, why: str, problems: Iterable[str]) -> bool:
+        self.reload_failures += 1
+        for problem in problems:
+            log.error("reload (%s) refused: %s", why, problem)
+        log.error("reload (%s) refused; still running configuration %s", why, self.config_hash)
+        return False
+
+    async def _apply(self, new: Config, why: str) -> None:
+        old = self.config
+        if new == old:
+            log.info("reload (%s): configuration %s unchanged", why, self.config_hash)
+            return
+        # What can fail comes first, undone on failure: nothing has changed yet then.
+        added = await self.server.add_listeners(hp for hp in new.listen if hp not in old.listen)
+        endpoints: list[HttpEndpoint] = []
+        try:
+            http, health = self.http, self.health
+            if new.http_listen != old.http_listen:
+                http = self._endpoint(new.http_listen, "/metrics /health /ready")
+                endpoints += [e for e in (http,) if e is not None]
+            if new.health_listen != old.health_listen:
+                health = self._endpoint(new.health_listen, "/health /ready /metrics")
+                endpoints += [e for e in (health,) if e is not None]
+        except OSError:
+            for endpoint in endpoints:
+                self._spawn(_stopped(endpoint), "dnsproxy-endpoint-stop")
+            self.server.remove_listeners(added)()
+            raise
+        # From here on nothing fails.
+        cache = self.cache
+        dropped = 0
+        changed = reloading.route_changed(old, new)
+        if changed is not None:
+            before = len(cache)
+            cache = await _rebuilt(cache, new.cache_max_entries, changed)
+            dropped = before - len(cache)
+        cache.max_entries = new.cache_max_entries
+        forwarder = Forwarder(new, cache)
+        previous = self.forwarder
+        self.server.reconfigure(new, cache, forwarder)
+        sources = self.metrics.sources
+        sources[sources.index(self.cache)] = cache
+        sources[sources.index(self.forwarder)] = forwarder
+        self.cache, self.forwarder = cache, forwarder
+        self._coredns_names(new)
+        removed = [hp for hp in old.listen if hp not in new.listen]
+        close_removed = self.server.remove_listeners(removed)
+        for before_ep, after_ep in ((self.http, http), (self.health, health)):
+            if before_ep is not None and before_ep is not after_ep:
+                self._spawn(_stopped(before_ep), "dnsproxy-endpoint-stop")
+        self.http, self.health = http, health
+        if (new.log.level, new.log.format) != (old.log.level, old.log.format):
+            setup_logging(new.log.level, new.log.format)
+        if self.node is not None and new.node is not None:
+            self.node.config = new.node  # only sync_interval_s and teardown may differ
+        self.config = new
+        before_hash, self.config_hash = self.config_hash, reloading.config_hash(new)
+        self.config_loaded_at = time.time()
+        self._start_watch()
+        log.info(
+            "reloaded (%s): configuration %s (was %s); listeners %d added, %d removed; %s",
+            why,
+            self.config_hash,
+            before_hash,
+            len(added),
+            len(removed),
+            f"cache kept ({len(cache)} entries)"
+            if changed is None
+            else f"{dropped} cached entries of names with other upstreams now dropped",
+        )
+        self._spawn(self._retire_forwarder(previous, close_removed), "dnsproxy-reload-drain")
+
+    async def _retire_forwarder(
+        self, forwarder: Forwarder, close_removed: Callable[[], None]
+    ) -> None:
+        """The replaced forwarder answers its in-flight questions, then closes; then so do
+        the listeners the reload removed (they carried some of those answers)."""
+        try:
+            await self._drain(forwarder)
+            await forwarder.close()
+        finally:
+            close_removed()
+
+    async def _drain_reloads(self) -> None:
+        drains = [t for t in self._tasks if t.get_name() == "dnsproxy-reload-drain"]
+        if drains:
+            await asyncio.gather(*drains, return_exceptions=True)
+
+    def _start_watch(self) -> None:
+        running = self._watch_task is not None and not self._watch_task.done()
+        if self.config_path is None or running or self.config.reload_watch_interval_s <= 0:
+            return
+        self._watch_task = asyncio.create_task(self._watch(), name="dnsproxy-config-watch")
+
+    async def _watch(self) -> None:
+        """Poll the config file; reload when it changed (also a ConfigMap symlink swap)."""
+        assert self.config_path is not None
+        while True:
+            interval = self.config.reload_watch_interval_s
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval)
+            seen = reloading.file_signature(self.config_path)
+            if seen is not None and seen != self._file_seen:
+                await self.reload("config file changed")
+
+    # -- state
+
+    def state_summary(self) -> str:
+        """One line on what this instance is doing (logged on SIGUSR1)."""
+        values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                values[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+
+        def value(name: str, **labels: str) -> int:
+            return int(values.get((name, tuple(sorted(labels.items()))), 0))
+
+        upstreams = []
+        for (name, labels), up in sorted(values.items()):
+            if name == "dnsproxy_upstream_up":
+                label = dict(labels)["upstream"]
+                upstreams.append(
+                    f"{label} {'up' if up else 'DOWN'} "
+                    f"({value('dnsproxy_upstream_open_connections', upstream=label)} conns, "
+                    f"{value('dnsproxy_upstream_inflight', upstream=label)} in flight)"
+                )
+        listeners = [str(hp) for hp in self.server.bound]
+        listeners += [
+            f"http {HostPort(*e.socket.getsockname()[:2])}"
+            for e in (self.http, self.health)
+            if e is not None
+        ]
+        kinds = ", ".join(
+            f"{kind} {value('dnsproxy_cache_entries', type=kind)}"
+            for kind in ("success", "denial", "servfail")
+        )
+        parts = [
+            f"pid {os.getpid()}, up {time.time() - self.started_at:.0f}s, "
+            f"{'ready' if self.ready else 'not ready'}, started by {self.started_by}",
+            f"config {self.config_hash} ({self.reloads} reloads, {self.reload_failures} refused)",
+            f"listeners {' '.join(listeners) or 'none'}",
+            f"cache {len(self.cache)}/{self.cache.max_entries} entries ({kinds}), "
+            f"{self.cache.bytes} bytes",
+            f"queries udp {value('dnsproxy_requests_total', proto='udp')} "
+            f"tcp {value('dnsproxy_requests_total', proto='tcp')}, "
+            f"hits {value('dnsproxy_cache_hits_total')}, "
+            f"misses {value('dnsproxy_cache_misses_total')}",
+            f"in flight {self.forwarder.inflight}, tcp clients {value('dnsproxy_tcp_clients')}",
+            f"upstreams {'; '.join(upstreams) or 'none'}",
+        ]
+        if self.node is not None:
+            parts.append(
+                f"node {self.node.backend} rules present {value('dnsproxy_node_rules_present')}"
+            )
+        return "state: " + "; ".join(parts)
+
+    # -- stop
 
     def hurry(self) -> None:
         """Cut the lameduck period short (a second SIGTERM)."""
@@ -164,52 +623,153 @@ class App:
         self.ready = False
         self._stopping = True
         lameduck = self.config.shutdown_lameduck_s
-        if lameduck > 0:
-            # Not ready, still serving: whatever watches /ready moves traffic away first.
+        if lameduck > 0 and not self.handed_over:
+            # Not ready, still serving: whatever watches /ready moves traffic away first. A
+            # successor may still take over meanwhile (then nothing is torn down).
             log.info("lameduck: /ready is 503, serving for %.1fs more", lameduck)
             self._hurry = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), lameduck)
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        async with self._reload_lock:
+            pass  # a reload under way ends first; none starts any more (_stopping)
+        async with self._handover_lock:
+            # A handover conversation has ended either way; none can start from here on.
+            self._tearing_down = not self.handed_over
+        if self.handed_over:
+            await self.replaced.wait()
+            await self._cancel_periodic()
+            await self._finish_tasks()
+            log.info("stopped")
+            return
+        if self._handover is not None:
+            self._handover.close()
+        await self._cancel_periodic()
         if self.node is not None:
             if self.node.config.teardown:
                 await self.node.teardown()
             else:
                 log.info("node teardown is off: rules and addresses stay in place")
         self.server.stop_listening()
-        grace = self.config.shutdown_grace_s
-        if not await self.forwarder.drain(grace):
-            abandoned = self.forwarder.abandon()
-            log.warning(
-                "%d questions still in flight after %.1fs: answered SERVFAIL", abandoned, grace
-            )
+        await self._drain(self.forwarder)
+        await self._drain_reloads()
         await self.server.close()
         await self.forwarder.close()
-        if self._beat is not None:
-            self._beat.cancel()
-        for endpoint in (self.http, self.health):
-            if endpoint is not None:
-                endpoint.stop()
+        await self._stop_endpoints()
+        await self._finish_tasks()
         log.info("stopped")
+
+    async def _cancel_periodic(self) -> None:
+        periodic = [self._sync_task, self._watch_task, self._handover_task]
+        periodic += [t for t in self._tasks if t.get_name() == "dnsproxy-handover-done"]
+        for task in periodic:
+            if task is not None:
+                task.cancel()
+        for task in periodic:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _finish_tasks(self) -> None:
+        """The bounded tasks left (drains, endpoint stops) finish before the loop ends."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
-        def on_signal() -> None:
+        def on_stop(sig: signal.Signals) -> None:
+            log.info("%s received", sig.name)
             if stop.is_set():
                 self.hurry()
             stop.set()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+        def on_ignored(sig: signal.Signals) -> None:
+            log.info("%s ignored (SIGHUP reloads, SIGUSR1 logs the state, SIGTERM stops)", sig.name)
+
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_stop, sig)
+        for sig in _IGNORED_SIGNALS:
+            loop.add_signal_handler(sig, on_ignored, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("%s", self.state_summary()))
         await self.start()
-        await stop.wait()
-        log.info("signal received, shutting down")
+        stopped = asyncio.ensure_future(stop.wait())
+        replaced = asyncio.ensure_future(self.replaced.wait())
+        try:
+            await asyncio.wait((stopped, replaced), return_when=asyncio.FIRST_COMPLETED)
+            if not stop.is_set() and self.config.handover.when_replaced == "wait":
+                await stopped
+        finally:
+            stopped.cancel()
+            replaced.cancel()
+        if stop.is_set():
+            log.info("signal received, shutting down")
         await self.stop()
+
+
+async def _rebuilt(cache: Cache, max_entries: int, drop: Callable[[bytes], bool]) -> Cache:
+    """A new cache with the entries of ``cache`` that ``drop`` keeps, in LRU order.
+
+    Built aside, with a turn for the event loop every few thousand entries (the old cache
+    serves meanwhile), then swapped in by the caller; the replaced forwarder's late
+    answers then land in the old one, never in this.
+    """
+    fresh = Cache(max_entries, cache.max_bytes)
+    for i, (key, entry) in enumerate(reloading.kept_entries(cache, drop), 1):
+        fresh.put(key, entry, entry.stored_at)
+        if i % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+    return fresh
+
+
+async def _stopped(endpoint: HttpEndpoint) -> None:
+    """Stop ``endpoint`` off the event loop (its server thread polls twice a second)."""
+    await asyncio.to_thread(endpoint.stop)
+
+
+class _Lifecycle:
+    """Reload and handover figures of a running :class:`App`, as a metric source."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        yield CounterMetricFamily(
+            "dnsproxy_reloads",
+            "Configuration reloads applied (SIGHUP or a changed file).",
+            value=app.reloads,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_reload_failures",
+            "Reloads refused (invalid file, restart-only change, address in use); "
+            "the running configuration stayed.",
+            value=app.reload_failures,
+        )
+        info = GaugeMetricFamily(
+            "dnsproxy_config_info", "Digest of the configuration in use.", labels=["hash"]
+        )
+        info.add_metric([app.config_hash], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "dnsproxy_config_loaded_timestamp_seconds",
+            "When the configuration in use was loaded (Unix time).",
+            value=app.config_loaded_at,
+        )
+        start = GaugeMetricFamily(
+            "dnsproxy_start_info",
+            "How this instance got its listeners: handover (from the instance it replaced) "
+            "or bind.",
+            labels=["how"],
+        )
+        start.add_metric([app.started_by], 1)
+        yield start
+        yield GaugeMetricFamily(
+            "dnsproxy_handover_cache_entries",
+            "Cache entries received from the replaced instance at start.",
+            value=app.handover_entries,
+        )
 
 
 class _JsonFormatter(logging.Formatter):
@@ -223,6 +783,10 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        # Structured lines (the per-query log) carry their values as fields of their own.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
         return json.dumps(out, separators=(",", ":"))
 
 
@@ -263,18 +827,28 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def _serve(config: Config, loop_name: str) -> None:
+async def _serve(
+    config: Config, loop_name: str, path: str | None, overrides: Overrides | None
+) -> None:
     tune_gc()
-    await App(config, loop_name).serve_until_signal()
+    await App(config, loop_name, path, overrides).serve_until_signal()
 
 
-def run(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; the exit code for the process."""
+def run(config: Config, path: str | None = None, overrides: Overrides | None = None) -> int:
+    """Run until stopped or replaced; the exit code for the process.
+
+    ``path`` and ``overrides`` are what ``config`` was loaded from, read again on reload.
+    """
+    # Until the event loop's handlers are in place, a reload or status signal must not
+    # end the process by its default action; SIGPIPE stays ignored for good (as Python
+    # sets it): a write to a closed socket is an error on that socket only.
+    for sig in (signal.SIGHUP, signal.SIGUSR1, *_IGNORED_SIGNALS, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
     setup_logging(config.log.level, config.log.format)
     name, factory = loop_factory()
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve(config, name))
+            runner.run(_serve(config, name, path, overrides))
     except LoopError as exc:
         for problem in exc.problems:
             log.error("refusing the configuration: %s", problem)

@@ -89,11 +89,9 @@ class Entry:
         self.prepared: wire.Prepared = (b"", b"", b"", b"", b"")
         # self.key, the key the entry is cached under, is set by Cache.put with owner.
         self.hits = 0  # cache hits, counted by the hit paths (prefetch wants popular ones)
-        # From this age on (whole seconds) a refresh would be due: the last tenth of the
-        # TTL, in the whole seconds the hit path ages by, and at least the last second (a
-        # TTL of 3 is due from age 2, one of 30 from 27). Only entries Cache.put gave an
-        # owner (the cache, with prefetch on) and a key are refreshed.
-        self.refresh_age = ttl_s - (ttl_s + 9) // 10
+        # From this age on (whole seconds) a refresh is due; set by Cache.put, with the
+        # entry's key and the cache that holds it (owner), when that cache prefetches.
+        self.refresh_age = _NEVER_AGE
         self.owner: Cache | None = None
         # When a refresh of this (expired) entry last failed and it was served stale.
         self.failed_at = _NEVER_FAILED
@@ -110,9 +108,7 @@ class Entry:
 
     def _refresh_due(self) -> None:
         owner = self.owner
-        if owner is None:
-            self.refresh_age = _NEVER_AGE  # not in a cache that prefetches
-        elif self.hits >= owner.prefetch_min_hits:
+        if owner is not None and self.hits >= owner.prefetch_min_hits:
             self.refresh_age = _NEVER_AGE  # one refresh per entry
             owner.refresh_due(self)
         # Else not popular enough yet: looked at again at the next second's cut, if any.
@@ -274,6 +270,10 @@ class Cache:
             if old is not None and old.kind != SERVFAIL and old.expires_at > now:
                 return False
         elif self.prefetch_min_hits:
+            # The last tenth of the TTL, in the whole seconds the hit path ages by, and at
+            # least the last second: a TTL of 3 is due from age 2, one of 30 from 27.
+            ttl_s = int(entry.expires_at - entry.stored_at)
+            entry.refresh_age = ttl_s - (ttl_s + 9) // 10
             entry.key = key
             entry.owner = self
         self._set(key, entry)

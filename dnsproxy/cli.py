@@ -4,8 +4,10 @@
 validates a file and prints every problem with its key path; ``dnsproxy node-setup
 --dry-run --config FILE`` prints the interface commands and the rules (iptables commands or
 nftables ruleset) the node role would apply; ``dnsproxy print-config [NAME]`` prints a
-configuration file shipped in the package (``--path``: where it is). Exit status 2 means the
-configuration (or the command line) is wrong.
+configuration file shipped in the package (``--path``: where it is); ``dnsproxy
+import-corefile FILE`` prints the configuration equivalent to a NodeLocal DNSCache Corefile
+(see :mod:`dnsproxy.corefile`). Exit status 2 means the configuration (or the command line)
+is wrong.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return _node_setup(args[1:])
     if args and args[0] == "print-config":
         return _print_config(args[1:])
+    if args and args[0] == "import-corefile":
+        from dnsproxy.corefile import main as import_corefile
+
+        return import_corefile(args[1:])
     return _run(args)
 
 
@@ -48,7 +54,8 @@ def _run(argv: list[str]) -> int:
         description="Node-local caching DNS forwarder. "
         "Subcommands: 'dnsproxy check-config FILE' validates a configuration file; "
         "'dnsproxy node-setup --dry-run --config FILE' prints the node rules it would apply; "
-        "'dnsproxy print-config [default|nodelocal|schema]' prints a shipped file.",
+        "'dnsproxy print-config [default|nodelocal|schema]' prints a shipped file; "
+        "'dnsproxy import-corefile FILE' converts a NodeLocal DNSCache Corefile.",
     )
     parser.add_argument("--version", action="version", version=f"dnsproxy {__version__}")
     parser.add_argument(
@@ -102,7 +109,8 @@ def _run(argv: list[str]) -> int:
     # depend on) the event loop and network stack.
     from dnsproxy.app import run
 
-    return run(config)
+    # The file and flags again: a reload (SIGHUP, or the file changed) reads them anew.
+    return run(config, parsed.config, overrides)
 
 
 def _check_config(argv: list[str]) -> int:

@@ -38,6 +38,7 @@ from dnsproxy.config_schema import (
 from dnsproxy.config_types import (
     CachePolicy,
     Config,
+    HandoverConfig,
     HostPort,
     IPNetwork,
     LogConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "CachePolicy",
     "Config",
     "ConfigError",
+    "HandoverConfig",
     "HostPort",
     "IPNetwork",
     "LogConfig",

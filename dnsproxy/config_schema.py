@@ -33,6 +33,7 @@ from typing import Any
 from dnsproxy.config_types import (
     CachePolicy,
     Config,
+    HandoverConfig,
     HostPort,
     LogConfig,
     NodeConfig,
@@ -50,6 +51,8 @@ DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 _MAX_TTL_S = 604800  # one week, the RFC 8767 ceiling on stale data and a sane cap on any TTL
 _MAX_SERVFAIL_TTL_S = 300  # RFC 2308 §7.1: SERVFAIL must not be cached longer than 5 minutes
 _DNS_PORT = 53  # the port the node rules cover, so the one a local IP must be served on
+_MAX_PIPELINED = 65535  # queries in flight on one connection: their IDs are 16 bits
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1; no '/', ':' or spaces
 _VAR_RE = re.compile(r"\$\{([^}]*)\}")
@@ -646,6 +649,23 @@ class OptionalIp(Reader):
 
 
 @dataclass(frozen=True)
+class UnixPath(Reader):
+    """An absolute path for a Unix socket (at most 107 bytes: sun_path), or null."""
+
+    def parse(self, value: object, ctx: _Context) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise BadValue(f"must be an absolute file path or null (got {_show(value)})")
+        if len(os.fsencode(value)) > _MAX_UNIX_PATH:
+            raise BadValue(f"a Unix socket path is at most {_MAX_UNIX_PATH} bytes long")
+        return str(value)
+
+    def schema(self) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string", "pattern": "^[/$]"}, {"type": "null"}]}
+
+
+@dataclass(frozen=True)
 class LocalIp(Reader):
     """A unicast IP address the node role puts on its interface."""
 
@@ -1104,10 +1124,11 @@ DOCUMENT = Section(
                     Key(
                         "max_inflight_per_connection",
                         # Query IDs are 16 bits and allocated per connection.
-                        Integer(1, 65535),
+                        Integer(1, _MAX_PIPELINED),
                         "Queries in flight at once on one connection (RFC 7766 "
                         "pipelining); query IDs are 16 bits. tcp_connections times this "
-                        "must be at least limits.max_inflight.",
+                        "must be at least limits.max_inflight; left out, it is 500 or as "
+                        "many as that takes.",
                     ),
                     Key(
                         "connect_timeout_s",
@@ -1233,6 +1254,23 @@ DOCUMENT = Section(
             "Logging to stderr.",
         ),
         Key(
+            "metrics",
+            Section(
+                (
+                    Key(
+                        "coredns_names",
+                        Boolean(),
+                        "Also export the CoreDNS / NodeLocal DNSCache metric names "
+                        "(coredns_dns_requests_total, coredns_cache_hits_total, ...) with "
+                        "their labels, so that dashboards and alerts written for node-cache "
+                        "keep working.",
+                        default=_field_default(Config, "metrics_coredns_names"),
+                    ),
+                )
+            ),
+            "What /metrics exports besides the dnsproxy_* families.",
+        ),
+        Key(
             "shutdown",
             Section(
                 (
@@ -1325,6 +1363,58 @@ DOCUMENT = Section(
             default=OFF,
             role="node",
         ),
+        Key(
+            "handover",
+            Section(
+                target=HandoverConfig,
+                keys=(
+                    Key(
+                        "path",
+                        UnixPath(),
+                        "Unix socket on which the running instance waits for its successor, "
+                        "which takes over its listening sockets and cache; an absolute path "
+                        "of at most 107 bytes, its directory created (0700) when missing. "
+                        "null: no handover.",
+                    ),
+                    Key(
+                        "timeout_s",
+                        Seconds(),
+                        "Longest wait for each message of the other instance, seconds; one "
+                        "that does not answer in time is left alone and this one binds.",
+                    ),
+                    Key(
+                        "cache",
+                        Boolean(),
+                        "The cache travels too, as a snapshot bounded by cache.max_entries "
+                        "and 64 MiB, each entry keeping its remaining TTL.",
+                    ),
+                    Key(
+                        "when_replaced",
+                        Choice(("exit", "wait")),
+                        "What the replaced instance does once its in-flight queries are "
+                        "answered: exit, or wait (serving nothing) until SIGTERM, as a "
+                        "Kubernetes container must (the kubelet restarts one that exits).",
+                    ),
+                ),
+            ),
+            "Zero-loss replacement of a running instance (an upgrade, a restart by hand).",
+        ),
+        Key(
+            "reload",
+            Section(
+                (
+                    Key(
+                        "watch_interval_s",
+                        Seconds(zero_ok=True),
+                        "Check the config file this often for a change (also through "
+                        "symlinks, as a ConfigMap volume swaps its ..data link), seconds; 0 "
+                        "disables the check (SIGHUP still reloads).",
+                        default=_field_default(Config, "reload_watch_interval_s"),
+                    ),
+                )
+            ),
+            "Live reload: SIGHUP, or a change of the config file, reloads it.",
+        ),
     ),
 )
 
@@ -1416,6 +1506,13 @@ def _pool_capacity(ctx: _Context, doc: Fields) -> None:
     inflight = limits.values["max_inflight"]
     if connections * per_connection >= inflight:
         return
+    if "max_inflight_per_connection" not in pool.given:
+        # Left to its default: sized to carry the limit, so that raising the limit alone
+        # is enough.
+        needed = -(-inflight // connections)
+        if needed <= _MAX_PIPELINED:
+            pool.values["max_inflight_per_connection"] = needed
+            return
     given = [key for key in ("max_inflight_per_connection", "tcp_connections") if key in pool.given]
     path = (
         pool.given[given[0]] if given else limits.given.get("max_inflight", "limits.max_inflight")
@@ -1576,6 +1673,9 @@ def _build(doc: Fields) -> Config:
         shutdown_grace_s=shutdown.values["grace_s"],
         shutdown_lameduck_s=shutdown.values["lameduck_s"],
         node=None if node is None else node.build(),
+        handover=v["handover"].build(),
+        reload_watch_interval_s=v["reload"].values["watch_interval_s"],
+        metrics_coredns_names=v["metrics"].values["coredns_names"],
     )
 
 

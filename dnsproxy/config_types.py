@@ -17,6 +17,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Transport = Literal["tcp", "udp"]
 Policy = Literal["sequential", "random", "round_robin"]
 RulesBackend = Literal["iptables", "nftables", "auto", "none"]
+WhenReplaced = Literal["exit", "wait"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,18 @@ class NodeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HandoverConfig:
+    """Zero-loss replacement of a running instance through a Unix socket (dnsproxy.handover)."""
+
+    path: str | None = None  # the Unix socket; None: no handover, bind as usual
+    timeout_s: float = 3.0  # wait for each message of the other instance at most this long
+    cache: bool = True  # the cache travels too (a bounded snapshot)
+    # What a replaced instance does once its in-flight queries are answered: exit, or wait
+    # for its SIGTERM without serving (a container that exits by itself is restarted).
+    when_replaced: WhenReplaced = "exit"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[HostPort, ...]
     zones: tuple[ZoneConfig, ...]
@@ -156,3 +169,9 @@ class Config:
     # After SIGTERM, /ready is 503 but queries are still served for this long.
     shutdown_lameduck_s: float = 0.0
     node: NodeConfig | None = None
+    handover: HandoverConfig = field(default_factory=HandoverConfig)
+    # Poll the config file this often and reload when it changed; 0 disables the watch.
+    reload_watch_interval_s: float = 5.0
+    # Also export the metric names of CoreDNS and node-cache (coredns_*), so that existing
+    # NodeLocal DNSCache dashboards and alerts keep working.
+    metrics_coredns_names: bool = False

@@ -183,6 +183,11 @@ class Forwarder:
         cache.on_due = self._refresh_due
         # Loop probes under way (see find_loops): probe name -> [zone, upstream, came back].
         self._loop_probes: dict[bytes, list[str | bool]] = {}
+        # The upstream whose reply (or failure) is being delivered, for the query log
+        # lines written inside the deliver callbacks; None outside a delivery. Kept only
+        # when queries are logged.
+        self.answering: str | None = None
+        self._log_queries = config.log.queries
         # The running loop, taken at the first miss: asyncio.get_running_loop() makes a
         # getpid() system call on every use (its fork check), several per miss.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -430,11 +435,16 @@ class Forwarder:
             del self._stale_due[key]
         if q.prefetch:
             self._prefetching -= 1
+        log_queries = self._log_queries
+        if log_queries:
+            self.answering = q.server.label if q.server is not None else None
         for deliver in q.waiters:
             try:
                 deliver(entry)
             except Exception:
                 log.exception("delivering an answer failed")
+        if log_queries:
+            self.answering = None
 
     # -- health probes
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import dnslib
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -140,6 +140,10 @@ class _HttpServer(ThreadingWSGIServer):
         # HTTPServer.server_bind asks socket.getfqdn(): a reverse DNS lookup at start-up,
         # which on a node whose resolver is this very proxy would wait on itself.
         socketserver.TCPServer.server_bind(self)
+        self.name_self()
+
+    def name_self(self) -> None:
+        """What server_bind sets besides binding (also for a socket taken over)."""
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
         self.setup_environ()
@@ -157,20 +161,37 @@ class HttpEndpoint:
     STALL_S = 2.0
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        sock: socket.socket | None = None,
     ) -> None:
+        """Bind ``host:port``, or serve the listening ``sock`` taken over from the instance
+        this one replaces. Raises OSError naming the address when it cannot be bound."""
         self._metrics = make_wsgi_app(registry)
         self._ready = ready
         self.heartbeat = time.monotonic()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_Server", (_HttpServer,), {"address_family": family})
         try:
-            self._server: WSGIServer = make_server(
-                host, port, self._app, server_class=server_class, handler_class=_QuietHandler
-            )
+            server = server_class((host, port), _QuietHandler, bind_and_activate=sock is None)
         except OSError as exc:
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise OSError(exc.errno, f"cannot bind HTTP {where}: {exc.strerror}") from None
+        if sock is not None:
+            server.socket.close()
+            server.socket = sock
+            server.server_address = sock.getsockname()
+            server.name_self()
+        # Non-blocking accept: during a handover both instances poll the same socket, and
+        # the one that loses the race for a connection must not block in accept() (it is
+        # told EAGAIN, which socketserver ignores). Accepted connections are blocking.
+        server.socket.setblocking(False)
+        server.set_app(self._app)
+        self._server: WSGIServer = server
+        self.socket: socket.socket = server.socket
         self.port: int = self._server.server_port
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dnsproxy-http", daemon=True

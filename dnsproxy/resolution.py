@@ -64,21 +64,27 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class LatencyHistogram:
-    """Upstream reply latency in buckets: plain ints, exported at scrape time.
+    """Latency in buckets (upper bounds ``bounds``): plain ints, exported at scrape time.
 
     prometheus_client's Histogram takes a lock and does several calls per observation;
     this one is only touched from the event loop thread, so a list of ints will do.
     """
 
-    __slots__ = ("counts", "total_s")
+    __slots__ = ("bounds", "counts", "total_s")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total_s = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total_s += seconds
+
+    def observe_many(self, seconds: float, n: int) -> None:
+        """Record ``n`` observations of the same duration (one batch of queries)."""
+        self.counts[bisect_left(self.bounds, seconds)] += n
+        self.total_s += seconds * n
 
 
 class ServerState:
@@ -103,6 +109,7 @@ class ServerState:
         "probe_failures",
         "probe_interval",
         "probing",
+        "rcodes",
         "recovered_at",
         "rng",
     )
@@ -111,6 +118,7 @@ class ServerState:
         self.label = label
         self.fails = 0
         self.latency = LatencyHistogram()
+        self.rcodes = [0] * 16  # well-formed replies by rcode (the header's 4 bits)
         self.last_reply = -NEVER  # when the server last sent a well-formed reply
         self.recovered_at = -NEVER  # when it was last marked up after being down
         self.probe_at = NEVER  # when the next probe is due
@@ -356,6 +364,7 @@ class Resolution(Generic[S]):
         server.last_reply = now
         if server.fails:
             server.succeeded(now)
+        server.rcodes[info.rcode] += 1
         if info.rcode in TRY_NEXT_RCODES:
             # Another server of the group may do better; keep this one as a fallback.
             self.last = info

@@ -12,29 +12,47 @@ import ipaddress
 import logging
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from dnsproxy import wire
 from dnsproxy.cache import Cache, Entry
 from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
-from dnsproxy.metrics import by_reason, qtype_name, rcode_name
+from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
+from dnsproxy.resolution import LatencyHistogram
 
 log = logging.getLogger(__name__)
 qlog = logging.getLogger("dnsproxy.query")
 
 _TCP_MAX_REPLY = 65535
+_TCP_BACKLOG = 1024
 _UDP_RCVBUF = 4 * 1024 * 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
+# Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
+# so that quantiles compare with those of coredns_dns_request_duration_seconds.
+REQUEST_DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))
+REQUEST_DURATION_HELP = (
+    "Time from a query's arrival to its answer, seconds. A forwarded query is timed on its "
+    "own; UDP queries answered from the cache in one socket read batch are each recorded "
+    "with the batch's duration, an upper bound on their own (time queued in the socket "
+    "before the batch is not seen)."
+)
 # A TCP frame still incomplete this long after its first byte came is abandoned and the
 # connection closed. A query fits in one segment and RFC 7766 §8 asks clients to write
 # the length and the message together, so only a stalled or hostile client takes
@@ -47,30 +65,45 @@ class ServerStats:
 
     __slots__ = (
         "dropped",
-        "hits",
+        "hits_by_kind",
         "invalid",
         "misses",
-        "qtypes",
         "rcodes",
         "refused_acl",
         "tcp_clients",
+        "tcp_qtypes",
         "tcp_requests",
+        "udp_qtypes",
         "udp_requests",
     )
 
     def __init__(self) -> None:
         self.udp_requests = 0
         self.tcp_requests = 0
-        self.hits = 0
+        # Cache hits by the entry's kind (cache.KIND_NAMES: success, denial, servfail).
+        self.hits_by_kind = [0, 0, 0]
         self.misses = 0
         self.refused_acl = 0
         self.tcp_clients = 0
-        self.qtypes = [0] * 65536
+        # Valid queries by type and transport (one list each, so that the pair per type
+        # is exact for coredns_dns_requests_total{proto,type} at no cost per query).
+        self.udp_qtypes = [0] * 65536
+        self.tcp_qtypes = [0] * 65536
         self.rcodes = [0] * 4096
         # Packets we did not answer, and queries answered with FORMERR/NOTIMP/BADVERS,
         # by reason. Keys come from a fixed set of reasons, so both stay small.
         self.dropped: dict[str, int] = {}
         self.invalid: dict[str, int] = {}
+
+    @property
+    def hits(self) -> int:
+        """Queries answered from the cache."""
+        return sum(self.hits_by_kind)
+
+    @property
+    def qtypes(self) -> list[int]:
+        """Valid queries by type, both transports (a new list, for scrapes)."""
+        return [u + t for u, t in zip(self.udp_qtypes, self.tcp_qtypes, strict=True)]
 
 
 class Acl(dict[str, bool]):
@@ -126,6 +159,10 @@ class _Handler:
         # stays this short. NEVER: never shed.
         self.shed_after_s = config.limits.shed_after_s or NEVER
         self.log_queries = config.log.queries
+        # Client-facing request durations. UDP queries answered in a read batch are each
+        # recorded with that batch's duration (see _UdpListener._readable); a forwarded query
+        # with the time from its arrival to its answer.
+        self.durations = LatencyHistogram(REQUEST_DURATION_BUCKETS)
         self.closing = False
         # Validated queries by their bytes after the ID: a repeated query (same name,
         # case, flags and OPT; only the ID differs) skips validation entirely.
@@ -168,13 +205,13 @@ class _Handler:
         peer: Any,
         tcp: bool,
         send: Callable[[bytes, Any], None],
-        deliver: Callable[[Any, bytes, bytes, int, int, Entry], None],
+        deliver: Callable[[Any, bytes, bytes, int, int, float, Entry], None],
     ) -> bool:
         """Answer a query the UDP fast path did not (or a TCP one); True when forwarded.
 
         Validation, ACL, cache lookup, refusals, each answered with ``send(reply, peer)``;
         a miss goes to the forwarder, which calls ``deliver(peer, key, data, qend, edns,
-        entry)`` once with the outcome.
+        started, entry)`` once with the outcome (``started``: when the query arrived).
         """
         stats = self.stats
         if parsed is None:
@@ -190,56 +227,104 @@ class _Handler:
             key, qend, edns, _limit, _hi, _ti, _mode, qtype = parsed
         if tcp:
             stats.tcp_requests += 1
+            stats.tcp_qtypes[qtype] += 1
         else:
             stats.udp_requests += 1
-        stats.qtypes[qtype] += 1
+            stats.udp_qtypes[qtype] += 1
         if self.acl is not None and not self.acl[peer[0]]:
             send(self.refuse(data, qend, edns), peer)
             return False
         now = time.monotonic()
         entry = self.cache.get(key, now)
         if entry is not None:
-            stats.hits += 1
+            stats.hits_by_kind[entry.kind] += 1
             stats.rcodes[entry.rcode] += 1
             limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
             send(entry.answer(data, qend, edns, now, limit), peer)
             if parsed is None:
                 self.remember(data, key, qend, edns, qtype)
+            if tcp:
+                # UDP hits are recorded per read batch by the listener.
+                self.durations.observe(time.monotonic() - now)
             if self.log_queries:
-                self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "cache")
+                proto = "tcp" if tcp else "udp"
+                self.log_query(peer, proto, key, entry.rcode, time.monotonic() - now)
             return False
         stats.misses += 1
         if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
             stats.rcodes[wire.REFUSED] += 1
             send(wire.error_reply(data, wire.REFUSED, qend, edns), peer)
             return False
-        self.forwarder.submit(key, data, qend, partial(deliver, peer, key, data, qend, edns), now)
+        deliver_miss = partial(deliver, peer, key, data, qend, edns, now)
+        self.forwarder.submit(key, data, qend, deliver_miss, now)
         return True
 
     def delivered(
-        self, peer: Any, tcp: bool, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+        self,
+        peer: Any,
+        tcp: bool,
+        key: bytes,
+        data: bytes,
+        qend: int,
+        edns: int,
+        started: float,
+        entry: Entry,
     ) -> bytes:
-        """The reply to a miss whose resolution ended with ``entry``, counted and logged."""
+        """The reply to a miss that arrived at ``started`` and whose resolution ended with
+        ``entry``, counted, timed and logged."""
         self.stats.rcodes[entry.rcode] += 1
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-        reply = entry.answer_once(data, qend, edns, time.monotonic(), limit)
+        now = time.monotonic()
+        reply = entry.answer_once(data, qend, edns, now, limit)
+        # LatencyHistogram.observe inlined: this runs for every miss.
+        durations = self.durations
+        durations.counts[bisect_left(durations.bounds, now - started)] += 1
+        durations.total_s += now - started
         if self.log_queries:
-            self.log_query(peer, "tcp" if tcp else "udp", key, entry.rcode, "upstream")
+            upstream = self.forwarder.answering
+            proto = "tcp" if tcp else "udp"
+            self.log_query(peer, proto, key, entry.rcode, now - started, upstream, hit=False)
         return reply
 
-    def log_query(self, peer: Any, proto: str, key: bytes, rcode: int, source: str) -> None:
+    def log_query(
+        self,
+        peer: Any,
+        proto: str,
+        key: bytes,
+        rcode: int,
+        duration_s: float,
+        upstream: str | None = None,
+        *,
+        hit: bool = True,
+    ) -> None:
+        """One ``dnsproxy.query`` line: logfmt-like text, and the same as fields
+        (``record.fields``) for the JSON format. ``upstream``: the server that answered a
+        miss (None for a hit, or a miss answered without one, such as a refusal)."""
         try:
             name = wire.read_name(key, 0)
         except wire.WireError:
             name = "?"
+        fields = {
+            "client": peer[0] if isinstance(peer, tuple) else str(peer),
+            "proto": proto,
+            "name": name,
+            "type": qtype_name(wire.key_qtype(key)),
+            "rcode": rcode_name(rcode),
+            "cache": "hit" if hit else "miss",
+            "upstream": upstream,
+            "duration_s": round(duration_s, 6),
+        }
         qlog.info(
-            "%s %s %s type=%d rcode=%d %s",
-            peer[0] if isinstance(peer, tuple) else peer,
+            "client=%s proto=%s name=%s type=%s rcode=%s cache=%s upstream=%s duration_ms=%.3f",
+            fields["client"],
             proto,
             name,
-            wire.key_qtype(key),
-            rcode,
-            source,
+            fields["type"],
+            fields["rcode"],
+            fields["cache"],
+            upstream or "-",
+            duration_s * 1000,
+            extra={"fields": fields},
         )
 
 
@@ -266,6 +351,11 @@ class _UdpListener:
             pass
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
+    def pause(self) -> None:
+        """Stop reading; the socket stays open for answers to queries already read."""
+        if not self.closed:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -283,8 +373,9 @@ class _UdpListener:
         monotonic = time.monotonic
         join = b"".join
         acl = h.acl
-        qtypes = stats.qtypes
+        qtypes = stats.udp_qtypes
         rcodes = stats.rcodes
+        hits = stats.hits_by_kind
         # One clock read per batch: ages are in whole seconds and a batch takes
         # well under a millisecond.
         now = monotonic()
@@ -294,14 +385,16 @@ class _UdpListener:
         forwarder = h.forwarder
         shed = now - self.backlog_since > h.shed_after_s
         forwarder.overloaded = shed
+        # Queries answered in this batch, not forwarded, go in the duration histogram at
+        # the end, each with the whole batch's duration: an upper bound on its own time in
+        # dnsproxy, for one more clock read per batch instead of two per query.
+        answered = stats.udp_requests - stats.misses
         for _ in range(_UDP_BATCH):
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
             except (BlockingIOError, InterruptedError):
                 self.backlog_since = NEVER
-                if shed:
-                    forwarder.overloaded = False
-                return
+                break
             except OSError:
                 # ICMP errors for earlier replies surface here; the socket is fine.
                 _count(stats.dropped, "udp_recv_error")
@@ -316,7 +409,7 @@ class _UdpListener:
                 if entry is not None and entry.expires_at > now and (acl is None or acl[addr[0]]):
                     touch(key)
                     stats.udp_requests += 1
-                    stats.hits += 1
+                    hits[entry.kind] += 1
                     entry.hits += 1
                     qtypes[qtype] += 1
                     rcodes[entry.rcode] += 1
@@ -334,7 +427,7 @@ class _UdpListener:
                     except OSError as exc:
                         self._send_failed(exc)
                     if h.log_queries:
-                        h.log_query(addr, "udp", key, entry.rcode, "cache")
+                        h.log_query(addr, "udp", key, entry.rcode, monotonic() - now)
                     continue
             try:
                 h.serve(data, parsed, addr, False, self.send, self._deliver)
@@ -342,11 +435,15 @@ class _UdpListener:
                 # A bug must cost one query, not the rest of the batch or the listener.
                 _count(stats.dropped, "internal_error")
                 log.exception("query from %s failed", addr)
-        # A full batch: the socket may hold more, read at the loop's next turn.
-        if self.backlog_since == NEVER:
-            self.backlog_since = now
+        else:
+            # A full batch: the socket may hold more, read at the loop's next turn.
+            if self.backlog_since == NEVER:
+                self.backlog_since = now
         if shed:
             forwarder.overloaded = False
+        answered = stats.udp_requests - stats.misses - answered
+        if answered:
+            h.durations.observe_many(monotonic() - now, answered)
 
     def _send_failed(self, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):
@@ -361,12 +458,19 @@ class _UdpListener:
             self._send_failed(exc)
 
     def _deliver(
-        self, addr: Any, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+        self,
+        addr: Any,
+        key: bytes,
+        data: bytes,
+        qend: int,
+        edns: int,
+        started: float,
+        entry: Entry,
     ) -> None:
         if self.closed:
             _count(self.stats.dropped, "listener_closed")
             return
-        self.send(self.h.delivered(addr, False, key, data, qend, edns, entry), addr)
+        self.send(self.h.delivered(addr, False, key, data, qend, edns, started, entry), addr)
 
 
 class _ClientConnection(asyncio.Protocol):
@@ -545,20 +649,36 @@ class _ClientConnection(asyncio.Protocol):
             self.pending -= 1
 
     def _deliver(
-        self, peer: Any, key: bytes, data: bytes, qend: int, edns: int, entry: Entry
+        self,
+        peer: Any,
+        key: bytes,
+        data: bytes,
+        qend: int,
+        edns: int,
+        started: float,
+        entry: Entry,
     ) -> None:
         self.pending -= 1
         if self.closed:
             _count(self.stats.dropped, "tcp_client_gone")
             return
         self.last_activity = time.monotonic()
-        self._send(self.h.delivered(self.peer, True, key, data, qend, edns, entry))
+        self._send(self.h.delivered(self.peer, True, key, data, qend, edns, started, entry))
         # Frames held back by the pipelining limit may now be handled.
         self._process()
 
 
+@dataclass(slots=True)
+class _Listener:
+    """The UDP and TCP sockets of one listen address, and what serves them."""
+
+    udp: _UdpListener
+    tcp: asyncio.Server
+    tcp_sock: socket.socket  # kept for its file descriptor, which a handover passes on
+
+
 class DnsServer:
-    """Every listener of one process; start binds them all or none."""
+    """Every listener of one process; start binds (or adopts) them all or none."""
 
     def __init__(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
         self.handler = _Handler(config, cache, forwarder)
@@ -567,9 +687,10 @@ class DnsServer:
         self._per_source: dict[str, int] = {}  # client slots held, by source address
         self._max_tcp_clients = config.limits.max_tcp_clients
         self._max_per_source = config.limits.max_tcp_clients_per_source
-        self._udp: list[_UdpListener] = []
-        self._tcp: list[asyncio.Server] = []
-        self.bound: list[HostPort] = []
+        self._listeners: dict[HostPort, _Listener] = {}  # by configured address
+        # Listeners taken out of service (a reload dropped their address) that still send
+        # the answers to queries they read before (see remove_listeners).
+        self._retired: list[_Listener] = []
 
     def take_slot(self, conn: _ClientConnection) -> str | None:
         """Give ``conn`` a client slot; None, or the reason (a drop counter) it gets none."""
@@ -635,69 +756,199 @@ class DnsServer:
         yield CounterMetricFamily(
             "dnsproxy_cache_misses", "Queries not answered from the cache.", value=s.misses
         )
+        durations = self.handler.durations
+        h = HistogramMetricFamily("dnsproxy_request_duration_seconds", REQUEST_DURATION_HELP)
+        h.add_metric([], buckets(durations.bounds, durations.counts.copy()), durations.total_s)
+        yield h
 
-    async def start(self) -> list[HostPort]:
-        loop = asyncio.get_running_loop()
+    @property
+    def bound(self) -> list[HostPort]:
+        """The addresses served, with port 0 of the config resolved to the real port."""
+        return [_local(listener.udp.sock) for listener in self._listeners.values()]
+
+    async def start(self, inherited: Inherited | None = None) -> list[HostPort]:
+        """Serve every configured address: adopt (and take out of ``inherited``) the
+        sockets from a handover that match one, bind the others. All or none: raises
+        OSError naming the address that could not be bound, with nothing left open."""
         try:
-            for hp in self.handler.config.listen:
-                self.bound.append(await self._bind(loop, hp))
+            await self.add_listeners(self.handler.config.listen, inherited)
         except BaseException:
             await self.close()
             raise
         return self.bound
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, hp: HostPort) -> HostPort:
-        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-        # Port 0 (tests): take the kernel's UDP port and bind TCP to the same number.
-        for _ in range(20):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setblocking(False)
-                sock.bind((hp.host, hp.port))
-            except OSError as exc:
-                sock.close()
-                raise OSError(exc.errno, f"cannot bind UDP {hp}: {exc.strerror}") from None
-            except BaseException:
-                sock.close()
-                raise
-            port = sock.getsockname()[1]
-            try:
-                server = await loop.create_server(
-                    lambda: _ClientConnection(self.handler, self),
-                    hp.host,
-                    port,
-                    family=family,
-                    reuse_address=True,
-                    backlog=1024,
-                )
-            except OSError:
-                sock.close()
-                if hp.port:
-                    raise
-                continue
-            self._udp.append(_UdpListener(self.handler, sock))
-            self._tcp.append(server)
-            log.info("listening on %s (udp, tcp)", HostPort(hp.host, port))
-            return HostPort(hp.host, port)
-        raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+    async def add_listeners(
+        self, addresses: Iterable[HostPort], inherited: Inherited | None = None
+    ) -> list[HostPort]:
+        """Start serving ``addresses`` (those not served yet); the ones added.
+
+        All or none: when one cannot be bound, the ones this call added are closed again
+        and OSError names the address.
+        """
+        loop = asyncio.get_running_loop()
+        added: list[HostPort] = []
+        try:
+            for hp in addresses:
+                if hp in self._listeners:
+                    continue
+                self._listeners[hp] = await self._listen(loop, hp, inherited or {})
+                added.append(hp)
+        except BaseException:
+            for hp in added:
+                self._close_listener(self._listeners.pop(hp))
+            raise
+        return added
+
+    def remove_listeners(self, addresses: Iterable[HostPort]) -> Callable[[], None]:
+        """Stop reading and accepting on ``addresses``; their UDP sockets stay open for the
+        answers still in flight. Returns what closes them, once those are out."""
+        removed: list[_Listener] = []
+        for hp in addresses:
+            listener = self._listeners.pop(hp, None)
+            if listener is not None:
+                listener.udp.pause()
+                listener.tcp.close()
+                removed.append(listener)
+                log.info("stopped listening on %s", _local(listener.udp.sock))
+        self._retired += removed
+
+        def close_removed() -> None:
+            for listener in removed:
+                if listener in self._retired:
+                    self._retired.remove(listener)
+                    self._close_listener(listener)
+
+        return close_removed
+
+    async def _listen(
+        self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
+    ) -> _Listener:
+        udp = inherited.pop(("udp", hp), None)
+        tcp = inherited.pop(("tcp", hp), None)
+        adopted = udp is not None and tcp is not None
+        if udp is None or tcp is None:
+            # A half handed over (never sent, but cheap to allow) is bound afresh.
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
+            udp, tcp = _bind_pair(hp)
+        try:
+            server = await loop.create_server(
+                lambda: _ClientConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
+            )
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        where = _local(udp)
+        log.info("listening on %s (udp, tcp%s)", where, ", taken over" if adopted else "")
+        return _Listener(_UdpListener(self.handler, udp), server, tcp)
+
+    def sockets(self) -> dict[tuple[str, HostPort], socket.socket]:
+        """The listening sockets by kind and bound address, for a handover."""
+        out: dict[tuple[str, HostPort], socket.socket] = {}
+        for listener in self._listeners.values():
+            hp = _local(listener.udp.sock)
+            out["udp", hp] = listener.udp.sock
+            out["tcp", hp] = listener.tcp_sock
+        return out
+
+    def reconfigure(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
+        """Serve with a reloaded ``config``, its ``cache`` and ``forwarder`` from the next
+        query on (the fast path reads them once per batch).
+
+        Listeners are not touched (see :meth:`add_listeners`/:meth:`remove_listeners`);
+        TCP clients already connected keep their pipelining and idle limits; the client
+        slot limits apply to new connections.
+        """
+        self._max_tcp_clients = config.limits.max_tcp_clients
+        self._max_per_source = config.limits.max_tcp_clients_per_source
+        h = self.handler
+        h.config = config
+        h.cache = cache
+        h.forwarder = forwarder
+        h.acl = Acl(config.allow) if config.allow else None
+        h.max_udp = config.limits.udp_payload_size
+        h.shed_after_s = config.limits.shed_after_s or NEVER
+        h.log_queries = config.log.queries
+        # Memoized queries carry a reply limit from the old udp_payload_size.
+        h.memo = {}
+        h.memo_max = max(1024, config.cache_max_entries)
+
+    def pause(self) -> None:
+        """Stop reading UDP and accepting TCP, keeping the sockets: after a handover the
+        new instance reads what is queued. Answers still in flight go out as usual."""
+        for listener in self._listeners.values():
+            listener.udp.pause()
+            listener.tcp.close()
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""
         self.handler.closing = True
-        for server in self._tcp:
-            server.close()
+        for listener in self._listeners.values():
+            listener.tcp.close()
+
+    def _close_listener(self, listener: _Listener) -> None:
+        listener.tcp.close()
+        listener.udp.close()
 
     async def close(self) -> None:
         self.handler.closing = True
-        for server in self._tcp:
-            server.close()
+        listeners = [*self._listeners.values(), *self._retired]
+        for listener in listeners:
+            listener.tcp.close()
         for conn in list(self.connections):
             conn.close()
-        for listener in self._udp:
-            listener.close()
-        for server in self._tcp:
-            await server.wait_closed()
-        self._udp.clear()
-        self._tcp.clear()
+        for listener in listeners:
+            listener.udp.close()
+        for listener in listeners:
+            await listener.tcp.wait_closed()
+        self._listeners.clear()
+        self._retired.clear()
+
+
+# Listening sockets handed over between instances, by kind ("udp", "tcp", "http") and the
+# address they are bound to. A listener that adopts one takes it out of the mapping.
+Inherited = dict[tuple[str, HostPort], socket.socket]
+
+
+def _local(sock: socket.socket) -> HostPort:
+    addr = sock.getsockname()
+    return HostPort(addr[0], addr[1])
+
+
+def _bind_pair(hp: HostPort) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a listening TCP socket on ``hp``; port 0 picks one free for both."""
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    for _ in range(20):
+        udp = _socket(family, socket.SOCK_DGRAM, hp, "UDP")
+        port = udp.getsockname()[1]
+        try:
+            tcp = _socket(family, socket.SOCK_STREAM, HostPort(hp.host, port), "TCP")
+        except OSError:
+            udp.close()
+            if hp.port:
+                raise
+            continue
+        return udp, tcp
+    raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
+
+
+def _socket(family: int, kind: int, hp: HostPort, name: str) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        sock.bind((hp.host, hp.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(_TCP_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind {name} {hp}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

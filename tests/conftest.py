@@ -122,6 +122,17 @@ def dnsproxy_cmd(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
     )
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``; safe to repeat."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+
 def undocumented_keys(yaml_file: Path) -> list[str]:
     """The key lines of ``yaml_file`` with no comment on the line right above them."""
     lines = yaml_file.read_text().splitlines()

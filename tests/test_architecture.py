@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "dnsproxy"
 
 # Sans-IO: they take `now` and bytes, and never touch a socket, the loop or the clock.
-NO_IO = ("wire", "cache", "framing", "pipeline", "resolution", "config")
+NO_IO = ("wire", "cache", "framing", "pipeline", "resolution", "config", "reload")
 IO_MODULES = {"asyncio", "socket", "selectors", "time", "threading", "subprocess", "uvloop"}
 
 

@@ -21,6 +21,7 @@ from dnsproxy.config import (
     CachePolicy,
     Config,
     ConfigError,
+    HandoverConfig,
     HostPort,
     LogConfig,
     Overrides,
@@ -540,6 +541,8 @@ def test_minimal_document_takes_every_default() -> None:
     assert config.limits == ServerLimits()
     assert config.log == LogConfig()
     assert config.shutdown_grace_s == 5.0
+    assert config.handover == HandoverConfig()
+    assert config.reload_watch_interval_s == 5.0
     [zone] = config.zones
     assert (zone.policy, zone.try_timeout_s, zone.deadline_s) == ("sequential", 1.0, 2.0)
     assert zone.upstreams == (tcp("127.0.0.1", 5300),)
@@ -878,6 +881,9 @@ def test_shipped_config_is_valid() -> None:
     assert config.limits == ServerLimits()
     assert config.log == LogConfig()
     assert config.shutdown_grace_s == 5.0
+    assert config.handover == HandoverConfig()
+    assert config.reload_watch_interval_s == 5.0
+    assert config.metrics_coredns_names is False
 
 
 def test_shipped_config_lists_every_key() -> None:
@@ -893,7 +899,11 @@ def test_shipped_config_lists_every_key() -> None:
         "loop_check",
         "log",
         "shutdown",
+        "handover",
+        "reload",
+        "metrics",
     }
+    assert set(raw["metrics"]) == {"coredns_names"}
     assert set(raw["acl"]) == {"allow"}
     assert set(raw["cache"]) == {
         "max_entries",

@@ -535,11 +535,21 @@ async def test_log_queries_writes_one_line_per_query(caplog: pytest.LogCaptureFi
         await ask_udp(app, "www.example.")
         await ask_udp(app, "www.example.")
         await ask_tcp(app, "nothere.example.", "AAAA")
-    lines = [r.getMessage() for r in caplog.records if r.name == "dnsproxy.query"]
-    assert len(lines) == 3
-    assert "www.example." in lines[0] and "upstream" in lines[0]
-    assert "cache" in lines[1]
-    assert "tcp" in lines[2] and "rcode=3" in lines[2]
+    records = [r for r in caplog.records if r.name == "dnsproxy.query"]
+    assert len(records) == 3
+    upstream = f"tcp://127.0.0.1:{_fake.port}"
+    first, second, third = (getattr(r, "fields", None) for r in records)
+    assert first is not None and second is not None and third is not None
+    assert first["name"] == "www.example." and first["type"] == "A"
+    assert first["cache"] == "miss" and first["upstream"] == upstream
+    assert first["rcode"] == "NOERROR" and first["proto"] == "udp"
+    assert second["cache"] == "hit" and second["upstream"] is None
+    assert third["proto"] == "tcp" and third["rcode"] == "NXDOMAIN" and third["type"] == "AAAA"
+    assert first["client"] == "127.0.0.1"
+    assert all(0 <= f["duration_s"] < 2 for f in (first, second, third))
+    # The text form says the same in words.
+    text = records[2].getMessage()
+    assert "proto=tcp" in text and "rcode=NXDOMAIN" in text and f"upstream={upstream}" in text
 
 
 async def test_no_query_lines_by_default(caplog: pytest.LogCaptureFixture) -> None:

@@ -32,6 +32,17 @@ CONTRACT = {
     ("dnsproxy_cache_hits", "counter", "dnsproxy_cache_hits_total", ()),
     ("dnsproxy_cache_misses", "counter", "dnsproxy_cache_misses_total", ()),
     ("dnsproxy_coalesced", "counter", "dnsproxy_coalesced_total", ()),
+    ("dnsproxy_config_info", "gauge", "dnsproxy_config_info", ("hash",)),
+    (
+        "dnsproxy_config_loaded_timestamp_seconds",
+        "gauge",
+        "dnsproxy_config_loaded_timestamp_seconds",
+        (),
+    ),
+    ("dnsproxy_handover_cache_entries", "gauge", "dnsproxy_handover_cache_entries", ()),
+    ("dnsproxy_reload_failures", "counter", "dnsproxy_reload_failures_total", ()),
+    ("dnsproxy_reloads", "counter", "dnsproxy_reloads_total", ()),
+    ("dnsproxy_start_info", "gauge", "dnsproxy_start_info", ("how",)),
     ("dnsproxy_dropped", "counter", "dnsproxy_dropped_total", ("reason",)),
     ("dnsproxy_forward_rejects", "counter", "dnsproxy_forward_rejects_total", ("reason",)),
     ("dnsproxy_inflight", "gauge", "dnsproxy_inflight", ()),
@@ -71,6 +82,27 @@ CONTRACT = {
             ("dnsproxy_upstream_request_duration_seconds_bucket", ("le", "upstream")),
             ("dnsproxy_upstream_request_duration_seconds_count", ("upstream",)),
             ("dnsproxy_upstream_request_duration_seconds_sum", ("upstream",)),
+        )
+    ),
+    # The client-facing request duration (the dashboard's latency panel).
+    *(
+        ("dnsproxy_request_duration_seconds", "histogram", name, labels)
+        for name, labels in (
+            ("dnsproxy_request_duration_seconds_bucket", ("le",)),
+            ("dnsproxy_request_duration_seconds_count", ()),
+            ("dnsproxy_request_duration_seconds_sum", ()),
+        )
+    ),
+    # prometheus-client's process collector (the dashboard's memory panel).
+    ("process_cpu_seconds", "counter", "process_cpu_seconds_total", ()),
+    *(
+        (name, "gauge", name, ())
+        for name in (
+            "process_max_fds",
+            "process_open_fds",
+            "process_resident_memory_bytes",
+            "process_start_time_seconds",
+            "process_virtual_memory_bytes",
         )
     ),
 }

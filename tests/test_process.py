@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
 EXIT_TIMEOUT_S = 10.0
+
+_serial = itertools.count()
 
 RECORDS: dict[tuple[str, str], list[str]] = {
     ("www.example.", "A"): ["169.254.1.1"],
@@ -83,9 +86,17 @@ def metric_value(text: str, sample: str) -> float:
 class DnsProxyProcess:
     """``python -m dnsproxy`` on free loopback ports; stderr goes to a file for inspection."""
 
-    def __init__(self, tmp_path: Path, *args: str, loop: str | None = None) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: str,
+        loop: str | None = None,
+        port: int | None = None,
+        http_port: int | None = None,
+    ) -> None:
+        # Given ports: a successor of a running instance, which takes over its sockets.
+        self.port = port or free_port()
+        self.http_port = http_port or free_port()
         cmd = [
             *(sys.executable, "-m", "dnsproxy", "--log-level", "info"),
             *("--listen", f"{HOST}:{self.port}", "--http-listen", f"{HOST}:{self.http_port}"),
@@ -94,7 +105,7 @@ class DnsProxyProcess:
         env = dict(os.environ)
         if loop is not None:
             env["DNSPROXY_LOOP"] = loop
-        self.stderr_path = tmp_path / f"dnsproxy-{self.port}.stderr"
+        self.stderr_path = tmp_path / f"dnsproxy-{self.port}-{next(_serial)}.stderr"
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
             cmd,
@@ -270,8 +281,8 @@ async def test_answers_queries_and_serves_health_ready_metrics(tmp_path: Path) -
     assert metric_value(metrics, build_info) == 1.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="udp"}') == 2.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="tcp"}') == 1.0
-    # The three queries, and the loop probe sent at start.
-    assert metric_value(metrics, f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}}') == 4
+    assert metric_value(metrics, f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}}') == 3
+    # The upstream saw those and the loop probe sent at start (through a pool of its own).
     assert [q.question[0].rdtype for _, q in fake.queries].count(dns.rdatatype.HINFO) == 1
     # The default transport towards the upstream is TCP, whatever the client used.
     assert [transport for transport, _ in fake.queries] == ["tcp"] * 4
@@ -440,7 +451,7 @@ async def test_shipped_config_with_flag_overrides(tmp_path: Path) -> None:
     upstream_lines = [
         line for line in metrics.splitlines() if line.startswith("dnsproxy_upstream_queries_total{")
     ]
-    assert upstream_lines == [f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}} 2.0']
+    assert upstream_lines == [f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}} 1.0']
     # The file's [::1]:5353 listener was replaced by --listen (port 5353 may be anyone's).
     assert f"listening on {HOST}:{proxy.port}" in proxy.stderr
     assert ":5353" not in proxy.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+from pathlib import Path
 from typing import Any
 
 import dns.asyncquery
@@ -21,6 +22,8 @@ import dns.rdatatype
 import pytest
 from conftest import RECORDS, make_config, running, wait_for
 from fakeupstream import Action, Close, Delay, Drop, FakeUpstream, zone_handler
+from test_process import free_port
+from test_reload import app_from, doc_for, write
 
 from dnsproxy.app import App
 from dnsproxy.cache import STALE_TTL_S
@@ -234,6 +237,10 @@ def test_the_pool_must_carry_the_limit_on_queries_in_flight() -> None:
     config = parse_config({"zones": zones}, env={})
     pool = config.upstream
     assert pool.tcp_connections * pool.max_inflight_per_connection >= config.limits.max_inflight
+    # Raising the limit alone sizes the pool to carry it...
+    raised_limit = parse_config({"zones": zones, "limits": {"max_inflight": 5000}}, env={})
+    assert raised_limit.upstream.max_inflight_per_connection == 2500
+    # ... but a pool set too small for it is refused.
     with pytest.raises(ConfigError) as raised:
         parse_config({"zones": zones, "upstream": {"max_inflight_per_connection": 100}}, env={})
     assert raised.value.problems == [
@@ -267,9 +274,11 @@ async def test_a_connection_reset_with_queries_in_flight_does_not_mark_the_serve
 async def test_a_zone_whose_upstream_forwards_back_is_refused_at_start() -> None:
     """The looping upstream relays every query to the proxy; the other one answers."""
     holder: dict[str, App] = {}
+    relayed_to: list[int] = []
 
     async def relay(query: dns.message.Message, transport: str) -> Action:
         hp = holder["app"].listen[0]
+        relayed_to.append(hp.port)
         return await dns.asyncquery.udp(query, hp.host, port=hp.port, timeout=3)
 
     async with (
@@ -291,9 +300,8 @@ async def test_a_zone_whose_upstream_forwards_back_is_refused_at_start() -> None
         # The zone's own probe went to the good upstream, which answered: no loop there.
         assert [q.question[0].rdtype for _, q in good.queries] == [dns.rdatatype.HINFO]
         # Nothing is left listening: the port is free again.
-        hp = app.server.bound[0]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((hp.host, hp.port))
+            sock.bind(("127.0.0.1", relayed_to[0]))
 
 
 async def test_no_loop_starts_as_usual() -> None:
@@ -304,3 +312,32 @@ async def test_no_loop_starts_as_usual() -> None:
             assert app.forwarder.stats.loop_probes_back == 0
     kinds = [q.question[0].rdtype for _, q in fake.queries]
     assert kinds == [dns.rdatatype.HINFO, dns.rdatatype.A]
+
+
+async def test_a_reload_to_a_looping_configuration_is_refused_and_the_old_one_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+
+    async def relay(query: dns.message.Message, transport: str) -> Action:
+        return await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=3)
+
+    path = tmp_path / "dnsproxy.yaml"
+    async with (
+        FakeUpstream(zone_handler(RECORDS)) as good,
+        FakeUpstream(relay) as looping,  # type: ignore[arg-type]
+    ):
+        write(path, doc_for(good.port, [f"127.0.0.1:{port}"]))
+        async with app_from(path) as app:
+            doc = doc_for(good.port, [f"127.0.0.1:{port}"])
+            loop_zone = {"zone": "loop.example", "upstreams": [f"127.0.0.1:{looping.port}"]}
+            doc["zones"].append(loop_zone)
+            write(path, doc)
+            assert not await app.reload("test")
+            assert app.reload_failures == 1
+            assert address(await ask(app)) == "169.254.1.1"
+            assert [z.zone for z in app.config.zones] == ["."]
+    assert (
+        f"reload (test) refused: zone loop.example.: upstream tcp://127.0.0.1:{looping.port} "
+        "sends queries back to this proxy" in caplog.text
+    )

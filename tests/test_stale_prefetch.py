@@ -249,3 +249,13 @@ def test_an_upstream_servfail_gives_way_to_the_stale_answer() -> None:
     assert r.next_try(NOW + 60.2) is None
     stale, cacheable = r.failure(NOW + 60.2)
     assert stale.rcode == dns.rcode.NOERROR and not cacheable
+
+
+def test_the_refresh_age_comes_from_the_lifetime_the_entry_has_when_stored() -> None:
+    """As for entries restored from a handover snapshot: built, then given their expiry."""
+    c = Cache(10)
+    c.prefetch_min_hits = 1
+    e = entry_for(0)
+    e.expires_at = e.stored_at + 30
+    c.put(key(), e, NOW)
+    assert e.refresh_age == 27
