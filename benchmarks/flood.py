@@ -139,6 +139,66 @@ def side_client(port: int, name: str, duration_s: float, out: Path) -> None:
     )
 
 
+# -- the flood
+
+
+def flood_sender(port: int, rate: int, count: int, tag: str, out: Path) -> None:
+    """Send ``count`` unique names at ``rate`` per second, evenly: each millisecond its
+    share, from 4 sockets (source ports) in turn, never waiting for answers; count the
+    answers by rcode, and those that never came (within 1 s of the last send)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    for sock in socks:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock.connect((HOST, port))
+        sock.setblocking(False)
+    rcodes: dict[int, int] = {}
+    received = 0
+
+    def drain() -> None:
+        nonlocal received
+        for sock in socks:
+            while True:
+                try:
+                    reply = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if len(reply) >= 4:
+                    received += 1
+                    rcodes[reply[3] & 15] = rcodes.get(reply[3] & 15, 0) + 1
+
+    start = time.monotonic()
+    sent = send_errors = 0
+    while sent < count:
+        due = min(count, int((time.monotonic() - start) * rate) + 1)
+        while sent < due:
+            try:
+                socks[sent & 3].send(build_query(f"{tag}-{sent}.flood.test", "A", sent & 0xFFFF))
+            except OSError:
+                send_errors += 1
+            sent += 1
+        drain()
+        time.sleep(0.001)
+    elapsed = time.monotonic() - start
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end and received < sent:
+        drain()
+        time.sleep(0.005)
+    names = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
+    out.write_text(
+        json.dumps(
+            {
+                "sent": sent,
+                "send_errors": send_errors,
+                "completed": received,
+                "lost": sent - received,
+                "rcodes": {names.get(k, str(k)): v for k, v in rcodes.items()},
+                "seconds": round(elapsed, 3),
+                "qps": round(sent / elapsed, 1),
+            }
+        )
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -259,7 +319,6 @@ def flood_one(
     try:
         time.sleep(1.0)  # settle before reading the idle size
         rss_idle = rss_kib(run.proc.pid)
-        names = names_file(workdir / f"flood-{key}.txt", args.names, f"f{secrets.token_hex(4)}")
         duration = args.names / rate
         side_out = workdir / f"side-{key}.json"
         side = subprocess.Popen(
@@ -277,16 +336,15 @@ def flood_one(
         )
         try:
             time.sleep(0.5)  # the side client's baseline before the flood starts
-            load = dnsperf.Load(clients=4, threads=1, outstanding=20_000, max_qps=rate)
-            flood = dnsperf.run(
-                run.port,
-                names,
-                load,
-                cpu=None if args.no_pin else CLIENT_CPU,
-                max_runs=1,
-                timeout_s=1.0,
-                interval=True,
+            flood_out = workdir / f"flood-{key}.json"
+            argv = [sys.executable, "-m", "benchmarks.flood", "--flood", str(run.port)]
+            argv += [str(rate), str(args.names), f"f{secrets.token_hex(4)}", str(flood_out)]
+            if not args.no_pin:
+                argv = ["taskset", "-c", str(CLIENT_CPU), *argv]
+            subprocess.run(
+                argv, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=duration + 60.0, check=True
             )
+            flood = json.loads(flood_out.read_text())
             side.wait(timeout=duration + 30.0)
         finally:
             if side.poll() is None:
@@ -301,7 +359,7 @@ def flood_one(
     out: dict[str, Any] = {
         "system": key,
         "offered_qps": rate,
-        "flood": flood.summary(),
+        "flood": flood,
         "side": {
             **side_result,
             "p50_ms": round(percentile(lat, 0.5) * 1e3, 3),
@@ -382,6 +440,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--json", type=Path, help="write the results here (and no Markdown)")
     p.add_argument("--side", nargs=3, metavar=("PORT", "SECONDS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--flood", nargs=5, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -389,6 +448,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.side:
         side_client(int(args.side[0]), SIDE_NAME, float(args.side[1]), Path(args.side[2]))
+        return 0
+    if args.flood:
+        port, rate, count, tag, out = args.flood
+        flood_sender(int(port), int(rate), int(count), tag, Path(out))
         return 0
     for tool in ("dnsperf", "unbound", *(["taskset"] if not args.no_pin else [])):
         if which(tool) is None:
@@ -409,7 +472,7 @@ def main(argv: list[str]) -> int:
         upstream = procs.start(
             [which("unbound") or "unbound", "-d", "-c", str(conf)],
             log,
-            cpu=None if args.no_pin else CLIENT_CPU,
+            cpu=None if args.no_pin else SUT_CPU,
         )
         wait_answering(upstream_port, SIDE_NAME, upstream, 30.0, "upstream", log)
         rate = args.rate

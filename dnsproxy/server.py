@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import struct
 import time
 from bisect import bisect_left
 from collections import deque
@@ -42,6 +43,12 @@ _TCP_BACKLOG = 1024
 _UDP_RCVBUF = 4 * 1024 * 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
+# Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; the generic value, as on x86-64 and arm64,
+# which the socket module does not name): each datagram carries the time the kernel
+# queued it, so the listener can see how long its oldest datagram has waited.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
 # Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
@@ -153,10 +160,10 @@ class _Handler:
         self.stats = ServerStats()
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
         self.max_udp = config.limits.udp_payload_size
-        # A UDP socket not read empty for this long is falling behind: the misses read
-        # from it are shed (answered SERVFAIL, or stale, by the forwarder) until it is
-        # empty again, so that the queue in the socket, which cache hits wait in too,
-        # stays this short. NEVER: never shed.
+        # A UDP socket whose oldest datagram has waited this long is falling behind: the
+        # misses read from it are shed (answered SERVFAIL, or stale, by the forwarder)
+        # until its queue is shorter, so that the queue, where cache hits wait too, stays
+        # about this short. NEVER: never shed.
         self.shed_after_s = config.limits.shed_after_s or NEVER
         self.log_queries = config.log.queries
         # Client-facing request durations. UDP queries answered in a read batch are each
@@ -342,13 +349,17 @@ class _UdpListener:
         self.stats = handler.stats
         self.sock = sock
         self.closed = False
-        # When the first batch that did not empty the socket began; NEVER while the last
-        # batch emptied it.
-        self.backlog_since = NEVER
+        # When the last batch found the socket empty (the start of that batch).
+        self.empty_at = time.monotonic()
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
         except OSError:
             pass
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            self.timestamps = True
+        except OSError:
+            self.timestamps = False  # then the time since the socket was last empty
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def pause(self) -> None:
@@ -379,11 +390,14 @@ class _UdpListener:
         # One clock read per batch: ages are in whole seconds and a batch takes
         # well under a millisecond.
         now = monotonic()
-        # Shedding is decided per batch, for the misses read in it, from how long this
-        # socket has been backlogged; the hits in it are answered all the same. The
-        # forwarder's flag is set for this batch only (TCP misses are never shed by it).
+        # Shedding is decided per batch, for the misses read in it, from how long the
+        # oldest datagram in the socket has waited: nothing can have waited longer than
+        # the time since the socket was last read empty, and only when that is longer is
+        # the kernel's timestamp looked at. The hits in the batch are answered all the
+        # same. The forwarder's flag is set for this batch only (TCP misses never shed).
         forwarder = h.forwarder
-        shed = now - self.backlog_since > h.shed_after_s
+        shed_after_s = h.shed_after_s
+        shed = now - self.empty_at > shed_after_s and self._queued_s(now) > shed_after_s
         forwarder.overloaded = shed
         # Queries answered in this batch, not forwarded, go in the duration histogram at
         # the end, each with the whole batch's duration: an upper bound on its own time in
@@ -393,7 +407,7 @@ class _UdpListener:
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
             except (BlockingIOError, InterruptedError):
-                self.backlog_since = NEVER
+                self.empty_at = now
                 break
             except OSError:
                 # ICMP errors for earlier replies surface here; the socket is fine.
@@ -435,15 +449,26 @@ class _UdpListener:
                 # A bug must cost one query, not the rest of the batch or the listener.
                 _count(stats.dropped, "internal_error")
                 log.exception("query from %s failed", addr)
-        else:
-            # A full batch: the socket may hold more, read at the loop's next turn.
-            if self.backlog_since == NEVER:
-                self.backlog_since = now
         if shed:
             forwarder.overloaded = False
         answered = stats.udp_requests - stats.misses - answered
         if answered:
             h.durations.observe_many(monotonic() - now, answered)
+
+    def _queued_s(self, now: float) -> float:
+        """How long the oldest datagram in the socket has waited there (0 if none)."""
+        if not self.timestamps:
+            return now - self.empty_at
+        try:
+            _, ancillary, _, _ = self.sock.recvmsg(1, _CMSG_SPACE, socket.MSG_PEEK)
+        except OSError:
+            return 0.0
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                queued_at: float = sec + nsec * 1e-9  # the wall clock, as time.time()
+                return time.time() - queued_at
+        return 0.0
 
     def _send_failed(self, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):
