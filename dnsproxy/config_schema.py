@@ -1192,10 +1192,11 @@ DOCUMENT = Section(
                     Key(
                         "shed_after_s",
                         Seconds(zero_ok=True),
-                        "A UDP listener whose oldest queued query has waited this long is "
-                        "overloaded: the misses it reads get SERVFAIL (or a stale answer) at "
-                        "once instead of being forwarded, until its queue is shorter again, "
-                        "so that cache hits keep their latency; seconds, 0 never sheds.",
+                        "A UDP listener whose oldest queued query has waited this long, for "
+                        "20 ms on end, is overloaded: the misses it reads get SERVFAIL (or a "
+                        "stale answer) at once instead of being forwarded, until its queue is "
+                        "shorter again, so that cache hits keep their latency; seconds, 0 "
+                        "never sheds.",
                     ),
                     Key(
                         "udp_payload_size",

@@ -104,8 +104,8 @@ class ServerLimits:
     max_waiters_per_query: int = 1000  # clients coalesced onto one upstream query
     udp_payload_size: int = 1232  # largest UDP reply we send and advertise
     max_tcp_clients_per_source: int = 256  # so that one address cannot take every slot
-    # A UDP listener whose oldest queued datagram has waited this long sheds the misses
-    # it reads (SERVFAIL, or stale) until the queue is shorter again; 0 never sheds.
+    # A UDP listener whose oldest queued datagram has waited this long (for 20 ms on end)
+    # sheds the misses it reads (SERVFAIL, or stale) until the queue is shorter; 0 never.
     shed_after_s: float = 0.003
 
 

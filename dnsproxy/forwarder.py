@@ -620,7 +620,8 @@ class Forwarder:
     # -- lifecycle
 
     def abandon(self) -> int:
-        """Answer every question still in flight with SERVFAIL; how many there were.
+        """Answer every question still in flight with SERVFAIL (or its stale answer); how
+        many there were.
 
         For the end of a shutdown, once the grace period is over: a client told
         SERVFAIL retries elsewhere at once, one left unanswered waits out its timeout.
@@ -629,6 +630,10 @@ class Forwarder:
         for q in pending:
             if q.request is not None:
                 q.request.cancel()
+            if q.stale is not None:
+                self.stats.stale_served += len(q.waiters)
+                self._finish(q, q.stale.stale_copy(time.monotonic(), self._ede))
+                continue
             self.stats.servfail_sent += 1
             self._finish(q, self._servfail(q))
         return len(pending)

@@ -49,6 +49,11 @@ _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 _SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("@qq")
 _CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+# Shedding starts once the queue has stayed older than limits.shed_after_s this long (a
+# standing queue, not a stall that a batch or two clears: a GC pause, a handover); after
+# that, while the listener keeps meeting old queues, it sheds from the first batch.
+_SHED_STANDING_S = 0.02
+_SHED_MEMORY_S = 1.0
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
 # Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
@@ -349,8 +354,11 @@ class _UdpListener:
         self.stats = handler.stats
         self.sock = sock
         self.closed = False
-        # When the last batch found the socket empty (the start of that batch).
+        # When the last batch found the socket empty (the start of that batch); since when
+        # the queue has stayed older than shed_after_s; until when it sheds at once.
         self.empty_at = time.monotonic()
+        self.old_since = NEVER
+        self.shedding_until = -NEVER
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
         except OSError:
@@ -390,14 +398,13 @@ class _UdpListener:
         # One clock read per batch: ages are in whole seconds and a batch takes
         # well under a millisecond.
         now = monotonic()
-        # Shedding is decided per batch, for the misses read in it, from how long the
-        # oldest datagram in the socket has waited: nothing can have waited longer than
-        # the time since the socket was last read empty, and only when that is longer is
-        # the kernel's timestamp looked at. The hits in the batch are answered all the
-        # same. The forwarder's flag is set for this batch only (TCP misses never shed).
+        # Shedding is decided per batch, for the misses read in it (the hits in it are
+        # answered all the same), from how long the oldest datagram in the socket has
+        # waited: nothing can have waited longer than the time since the socket was last
+        # read empty, and only when that is longer is it looked at (_shed). The
+        # forwarder's flag is set for this batch only (TCP misses are never shed).
         forwarder = h.forwarder
-        shed_after_s = h.shed_after_s
-        shed = now - self.empty_at > shed_after_s and self._queued_s(now) > shed_after_s
+        shed = now - self.empty_at > h.shed_after_s and self._shed(now)
         forwarder.overloaded = shed
         # Queries answered in this batch, not forwarded, go in the duration histogram at
         # the end, each with the whole batch's duration: an upper bound on its own time in
@@ -454,6 +461,20 @@ class _UdpListener:
         answered = stats.udp_requests - stats.misses - answered
         if answered:
             h.durations.observe_many(monotonic() - now, answered)
+
+    def _shed(self, now: float) -> bool:
+        """Shed this batch's misses? Yes when the oldest datagram is older than
+        shed_after_s and has stayed so for _SHED_STANDING_S, or shedding went on less
+        than _SHED_MEMORY_S ago."""
+        if self._queued_s(now) <= self.h.shed_after_s:
+            self.old_since = NEVER
+            return False
+        if self.old_since == NEVER or self.empty_at >= self.old_since:
+            self.old_since = now  # the queue was empty (or young) in between: a new episode
+        if now < self.shedding_until or now - self.old_since >= _SHED_STANDING_S:
+            self.shedding_until = now + _SHED_MEMORY_S
+            return True
+        return False
 
     def _queued_s(self, now: float) -> float:
         """How long the oldest datagram in the socket has waited there (0 if none)."""

@@ -341,3 +341,28 @@ async def test_a_reload_to_a_looping_configuration_is_refused_and_the_old_one_se
         f"reload (test) refused: zone loop.example.: upstream tcp://127.0.0.1:{looping.port} "
         "sends queries back to this proxy" in caplog.text
     )
+
+
+async def test_questions_abandoned_at_shutdown_get_their_stale_answer() -> None:
+    answer = zone_handler(RECORDS, ttl=1)
+    phase = {"slow": False}
+
+    def handler(query: dns.message.Message, transport: str) -> Action:
+        return Delay(5.0, answer(query, transport)) if phase["slow"] else answer(query, transport)
+
+    async with FakeUpstream(handler) as fake:
+        config = config_for(
+            fake,
+            try_timeout_s=9.0,
+            deadline_s=9.0,
+            serve_stale=ServeStaleConfig(answer_after_s=9.0),
+        )
+        async with running(config) as app:
+            await ask(app)
+            phase["slow"] = True
+            await expire()
+            pending = asyncio.ensure_future(ask(app))
+            assert await wait_for(lambda: app.forwarder.inflight == 1, 5.0)
+            assert app.forwarder.abandon() == 1
+            response = await pending
+    assert address(response) == "169.254.1.1" and stale(response)
