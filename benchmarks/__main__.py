@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         systems_info[key] = {
             "label": system.label,
             "version": "missing" if missing else system.get_version(),
-            "upstream_transport": system.upstream_transport,
+            "upstream_transport": system.upstream_transport
+            + (f"; tls scenario: {system.tls_transport}" if system.tls_transport else ""),
         }
         if missing:
             systems_info[key]["skipped"] = missing
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                     if "error" in r:
                         failed = True
                         say(f"  {key}: ERROR {r['error']}")
-                    elif scenario not in ("hits", "miss", "mix", "latency"):
+                    elif scenario not in ("hits", "miss", "mix", "latency", "tls"):
                         say(f"  {key}: {_brief(r)}")
     except HarnessError as e:
         failed = True

@@ -3,6 +3,7 @@
 # move with the machine's load, for comparing two versions of the query paths on a noisy host.
 #
 #   benchmarks/instructions.sh [QUERIES] [OFFERED_QPS] [HIT_QPS]   (defaults 6000, 5000, 20000)
+#   TRANSPORT=tls benchmarks/instructions.sh      (tcp by default; also auto, udp, tls)
 #
 # Starts Unbound on loopback (any name under bench.test answers an A record), dnsproxy
 # under `valgrind --tool=callgrind` forwarding to it over TCP, and dnsperf asking QUERIES
@@ -11,9 +12,11 @@
 # dnsperf run (callgrind_control --zero / --dump), so start-up and shutdown are not in
 # the figure. Then the same QUERIES names are asked again, now all cached, at HIT_QPS (also
 # more than dnsproxy answers under valgrind) and counted the same way. Needs valgrind, unbound, dnsperf and dig (Debian packages of those names,
-# dig in dnsutils). User-space instructions only: the kernel's share is not counted.
+# dig in dnsutils). User-space instructions only: the kernel's share is not counted (with
+# TRANSPORT=tls, OpenSSL's work in dnsproxy's process is; the certificate comes from openssl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TRANSPORT=${TRANSPORT:-tcp}
 N=${1:-6000}
 QPS=${2:-5000}
 HIT_QPS=${3:-20000}
@@ -25,10 +28,10 @@ work=$(mktemp -d /tmp/dnsproxy-instr-XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-read -r up_port dp_port < <("$PY" -c '
+read -r up_port dp_port tls_port < <("$PY" -c '
 import socket
 ports = []
-for _ in range(2):
+for _ in range(3):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
 print(*ports)')
 
@@ -46,9 +49,23 @@ server:
   num-threads: 1
   do-ip6: no
   verbosity: 0
+  local-zone: "." refuse
   local-zone: "bench.test." redirect
   local-data: "bench.test. 3600 IN A 169.254.1.1"
 EOF
+upstream="\"$TRANSPORT://127.0.0.1:$up_port\""
+if [ "$TRANSPORT" = tls ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -keyout "$work/key.pem" -out "$work/cert.pem" -subj /CN=dot.bench.test \
+        -addext subjectAltName=DNS:dot.bench.test 2> /dev/null
+    cat >> "$work/unbound.conf" <<EOF
+  interface: 127.0.0.1@$tls_port
+  tls-port: $tls_port
+  tls-service-key: "$work/key.pem"
+  tls-service-pem: "$work/cert.pem"
+EOF
+    upstream="{address: \"tls://127.0.0.1:$tls_port#dot.bench.test\", ca_file: \"$work/cert.pem\"}"
+fi
 cat > "$work/dnsproxy.yaml" <<EOF
 listen: ["127.0.0.1:$dp_port"]
 http_listen: null
@@ -57,7 +74,7 @@ cache: {max_entries: $((N + 1000))}
 limits: {shed_after_s: 0}
 zones:
   - zone: "."
-    upstreams: ["tcp://127.0.0.1:$up_port"]
+    upstreams: [$upstream]
     try_timeout_s: 10
     deadline_s: 20
 log: {level: warning}

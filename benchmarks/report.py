@@ -450,6 +450,48 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
             ", ".join(_fmt(x, 1) for x in r["runs_ms"]),
         ],
     )
+    d.add(
+        "## 7. Misses over TLS",
+        "",
+        "The miss scenario (2) again for the systems that can forward over TLS, once "
+        "forwarding over TCP and once over TLS (DNS over TLS to the upstream's `tls-port`, "
+        "an ECDSA P-256 certificate checked against its name), the two variants round-robin "
+        f"in one loop; median of {reps} runs each. dnsproxy keeps its two pipelined "
+        "connections and resumes TLS sessions; Unbound uses `forward-tls-upstream: yes`.",
+        "",
+    )
+    tls_rows = data["scenarios"].get("tls", {})
+    base_tls = tls_rows.get(BASELINE, {}).get("tls", {})
+    d.add(
+        "| system | TCP QPS | TLS QPS | TLS ÷ TCP | TLS × dnsproxy | min–max TCP; TLS "
+        "| avg latency ms TCP; TLS | CPU TCP; TLS | upstream CPU TCP; TLS | other / steal TLS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    )
+    for key, r in tls_rows.items():
+        if "error" in r:
+            d.add(f"| {d.label(key)} | error: {str(r['error']).splitlines()[0][:160]} |" + " |" * 8)
+            continue
+        tcp, tls = r["tcp"], r["tls"]
+        d.add(
+            "| "
+            + " | ".join(
+                [
+                    d.label(key),
+                    _fmt(tcp["qps"]),
+                    _fmt(tls["qps"]),
+                    _ratio(tls["qps"], tcp["qps"]),
+                    _ratio(tls["qps"], base_tls.get("qps")),
+                    f"{_fmt(tcp['qps_min'])}–{_fmt(tcp['qps_max'])}; "
+                    f"{_fmt(tls['qps_min'])}–{_fmt(tls['qps_max'])}",
+                    f"{_fmt(tcp['avg_latency_ms'], 3)}; {_fmt(tls['avg_latency_ms'], 3)}",
+                    f"{_fmt(tcp.get('server_cpu'), 2)}; {_fmt(tls.get('server_cpu'), 2)}",
+                    f"{_fmt(tcp.get('upstream_cpu'), 2)}; {_fmt(tls.get('upstream_cpu'), 2)}",
+                    _noise(tls),
+                ]
+            )
+            + " |"
+        )
+    d.add("")
     profiles = [
         (scenario, key, r["profile"])
         for scenario, results in data["scenarios"].items()

@@ -1,4 +1,4 @@
-"""The six scenarios, run system by system against one shared upstream.
+"""The seven scenarios, run system by system against one shared upstream.
 
 Each measurement starts the system under test afresh (an empty cache, a fresh process)
 pinned to ``sut_cpu``; dnsperf and the upstream run on ``client_cpu``. Repetitions go
@@ -34,10 +34,10 @@ from benchmarks.procs import (
     wait_answering,
     which,
 )
-from benchmarks.systems import System, upstream_conf
+from benchmarks.systems import System, Target, TlsPort, make_certificate, upstream_conf
 from benchmarks.zone import Files, Sizes
 
-SCENARIOS = ("hits", "miss", "latency", "mix", "memory", "startup")
+SCENARIOS = ("hits", "miss", "latency", "mix", "memory", "startup", "tls")
 
 
 def say(msg: str) -> None:
@@ -75,6 +75,7 @@ class Upstream:
     port: int
     conf: Path
     proc: subprocess.Popen[bytes]
+    tls: TlsPort | None  # None: no openssl to make it a certificate
 
     def queries(self) -> int | None:
         """Queries the upstream has answered so far (unbound-control), or None."""
@@ -115,13 +116,17 @@ class Bench:
         directory = self.workdir / "upstream"
         directory.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        conf = upstream_conf(directory, port, self.files.local_data)
+        made = make_certificate(directory)
+        tls = None if made is None else TlsPort(free_port(), *made)
+        if tls is None:
+            self.notes.append("openssl is not installed: no TLS port upstream, no tls scenario")
+        conf = upstream_conf(directory, port, self.files.local_data, tls)
         log = directory / "unbound.log"
         proc = self.procs.start(
             [unbound, "-d", "-c", str(conf)], log, cpu=self.settings.upstream_cpu
         )
         wait_answering(port, self.files.upstream_probe_name, proc, 120.0, "upstream unbound", log)
-        self.upstream = Upstream(port, conf, proc)
+        self.upstream = Upstream(port, conf, proc, tls)
         return self.upstream
 
     def _upstream(self) -> Upstream:
@@ -135,7 +140,8 @@ class Bench:
         self._starts += 1
         directory = self.workdir / f"{system.key}-{self._starts}"
         port = free_port()
-        cmd = system.command(directory, port, self._upstream().port)
+        up = self._upstream()
+        cmd = system.command(directory, port, Target(up.port, up.tls))
         log = directory / "stderr.log"
         start = time.monotonic()
         proc = self.procs.start(cmd.argv, log, cpu=self.settings.sut_cpu, env=cmd.env)
@@ -235,14 +241,32 @@ class Bench:
         return results
 
     def miss(self) -> dict[str, Any]:
-        def one(run: Running) -> dict[str, Any]:
-            return self._timed(
-                run, self.files.miss, duration_s=self.settings.duration_s, max_runs=1
-            )
-
-        results = self._repeated(one, "ok_qps")
+        results = self._repeated(self._misses, "ok_qps")
         self._profile_dnsproxy(results, self.files.miss, "miss", warm=False)
         return results
+
+    def _misses(self, run: Running) -> dict[str, Any]:
+        """One run of unique questions on a fresh instance: every answer forwarded."""
+        return self._timed(run, self.files.miss, duration_s=self.settings.duration_s, max_runs=1)
+
+    def tls(self) -> dict[str, Any]:
+        """The miss scenario over TCP and over TLS for every system that can forward over
+        TLS, the two variants round-robin in the same loop: ``{"tcp": ..., "tls": ...}``
+        per system, each as :meth:`_repeated` gives it."""
+        capable = [s for s in self.systems if s.tls_transport is not None]
+        if self._upstream().tls is None:
+            return {s.key: {"error": "the upstream has no TLS port (no openssl)"} for s in capable}
+
+        pairs = [variant for s in capable for variant in (s, s.over_tls())]
+        results = self._repeated(self._misses, "ok_qps", pairs)
+        out: dict[str, Any] = {}
+        for s in capable:
+            tcp, tls = results[s.key], results[f"{s.key}-tls"]
+            out[s.key] = {"tcp": tcp, "tls": tls}
+            error = tcp.get("error") or tls.get("error")
+            if error:
+                out[s.key]["error"] = error
+        return out
 
     def latency(self) -> dict[str, Any]:
         """Per-query latencies at a fixed offered load, ``repeats`` runs round-robin; the
@@ -372,14 +396,16 @@ class Bench:
         self,
         one: Callable[[Running], dict[str, Any]],
         brief: Callable[[dict[str, Any]], str],
+        systems: list[System] | None = None,
     ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-        """``one`` on a fresh instance of every system (:meth:`_measure`), round-robin,
-        ``repeats`` times: each system's results, and the error of each system that failed
-        (it is not run again)."""
-        runs: dict[str, list[dict[str, Any]]] = {s.key: [] for s in self.systems}
+        """``one`` on a fresh instance of every system (:meth:`_measure`; ``systems``, by
+        default those of the run), round-robin, ``repeats`` times: each system's results,
+        and the error of each system that failed (it is not run again)."""
+        systems = self.systems if systems is None else systems
+        runs: dict[str, list[dict[str, Any]]] = {s.key: [] for s in systems}
         errors: dict[str, str] = {}
         for _ in range(self.settings.repeats):
-            for system in self.systems:
+            for system in systems:
                 if system.key in errors:
                     continue
                 try:
@@ -389,9 +415,15 @@ class Bench:
                     say(f"  {system.label}: ERROR {e}")
         return runs, errors
 
-    def _repeated(self, one: Callable[[Running], dict[str, Any]], key: str) -> dict[str, Any]:
-        """``one`` on a fresh instance of every system, round-robin, ``repeats`` times; the
-        median of ``key`` (and of the average latency) over the runs."""
+    def _repeated(
+        self,
+        one: Callable[[Running], dict[str, Any]],
+        key: str,
+        systems: list[System] | None = None,
+    ) -> dict[str, Any]:
+        """``one`` on a fresh instance of every system (of ``systems`` when given),
+        round-robin, ``repeats`` times; the median of ``key`` (and of the average latency)
+        over the runs."""
 
         def brief(r: dict[str, Any]) -> str:
             return (
@@ -399,9 +431,10 @@ class Bench:
                 f"lost {r['lost']}, {r['rcodes']}"
             )
 
-        runs, errors = self._round_robin(one, brief)
+        systems = self.systems if systems is None else systems
+        runs, errors = self._round_robin(one, brief, systems)
         out: dict[str, Any] = {}
-        for system in self.systems:
+        for system in systems:
             rs = runs[system.key]
             if system.key in errors or not rs:
                 out[system.key] = {"error": errors.get(system.key, "no run")}

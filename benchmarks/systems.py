@@ -3,8 +3,11 @@
 Every system under test is a caching forwarder on 127.0.0.1:<port> in front of the same
 upstream, configured for at least 450,000 cached answers (the memory scenario fills
 100,000), forwarding over TCP where it can (dnsmasq cannot: it forwards UDP queries over
-UDP). Nothing here reaches beyond loopback: the upstream refuses every name outside its
-two zones, and dnsdist's security poll (a DNS lookup of a public name) is switched off.
+UDP). The systems that can forward over TLS too (dnsproxy, Unbound) have a TLS variant
+(:meth:`System.over_tls`) for the tls scenario, forwarding to the upstream's TLS port
+(a certificate made for it with ``openssl``). Nothing here reaches beyond loopback: the
+upstream refuses every name outside its two zones, and dnsdist's security poll (a DNS
+lookup of a public name) is switched off.
 """
 
 from __future__ import annotations
@@ -13,19 +16,41 @@ import importlib.metadata
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.procs import HOST, run_bounded, which
+from benchmarks.procs import HOST, HarnessError, run_bounded, which
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENTRIES = 450_000
+TLS_NAME = "dot.bench.test"  # the name in the upstream's TLS certificate
 
 
 @dataclass(frozen=True)
 class Command:
     argv: list[str]
     env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TlsPort:
+    """The upstream's DNS-over-TLS port, and the certificate that lets clients check it."""
+
+    port: int
+    cert: Path  # self-signed for TLS_NAME: the CA file of the clients too
+    key: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a system under test forwards: the upstream's port, over TCP (or UDP), or its
+    TLS port when ``tls`` is set."""
+
+    port: int
+    tls: TlsPort | None = None
+
+
+Make = Callable[[Path, int, Target], Command]  # (workdir, port, where to forward)
 
 
 @dataclass(frozen=True)
@@ -37,8 +62,10 @@ class System:
     binary: str  # executable looked up on PATH (and sbin)
     package: str  # Debian package that provides it, for the "not installed" note
     upstream_transport: str
-    make: Callable[[Path, int, int], Command]  # (workdir, port, upstream port)
+    make: Make
     get_version: Callable[[], str]
+    tls_transport: str | None = None  # how its TLS variant forwards; None: it has none
+    tls: bool = False  # this is the TLS variant
 
     def missing(self) -> str | None:
         """Why this system cannot run here, or None."""
@@ -46,16 +73,55 @@ class System:
             return f"{self.binary} not installed (apt-get install {self.package})"
         return None
 
-    def command(self, workdir: Path, port: int, upstream_port: int) -> Command:
+    def over_tls(self) -> System:
+        """The variant of this system that forwards to the upstream's TLS port."""
+        assert self.tls_transport is not None
+        return replace(
+            self,
+            key=f"{self.key}-tls",
+            label=f"{self.label} over TLS",
+            upstream_transport=self.tls_transport,
+            tls=True,
+        )
+
+    def command(self, workdir: Path, port: int, target: Target) -> Command:
         workdir.mkdir(parents=True, exist_ok=True)
-        return self.make(workdir, port, upstream_port)
+        if self.tls and target.tls is None:
+            raise HarnessError(f"{self.label}: the upstream has no TLS port")
+        return self.make(workdir, port, target if self.tls else Target(target.port))
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path] | None:
+    """A self-signed ECDSA P-256 certificate for TLS_NAME and its key, made with openssl;
+    None when openssl is not installed."""
+    openssl = which("openssl")
+    if openssl is None:
+        return None
+    cert, key = directory / "tls-cert.pem", directory / "tls-key.pem"
+    out = run_bounded(
+        [
+            *(openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt"),
+            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={TLS_NAME}"),
+            *("-addext", f"subjectAltName=DNS:{TLS_NAME}"),
+        ],
+        30.0,
+    )
+    if out.returncode != 0:
+        raise HarnessError(f"openssl req failed: {out.stderr.decode(errors='replace')}")
+    return cert, key
 
 
 # -- dnsproxy
 
 
-def _dnsproxy(loop: str) -> Callable[[Path, int, int], Command]:
-    def make(workdir: Path, port: int, upstream_port: int) -> Command:
+def _dnsproxy(loop: str) -> Make:
+    def make(workdir: Path, port: int, target: Target) -> Command:
+        if target.tls is None:
+            upstream = f'"tcp://{HOST}:{target.port}"'
+        else:
+            address = f"tls://{HOST}:{target.tls.port}#{TLS_NAME}"
+            upstream = f'{{address: "{address}", ca_file: "{target.tls.cert}"}}'
         conf = workdir / "dnsproxy.yaml"
         conf.write_text(
             "\n".join(
@@ -65,7 +131,7 @@ def _dnsproxy(loop: str) -> Callable[[Path, int, int], Command]:
                     f"cache: {{max_entries: {CACHE_ENTRIES}}}",
                     "zones:",
                     '  - zone: "."',
-                    f'    upstreams: ["tcp://{HOST}:{upstream_port}"]',
+                    f"    upstreams: [{upstream}]",
                     "log: {level: warning}",
                     "",
                 ]
@@ -91,7 +157,7 @@ def _dnsproxy_version() -> str:
 # -- dnsmasq
 
 
-def _dnsmasq(workdir: Path, port: int, upstream_port: int) -> Command:
+def _dnsmasq(workdir: Path, port: int, target: Target) -> Command:
     argv = [
         which("dnsmasq") or "dnsmasq",
         "--no-daemon",
@@ -101,7 +167,7 @@ def _dnsmasq(workdir: Path, port: int, upstream_port: int) -> Command:
         f"--port={port}",
         f"--listen-address={HOST}",
         "--bind-interfaces",
-        f"--server={HOST}#{upstream_port}",
+        f"--server={HOST}#{target.port}",
         f"--cache-size={CACHE_ENTRIES}",
         # Default 150 concurrent forwarded queries would turn the miss scenario into a
         # test of that limit rather than of the forwarding path.
@@ -149,11 +215,23 @@ def _unbound_common(workdir: Path, port: int) -> list[str]:
     ]
 
 
-def upstream_conf(workdir: Path, port: int, zones: Path) -> Path:
+def upstream_conf(workdir: Path, port: int, zones: Path, tls: TlsPort | None = None) -> Path:
     """Unbound answering only from ``zones`` (local-data) and refusing everything else, so
-    that it never recurses. unbound-control on a Unix socket reads its query counters."""
+    that it never recurses; also over TLS on ``tls.port`` when given. unbound-control on a
+    Unix socket reads its query counters."""
+    tls_lines = (
+        [
+            f"  interface: {HOST}@{tls.port}",
+            f"  tls-port: {tls.port}",
+            f'  tls-service-key: "{tls.key}"',
+            f'  tls-service-pem: "{tls.cert}"',
+        ]
+        if tls is not None
+        else []
+    )
     lines = [
         *_unbound_common(workdir, port),
+        *tls_lines,
         "  so-rcvbuf: 4m",
         "  so-sndbuf: 4m",
         '  local-zone: "." refuse',
@@ -168,7 +246,17 @@ def upstream_conf(workdir: Path, port: int, zones: Path) -> Path:
     return conf
 
 
-def _unbound_forwarder(workdir: Path, port: int, upstream_port: int) -> Command:
+def _unbound_forwarder(workdir: Path, port: int, target: Target) -> Command:
+    if target.tls is None:
+        upstream = [f"  forward-addr: {HOST}@{target.port}", "  forward-tcp-upstream: yes"]
+        tls = ["  tcp-upstream: yes"]
+    else:
+        # The name after '#' is what Unbound checks in the certificate.
+        upstream = [
+            f"  forward-addr: {HOST}@{target.tls.port}#{TLS_NAME}",
+            "  forward-tls-upstream: yes",
+        ]
+        tls = [f'  tls-cert-bundle: "{target.tls.cert}"']
     lines = [
         *_unbound_common(workdir, port),
         "  outgoing-num-tcp: 256",
@@ -178,11 +266,10 @@ def _unbound_forwarder(workdir: Path, port: int, upstream_port: int) -> Command:
         "  do-not-query-localhost: no",
         # test. is one of Unbound's built-in local zones; bench.test must be forwarded.
         '  local-zone: "test." nodefault',
-        "  tcp-upstream: yes",
+        *tls,
         "forward-zone:",
         '  name: "."',
-        f"  forward-addr: {HOST}@{upstream_port}",
-        "  forward-tcp-upstream: yes",
+        *upstream,
         "",
     ]
     conf = workdir / "unbound.conf"
@@ -193,15 +280,14 @@ def _unbound_forwarder(workdir: Path, port: int, upstream_port: int) -> Command:
 # -- dnsdist
 
 
-def _dnsdist(workdir: Path, port: int, upstream_port: int) -> Command:
+def _dnsdist(workdir: Path, port: int, target: Target) -> Command:
     lines = [
         # Otherwise dnsdist looks up <version>.security-status.secpoll.powerdns.com through
         # the system resolver: traffic off this machine.
         'setSecurityPollSuffix("")',
         f'setLocal("{HOST}:{port}")',
         'setACL({"127.0.0.0/8"})',
-        f'newServer{{address="{HOST}:{upstream_port}", tcpOnly=true, '
-        'checkName="ready.bench.test."}',
+        f'newServer{{address="{HOST}:{target.port}", tcpOnly=true, checkName="ready.bench.test."}}',
         f'getPool(""):setCache(newPacketCache({CACHE_ENTRIES + 50_000}))',
         "",
     ]
@@ -222,6 +308,7 @@ SYSTEMS: dict[str, System] = {
             "TCP (pipelined)",
             _dnsproxy("uvloop"),
             _dnsproxy_version,
+            tls_transport="TLS (pipelined, sessions resumed)",
         ),
         System(
             "dnsproxy-asyncio",
@@ -249,6 +336,7 @@ SYSTEMS: dict[str, System] = {
             "TCP (tcp-upstream)",
             _unbound_forwarder,
             _first_line_version(["unbound", "-V"], r"Version (\S+)", "unbound"),
+            tls_transport="TLS (forward-tls-upstream)",
         ),
         System(
             "dnsdist",

@@ -158,7 +158,7 @@ class App:
                 self.config.health_listen, "/health /ready /metrics", inherited
             )
             if taken is None:
-                await self.check_loops(self.config)
+                await self.check_loops(self.config, self.forwarder)
             else:
                 # Both instances read the sockets until the old one is told to stop: a
                 # probe coming back could reach either. The old one checked at its start,
@@ -188,23 +188,26 @@ class App:
             log.warning("node rules not in place yet; not ready until a sync succeeds")
         self._sync_task = asyncio.create_task(self._sync_loop(), name="dnsproxy-node-sync")
 
-    async def check_loops(self, config: Config) -> None:
+    async def check_loops(self, config: Config, forwarder: Forwarder | None = None) -> None:
         """Raise :class:`LoopError` when an upstream of ``config`` sends a probe back to
         this instance's listeners (see :meth:`Forwarder.find_loops`).
 
-        For a configuration about to be served, at start or on reload: the probes go out
-        through a forwarder of their own (with a cache of its own, so that nothing of the
-        running one changes) and come back, if they do, to the running forwarder. Takes
-        an upstream's reply time, or its zone's deadline_s for one that does not answer.
-        Nothing when ``config`` turns ``loop_check`` off.
+        For a configuration about to be served: at start through ``forwarder``, the one
+        starting (its pools then hold a connection to each upstream, and an ``auto`` one
+        has found its transport); for a reload through a forwarder of its own, with a
+        cache of its own so that nothing of the running one changes. Probes coming back
+        reach the running forwarder. Takes an upstream's reply time, or its zone's
+        deadline_s for one that does not answer. Nothing when ``config`` turns
+        ``loop_check`` off.
         """
         if not config.loop_check:
             return
-        prober = Forwarder(config, Cache(1))
+        prober = forwarder or Forwarder(config, Cache(1))
         try:
             problems = await prober.find_loops(listening=self.forwarder)
         finally:
-            await prober.close()
+            if prober is not forwarder:
+                await prober.close()
         if problems:
             raise LoopError(problems)
 

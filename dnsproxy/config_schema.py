@@ -20,6 +20,7 @@ entry names.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -28,8 +29,9 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, cast
 
+from dnsproxy import tls
 from dnsproxy.config_types import (
     CachePolicy,
     Config,
@@ -40,6 +42,7 @@ from dnsproxy.config_types import (
     PrefetchConfig,
     ServerLimits,
     ServeStaleConfig,
+    TlsConfig,
     Transport,
     UpstreamConfig,
     UpstreamPoolConfig,
@@ -140,6 +143,9 @@ class Problems:
 
     def __bool__(self) -> bool:
         return bool(self._found)
+
+    def __len__(self) -> int:
+        return len(self._found)
 
     def visit(self, path: str) -> None:
         self._order.setdefault(path, len(self._order))
@@ -309,9 +315,13 @@ def parse_resolv_conf(text: str) -> list[str]:
 def parse_upstream(text: str, path: str, *, base_dir: str = "") -> list[UpstreamConfig]:
     """Parse one upstream spec; ``resolv.conf`` forms yield one upstream per nameserver.
 
-    Forms: ``tcp://HOST:PORT``, ``udp://HOST:PORT``, ``HOST``, ``HOST:PORT`` (TCP, port 53
-    when absent), ``resolv.conf`` and ``resolv.conf:PATH`` (relative to ``base_dir``).
-    IPv6 goes in brackets when a port follows. Raises ConfigError with ``path`` on failure.
+    Forms: ``HOST``, ``HOST:PORT`` and ``tcp://HOST[:PORT]`` (TCP), ``udp://HOST[:PORT]``,
+    ``auto://HOST[:PORT]`` (TCP, or UDP for a server that does not answer over TCP), port
+    53 when absent; ``tls://HOST[:PORT]#NAME`` (DNS over TLS, port 853, NAME checked in
+    the certificate); ``resolv.conf`` and ``resolv.conf:PATH`` (every nameserver of the
+    file, relative to ``base_dir``; auto unless a scheme says otherwise, as in
+    ``tcp://resolv.conf``). IPv6 goes in brackets when a port follows. Raises ConfigError
+    with ``path`` on failure.
     """
     try:
         return read_upstream(text, base_dir)
@@ -319,27 +329,69 @@ def parse_upstream(text: str, path: str, *, base_dir: str = "") -> list[Upstream
         raise ConfigError([f"{path}: {e}"]) from None
 
 
-def read_upstream(text: str, base_dir: str) -> list[UpstreamConfig]:
-    """:func:`parse_upstream`, raising BadValue with the reason alone."""
+_DEFAULT_PORTS: dict[str, int] = {"tcp": 53, "udp": 53, "auto": 53, "tls": 853}
+
+
+def read_upstream(text: str, base_dir: str, *, name_required: bool = True) -> list[UpstreamConfig]:
+    """:func:`parse_upstream`, raising BadValue with the reason alone. ``name_required``:
+    a ``tls://`` address must carry its ``#NAME`` (the mapping form may give it apart)."""
     text = text.strip()
     if not text:
         raise BadValue("empty upstream")
-    if text == "resolv.conf" or text.startswith("resolv.conf:"):
-        file = text[len("resolv.conf:") :] if ":" in text else DEFAULT_RESOLV_CONF
-        if not file:
-            raise BadValue("'resolv.conf:' needs a file name after the ':'")
-        return [UpstreamConfig("tcp", addr, 53) for addr in _read_resolv_conf(file, base_dir)]
-    transport: Transport = "tcp"
+    transport: Transport | None = None
+    body = text
     scheme = _SCHEME_RE.fullmatch(text)
     if scheme:
         name = scheme[1].lower()
-        if name not in ("tcp", "udp"):
-            raise BadValue(f"unsupported scheme '{name}://' in '{text}' (use tcp:// or udp://)")
-        transport = "udp" if name == "udp" else "tcp"
-        text = scheme[2]
-    host, port = _split_host_port(text)
+        if name not in _DEFAULT_PORTS:
+            raise BadValue(
+                f"unsupported scheme '{name}://' in '{text}' (use tcp://, udp://, tls:// or auto://)"
+            )
+        transport = cast(Transport, name)
+        body = scheme[2]
+    if body == "resolv.conf" or body.startswith("resolv.conf:"):
+        if transport == "tls":
+            raise BadValue(
+                "tls:// cannot take resolv.conf: each TLS server needs its name, so list "
+                "them as tls://HOST#NAME"
+            )
+        file = body[len("resolv.conf:") :] if ":" in body else DEFAULT_RESOLV_CONF
+        if not file:
+            raise BadValue("'resolv.conf:' needs a file name after the ':'")
+        # auto: the resolvers of a machine are not always reachable over TCP.
+        found = _read_resolv_conf(file, base_dir)
+        return [UpstreamConfig(transport or "auto", addr, 53) for addr in found]
+    body, hash_, server_name = body.partition("#")
+    if hash_ and transport != "tls":
+        raise BadValue(f"'#{server_name}' in '{text}': a server name only goes with tls://")
+    host, port = _split_host_port(body)
     addr = _ip_literal(host)
-    return [UpstreamConfig(transport, addr, 53 if port is None else _port(port, 1))]
+    transport = transport or "tcp"
+    number = _DEFAULT_PORTS[transport] if port is None else _port(port, 1)
+    if transport != "tls":
+        return [UpstreamConfig(transport, addr, number)]
+    if not hash_ and name_required:
+        raise BadValue(
+            f"'{text}' needs the server's name after '#' (tls://{HostPort(addr, number)}"
+            "#dns.example): it is sent as SNI and checked in the server's certificate"
+        )
+    name = _server_name(server_name) if hash_ else None
+    return [UpstreamConfig(transport, addr, number, TlsConfig(server_name=name))]
+
+
+def _server_name(text: str) -> str:
+    """A TLS server name: a domain name (lowercase, no trailing dot) or an IP address."""
+    name = text.strip().lower().removesuffix(".")
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
+        raise BadValue(f"'{text}' is not a valid server name")
+    if any(len(label) > 63 for label in labels):
+        raise BadValue(f"'{text}' has a label longer than 63 characters")
+    return name
 
 
 def _read_resolv_conf(file: str, base_dir: str) -> list[str]:
@@ -584,12 +636,131 @@ class Network(Reader):
 
 
 @dataclass(frozen=True)
-class UpstreamSpec(Reader):
-    """One upstream entry; ``resolv.conf`` forms stand for several servers."""
+class UpstreamAddress(Reader):
+    """An upstream in one of its string forms; ``resolv.conf`` forms stand for several
+    servers. ``name_required``: a ``tls://`` address must carry its ``#NAME``."""
+
+    name_required: bool = True
 
     def parse(self, value: object, ctx: _Context) -> list[UpstreamConfig]:
+        if not isinstance(value, str):
+            raise BadValue(f"must be an upstream address string (got {_show(value)})")
         base_dir = "" if isinstance(value, _FlagText) else ctx.base_dir
-        return read_upstream(str(value), base_dir)
+        return read_upstream(value, base_dir, name_required=self.name_required)
+
+
+@dataclass(frozen=True)
+class UpstreamSpec(Reader):
+    """One entry of a zone's upstreams: a string (:class:`UpstreamAddress`), or a mapping
+    (``mapping``: ``address`` and the keys that only fit in a mapping, the TLS ones)."""
+
+    mapping: Section
+    expands = True  # a string entry may carry ${VAR}; a mapping's keys are expanded one by one
+
+    def read(self, ctx: _Context, path: str, value: object) -> Any:
+        if isinstance(value, dict):
+            before = len(ctx.problems)
+            entry = self.mapping.read(ctx, path, value)
+            return _upstream_mapping(ctx, entry, path, len(ctx.problems) > before)
+        return UpstreamAddress().read(ctx, path, value)
+
+    def schema(self) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string"}, self.mapping.schema()]}
+
+
+def _upstream_mapping(ctx: _Context, entry: Fields, path: str, bad: bool) -> Any:
+    """The upstreams of a mapping entry, once its keys fit together (TLS keys only for a
+    ``tls://`` address, a server name unless ``insecure``, files that TLS can use);
+    ``bad``: reading its keys found problems already."""
+    before = len(ctx.problems)
+    v = entry.values
+    found: list[UpstreamConfig] | None = v["address"]
+    if not found:
+        return INVALID  # reported
+    given = entry.given
+    tls_keys = [k.name for k in _TLS_KEYS if k.name in given]
+    first = found[0]
+    if first.transport != "tls":
+        for key in tls_keys:
+            ctx.problem(given[key], f"only for tls:// upstreams (the address is {first.label})")
+        return INVALID if tls_keys else found
+    in_address = first.tls.server_name if first.tls is not None else None
+    name: str | None = v["tls_server_name"]
+    if name is not None and in_address is not None and name != in_address:
+        ctx.problem(
+            given["tls_server_name"],
+            f"'{name}' differs from the name in address ('#{in_address}'); give it once",
+        )
+    name = name or in_address
+    insecure: bool = v["insecure"]
+    if name is None and not insecure and "insecure" not in entry.failed:
+        ctx.problem(
+            given["address"],
+            "a tls:// upstream needs the server's name, checked in its certificate: "
+            "tls_server_name, or '#NAME' after the address (or insecure: true)",
+        )
+    if v["client_key_file"] is not None and v["client_cert_file"] is None:
+        ctx.problem(given["client_key_file"], "needs client_cert_file (the certificate)")
+    if bad or len(ctx.problems) > before:
+        return INVALID  # a file check on top of other problems would only add noise
+    settings = TlsConfig(
+        server_name=name,
+        ca_file=v["ca_file"],
+        client_cert_file=v["client_cert_file"],
+        client_key_file=v["client_key_file"],
+        min_version=v["tls_min_version"],
+        insecure=insecure,
+    )
+    try:
+        tls.client_context(settings)  # what start-up does: the files must be usable
+    except tls.TlsSetupError as exc:
+        ctx.problem(given.get(exc.key, path), exc.reason)
+        return INVALID
+    return [dataclasses.replace(first, tls=settings)]
+
+
+@dataclass(frozen=True)
+class ServerName(Reader):
+    """A TLS server name (SNI, checked in the certificate), or null."""
+
+    def parse(self, value: object, ctx: _Context) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise BadValue(f"must be a server name (got {_show(value)})")
+        return _server_name(value)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": ["string", "null"]}
+
+
+@dataclass(frozen=True)
+class OptionalFile(Reader):
+    """A file name, relative to the configuration file's directory, or null."""
+
+    def parse(self, value: object, ctx: _Context) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise BadValue(f"must be a file name (got {_show(value)})")
+        return os.path.join(ctx.base_dir, value.strip())
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": ["string", "null"]}
+
+
+@dataclass(frozen=True)
+class TlsVersion(Reader):
+    """The oldest TLS version accepted: 1.2 or 1.3 (a YAML number or a string)."""
+
+    def parse(self, value: object, ctx: _Context) -> str:
+        text = str(value).strip() if isinstance(value, str | float) else None
+        if text not in ("1.2", "1.3"):
+            raise BadValue(f"must be 1.2 or 1.3 (got {_show(value)})")
+        return text
+
+    def schema(self) -> dict[str, Any]:
+        return {"anyOf": [{"enum": ["1.2", "1.3", 1.2, 1.3]}, _ENV_REF]}
 
 
 @dataclass(frozen=True)
@@ -689,7 +860,7 @@ class ListOf(Reader):
     empty: str | None = None  # the problem an empty list is; None: empty is fine
     shape: str = "a list of strings"  # named when the value is not a list
     item_shape: str = "a string"  # named when an entry is not of item_type
-    item_type: type = str
+    item_type: type | tuple[type, ...] = str
     null_is_empty: bool = False
     flatten: bool = False  # the item reader returns a list: one entry per element
     expands = False
@@ -955,6 +1126,65 @@ _TTL_KEYS = (
 
 _GLOBAL_ONLY = "the cache is shared; set {} in the top cache section"
 
+_TLS_KEYS = (
+    Key(
+        "tls_server_name",
+        ServerName(),
+        "TLS: the server's name, sent as SNI and checked in its certificate; the same as "
+        "'#NAME' after the address. Required for tls:// unless insecure.",
+        default=None,
+    ),
+    Key(
+        "ca_file",
+        OptionalFile(),
+        "TLS: PEM file of the CAs that may sign the server's certificate, relative to this "
+        "file; null: the system's CA store.",
+        default=None,
+    ),
+    Key(
+        "client_cert_file",
+        OptionalFile(),
+        "TLS, mutual: PEM file with our certificate chain (and its key, unless "
+        "client_key_file), shown to a server that asks for one; null: none.",
+        default=None,
+    ),
+    Key(
+        "client_key_file",
+        OptionalFile(),
+        "TLS, mutual: PEM file with the private key of client_cert_file; null: in that file.",
+        default=None,
+    ),
+    Key(
+        "tls_min_version",
+        TlsVersion(),
+        "TLS: the oldest version accepted, 1.2 or 1.3.",
+        default=_field_default(TlsConfig, "min_version"),
+    ),
+    Key(
+        "insecure",
+        Boolean(),
+        "TLS: do not check the server's certificate at all, so anyone on the path can "
+        "answer in its name; logged loudly at start. Tests only.",
+        default=_field_default(TlsConfig, "insecure"),
+    ),
+)
+
+_UPSTREAM = UpstreamSpec(
+    Section(
+        nullable=False,
+        keys=(
+            Key(
+                "address",
+                UpstreamAddress(name_required=False),
+                "The server in one of the string forms (tls://HOST[:PORT][#NAME] for the "
+                "TLS keys).",
+                required="required (the server, e.g. 'tls://HOST#NAME')",
+            ),
+            *_TLS_KEYS,
+        ),
+    )
+)
+
 _ZONE = Section(
     target=ZoneConfig,
     nullable=False,
@@ -968,11 +1198,20 @@ _ZONE = Section(
         ),
         Key(
             "upstreams",
-            ListOf(UpstreamSpec(), empty="at least one upstream is required", flatten=True),
+            ListOf(
+                _UPSTREAM,
+                empty="at least one upstream is required",
+                flatten=True,
+                item_shape="an address string or a mapping with address",
+                item_type=(str, dict),
+            ),
             "Servers to forward to: 'HOST' or 'HOST:PORT' (TCP, port 53 by default), "
-            "'tcp://HOST:PORT', 'udp://HOST:PORT', 'resolv.conf' (every nameserver of "
-            "/etc/resolv.conf, over TCP) or 'resolv.conf:PATH' (relative to the file). Hosts "
-            "are IP addresses; IPv6 in brackets before a port.",
+            "'tcp://HOST[:PORT]', 'udp://HOST[:PORT]', 'auto://HOST[:PORT]' (TCP, or UDP for a "
+            "server that does not answer over TCP), 'tls://HOST[:PORT]#NAME' (DNS over TLS, "
+            "port 853, NAME checked in the certificate), 'resolv.conf' (every nameserver of "
+            "/etc/resolv.conf, auto) or 'resolv.conf:PATH' (relative to the file), a scheme "
+            "in front to choose the transport ('tcp://resolv.conf'); or a mapping with "
+            "address and TLS keys. Hosts are IP addresses; IPv6 in brackets before a port.",
             required="at least one upstream is required",
         ),
         Key(
@@ -1457,13 +1696,20 @@ def _zone_duplicates(ctx: _Context, doc: Fields) -> None:
 
 
 def _upstream_duplicates(ctx: _Context, doc: Fields) -> None:
-    # A server listed twice would be tried twice in a row by the sequential policy.
+    # A server listed twice would be tried twice in a row by the sequential policy. Zones
+    # share a server's connections, so it has one set of TLS settings.
+    first: dict[str, Item] = {}
     for _, zone in _zones(doc):
         kept: list[Item] = []
         for path, upstream in zone.values["upstreams"]:
             also = next((p for p, u in kept if u == upstream), None)
+            seen = first.setdefault(upstream.label, (path, upstream))
             if also is not None:
                 ctx.problem(path, f"{upstream.label} is listed twice (also {also})")
+            elif seen[1] != upstream:
+                ctx.problem(
+                    path, f"{upstream.label} has other TLS settings at {seen[0]}; give it one set"
+                )
             else:
                 kept.append((path, upstream))
         zone.values["upstreams"] = kept
@@ -1701,8 +1947,11 @@ def _walk(
         key_role = role if key.role == "proxy" else key.role
         yield path, key_role, repeated
         inner = key.reader
-        if isinstance(inner, ListOf) and isinstance(inner.item, Section):
-            yield from _walk(inner.item, path + "[]", key_role, repeated)
+        item = inner.item if isinstance(inner, ListOf) else None
+        if isinstance(item, UpstreamSpec):
+            item = item.mapping
+        if isinstance(item, Section):
+            yield from _walk(item, path + "[]", key_role, repeated)
         elif isinstance(inner, Section):
             yield from _walk(inner, path, key_role, repeated or inner.inherit is not None)
 

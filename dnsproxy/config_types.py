@@ -14,7 +14,9 @@ from typing import Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-Transport = Literal["tcp", "udp"]
+# "auto": TCP, and UDP for a server that closes or refuses TCP while it answers over UDP.
+Transport = Literal["tcp", "udp", "tls", "auto"]
+TlsVersion = Literal["1.2", "1.3"]
 Policy = Literal["sequential", "random", "round_robin"]
 RulesBackend = Literal["iptables", "nftables", "auto", "none"]
 WhenReplaced = Literal["exit", "wait"]
@@ -30,14 +32,31 @@ class HostPort:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """How a ``tls://`` upstream is checked, and what we present to it (RFC 7858)."""
+
+    # Sent as SNI and checked in the server's certificate; None only with insecure.
+    server_name: str | None = None
+    ca_file: str | None = None  # PEM bundle of the CAs trusted for it; None: the system's
+    client_cert_file: str | None = None  # mutual TLS: our certificate chain (PEM) ...
+    client_key_file: str | None = None  # ... and its key, when not in client_cert_file
+    min_version: TlsVersion = "1.2"
+    insecure: bool = False  # no certificate check at all (logged loudly)
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     transport: Transport
     host: str  # an IP address literal, without brackets
     port: int = 53
+    tls: TlsConfig | None = None  # set exactly when transport is "tls"
 
     @property
     def label(self) -> str:
-        return f"{self.transport}://{HostPort(self.host, self.port)}"
+        """How logs and metrics name the server: ``tls://HOST:PORT#NAME`` for TLS."""
+        label = f"{self.transport}://{HostPort(self.host, self.port)}"
+        name = self.tls.server_name if self.tls is not None else None
+        return label if name is None else f"{label}#{name}"
 
 
 @dataclass(frozen=True, slots=True)

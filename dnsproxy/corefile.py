@@ -11,7 +11,8 @@ refused (exit status 2) with every such problem listed.
 node-cache's ``__PILLAR__`` words are understood as node-cache understands them:
 ``__PILLAR__CLUSTER__DNS__`` becomes ``${KUBE_DNS_UPSTREAM_SERVICE_HOST}`` (node-cache fills
 it at run time from the kube-dns-upstream Service; dnsproxy expands the variable at start),
-``__PILLAR__UPSTREAM__SERVERS__`` becomes ``resolv.conf``, and the words an operator
+``__PILLAR__UPSTREAM__SERVERS__`` becomes ``tcp://resolv.conf`` (the node's nameservers,
+over the forward's transport), and the words an operator
 substitutes (``__PILLAR__LOCAL__DNS__``, ``__PILLAR__DNS__DOMAIN__``,
 ``__PILLAR__DNS__SERVER__``) take the values of the command's flags.
 """
@@ -35,6 +36,7 @@ DEFAULT_LOCAL_IP = "169.254.20.10"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 _UPSTREAM_SERVICE_VAR = "${KUBE_DNS_UPSTREAM_SERVICE_HOST}"
 _DNS_PORT = 53
+_DOT_PORT = 853  # forward's default port for tls:// targets
 _PROBE_INTERVAL_S = 0.5  # dnsproxy probes a server marked down this often
 _MAX_FAILS = 2  # and marks it down after this many failures in a row
 _DEFAULT_CAPACITY = 9984  # CoreDNS cache's default capacity per kind
@@ -220,12 +222,24 @@ class Pillars:
     dns_server: str | None = None  # the kube-dns ClusterIP (transparent mode), or none
 
 
+# forward's ``tls [CERT KEY CA]`` option: which dnsproxy keys its arguments fill, by count.
+_TLS_ARGS: dict[int, tuple[str, ...]] = {
+    0: (),
+    1: ("ca_file",),
+    2: ("client_cert_file", "client_key_file"),
+    3: ("client_cert_file", "client_key_file", "ca_file"),
+}
+
+
 @dataclass
 class _Zone:
     names: list[str]
     line: int
-    upstreams: list[str] = field(default_factory=list)
+    upstreams: list[str | dict[str, str]] = field(default_factory=list)
     upstream_note: str = ""
+    tls_name: str | None = None  # forward's tls_servername
+    tls_files: dict[str, str] = field(default_factory=dict)  # from its tls option
+    tls_lines: list[int] = field(default_factory=list)  # of both
     policy: str = "random"  # CoreDNS forward's default
     policy_note: str = "CoreDNS forward's default policy"
     cache: dict[str, int] = field(default_factory=dict)
@@ -391,19 +405,26 @@ class _Importer:
                 "conntrack race)"
             )
         tls = [t for t in d.args[1:] if t.text.lower().startswith("tls://")]
-        for tok in tls:
-            self.problem(tok.line, f"forward to {tok.text}: DNS over TLS is not supported yet")
+        if len(tls) == len(d.args) - 1:
+            zone.upstream_note = f"{where}: {self.tls_note(zone)}"
+        elif tls:
+            zone.upstream_note += f"; tls://: {self.tls_note(zone)}"
+        elif zone.tls_lines:
+            self.problem(zone.tls_lines[0], "tls options without a tls:// upstream to apply to")
         for tok in d.args[1:]:
-            if tok in tls:
-                continue
             text = self.pillar(tok) or ""
-            zone.upstreams += self.upstream(text, transport, tok.line)
+            if tok in tls:
+                zone.upstreams += self.tls_upstream(text, zone, tok.line)
+            else:
+                zone.upstreams += self.upstream(text, transport, tok.line)
 
-    def upstream(self, text: str, transport: str, line: int) -> list[str]:
+    def upstream(self, text: str, transport: str, line: int) -> list[str | dict[str, str]]:
         if text == "__PILLAR__UPSTREAM__SERVERS__":
-            return ["resolv.conf"]  # what node-cache substitutes: the node's nameservers
+            text = "/etc/resolv.conf"  # what node-cache substitutes: the node's nameservers
         if text.startswith("/"):
-            return ["resolv.conf" if text == "/etc/resolv.conf" else f"resolv.conf:{text}"]
+            # The scheme, as plain resolv.conf would be dnsproxy's auto transport.
+            file = "" if text == "/etc/resolv.conf" else f":{text}"
+            return [f"{transport}://resolv.conf{file}"]
         if text.lower().startswith("dns://"):
             text = text[len("dns://") :]
         elif "://" in text:
@@ -411,6 +432,36 @@ class _Importer:
             return []
         if text.startswith("${"):
             return [text] if transport == "tcp" else [f"udp://{text}"]
+        found = self.target(text, line)
+        if found is None:
+            return []
+        shown, port = found
+        if port is None and transport == "tcp":
+            return [shown.strip("[]")]
+        return [f"{transport}://{shown}:{port or _DNS_PORT}"]
+
+    def tls_upstream(self, text: str, zone: _Zone, line: int) -> list[str | dict[str, str]]:
+        found = self.target(text[len("tls://") :], line)
+        if found is None:
+            return []
+        shown, port = found
+        # Without tls_servername, CoreDNS checks the certificate for the IP address.
+        address = f"tls://{shown}:{port or _DOT_PORT}#{zone.tls_name or shown.strip('[]')}"
+        return [{"address": address, **zone.tls_files}] if zone.tls_files else [address]
+
+    def tls_note(self, zone: _Zone) -> str:
+        name = (
+            "tls_servername: the name checked in the certificate"
+            if zone.tls_name
+            else "no tls_servername: the certificate must hold the IP address, as CoreDNS checks"
+        )
+        files = f"tls: {', '.join(zone.tls_files)}" if zone.tls_files else "the system's CAs"
+        lines = f" (lines {_lines(zone.tls_lines)})" if zone.tls_lines else ""
+        return f"DNS over TLS ({name}; {files}){lines}"
+
+    def target(self, text: str, line: int) -> tuple[str, str | None] | None:
+        """The ``HOST[:PORT]`` of a forward target: the IP address as a URL writes it
+        (IPv6 in brackets) and the port as written, or None (reported)."""
         host, port = text, None
         if text.startswith("["):
             host, _, rest = text[1:].partition("]")
@@ -421,14 +472,11 @@ class _Importer:
             addr = ipaddress.ip_address(host)
         except ValueError:
             self.problem(line, f"forward to {text}: an IP address (or a resolv.conf path)")
-            return []
+            return None
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             self.problem(line, f"forward to {text}: bad port")
-            return []
-        shown = f"[{addr}]" if addr.version == 6 else str(addr)
-        if port is None and transport == "tcp":
-            return [str(addr)]
-        return [f"{transport}://{shown}:{port or _DNS_PORT}"]
+            return None
+        return (f"[{addr}]" if addr.version == 6 else str(addr)), port
 
     def forward_option(self, o: Directive, zone: _Zone) -> None:
         args = [a.text for a in o.args]
@@ -455,8 +503,19 @@ class _Importer:
             self.set_global("upstream.idle_timeout_s", o, "expire: idle pooled connections close")
         elif o.name == "max_concurrent":
             self.set_global("limits.max_inflight", o, "max_concurrent (SERVFAIL beyond it)")
-        elif o.name in ("tls", "tls_servername"):
-            self.problem(o.line, f"{o.name}: DNS over TLS is not supported yet")
+        elif o.name == "tls_servername":
+            if len(args) != 1:
+                self.problem(o.line, "tls_servername needs one name")
+            else:
+                zone.tls_name = args[0]
+                zone.tls_lines.append(o.line)
+        elif o.name == "tls":
+            keys = _TLS_ARGS.get(len(args))
+            if keys is None:
+                self.problem(o.line, "tls takes at most three files: CERT KEY CA")
+            else:
+                zone.tls_files = dict(zip(keys, args, strict=True))
+                zone.tls_lines.append(o.line)
         else:
             self.problem(o.line, f"forward option '{o.name}' has no dnsproxy equivalent")
 

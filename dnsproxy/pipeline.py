@@ -215,6 +215,11 @@ class PipelinedConnection(Generic[Q]):
         return self.state == CLOSED
 
     @property
+    def replies(self) -> int:
+        """Valid replies received on this connection so far."""
+        return self._replies
+
+    @property
     def expired_ids(self) -> frozenset[int]:
         """IDs reserved here because their queries timed out."""
         return frozenset(self._expired)

@@ -1,4 +1,4 @@
-"""Talking to one upstream DNS server: pipelined TCP connection pools and plain UDP.
+"""Talking to one upstream DNS server: pipelined TCP and TLS connection pools, UDP, auto.
 
 :class:`TcpUpstream` keeps a few long-lived connections to one server and multiplexes many
 queries over each (RFC 7766 pipelining). What one connection must get right — random IDs
@@ -8,12 +8,22 @@ unique on it, the table of queries in flight, framing, reply matching by ID and 
 timer it asks for. The pool here picks a connection for each query, opens new ones, and
 sends a query again, once, when the server closed its connection under it (RFC 7766
 §6.2.1). Connections are rotated after a maximum age, so that the load behind a Service
-ClusterIP spreads over its pods, and closed when idle.
+ClusterIP spreads over its pods, and closed when idle. Connections that keep failing
+(refused, timed out, refused by TLS, closed before answering anything) are not reopened
+in a tight loop: new ones wait out a growing backoff, and queries meanwhile fail at once
+with :class:`UpstreamDown`.
+
+:class:`TlsUpstream` is the same pool over TLS (DNS over TLS, RFC 7858): only the way a
+connection is opened differs (an SSL context from :mod:`dnsproxy.tls`, the configured
+name as SNI and checked in the certificate, the last TLS session resumed), so pipelining,
+matching, deadlines and retirement are the same code.
 
 :class:`UdpUpstream` sends each query from a fresh connected socket (OS-chosen random source
-port, random ID) and repeats a truncated answer over TCP.
+port, random ID) and repeats a truncated answer over TCP. :class:`AutoUpstream` is TCP for
+a server that speaks TCP, and UDP for one that closes or refuses TCP connections while it
+answers over UDP (some home routers and resolvers do), trying TCP again now and then.
 
-Both hand back the reply (or an :class:`UpstreamError`) through a callback, or with the
+All hand back the reply (or an :class:`UpstreamError`) through a callback, or with the
 caller's ID restored from :meth:`Upstream.query`; they never return a reply that failed
 validation. Counters are plain integers in :class:`UpstreamStats`.
 """
@@ -25,12 +35,14 @@ import logging
 import random
 import struct
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .config_types import UpstreamConfig, UpstreamPoolConfig
+from . import tls
+from .config_types import HostPort, UpstreamConfig, UpstreamPoolConfig
 from .framing import NEVER
 from .metrics import labelled
 from .pipeline import (
@@ -44,15 +56,20 @@ from .pipeline import (
     UpstreamStats,
     UpstreamTimeout,
 )
+from .resolution import PROBE_QUERY, PROBE_TIMEOUT_S
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [
+    "AutoUpstream",
     "Done",
     "Request",
     "TcpUpstream",
+    "TlsStats",
+    "TlsUpstream",
     "UdpUpstream",
     "Upstream",
     "UpstreamBusy",
+    "UpstreamDown",
     "UpstreamError",
     "UpstreamStats",
     "UpstreamTimeout",
@@ -70,6 +87,17 @@ _MAX_MESSAGE = 0xFFFF
 # replies (RFC 5452), so it comes from the OS.
 _tcp_id = random.getrandbits
 _udp_id = random.SystemRandom().getrandbits
+
+# Reconnect backoff of a pool whose connections keep failing: the first failure in a row
+# costs nothing (the query's one retry goes out at once), each further one doubles the
+# wait before the next connection, from BACKOFF_FIRST_S up to BACKOFF_MAX_S.
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 4.0
+# An auto upstream that fell back to UDP tries TCP again this often (with a probe, while
+# queries keep going over UDP).
+TCP_RECHECK_S = 60.0
+# A TLS failure is logged when its reason changes, and otherwise at most this often.
+_TLS_LOG_EVERY_S = 60.0
 
 
 # The metric families of every upstream server, by UpstreamStats field.
@@ -97,6 +125,14 @@ _GAUGES = (
 Done = Callable[[bytes | None, UpstreamError | None], None]
 
 
+class UpstreamDown(UpstreamError):
+    """Not sent: connections to the server keep failing and the pool waits before the next.
+
+    Unlike :class:`UpstreamBusy` this says something about the server: it counts as a
+    failed try.
+    """
+
+
 class Request(Protocol):
     """A query handed to :meth:`Upstream.send`; ``cancel()`` forgets it."""
 
@@ -119,10 +155,14 @@ class Upstream:
     label: str
     stats: UpstreamStats
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(
+        self, config: UpstreamConfig, label: str = "", stats: UpstreamStats | None = None
+    ) -> None:
+        # ``label`` and ``stats``: those of an upstream this one works for (auto's TCP
+        # and UDP halves count as the auto upstream).
         self.config = config
-        self.label = config.label
-        self.stats = UpstreamStats()
+        self.label = label or config.label
+        self.stats = stats if stats is not None else UpstreamStats()
 
     def send(
         self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
@@ -162,6 +202,10 @@ class Upstream:
         """Close every socket and fail the queries in flight."""
         raise NotImplementedError
 
+    def transports(self) -> dict[str, int]:
+        """The transports this upstream can use, 1 for the one in use and 0 for others."""
+        return {self.config.transport: 1}
+
     def collect(self) -> Iterator[Metric]:
         """This server's counters and gauges, labelled ``upstream``."""
         stats = self.stats
@@ -176,17 +220,31 @@ class Upstream:
             yield labelled(
                 GaugeMetricFamily, f"dnsproxy_upstream_{name}", doc, "upstream", label, value
             )
+        transport = GaugeMetricFamily(
+            "dnsproxy_upstream_transport",
+            "1 for the transport queries to the upstream server go over (auto: tcp or udp).",
+            labels=["upstream", "transport"],
+        )
+        for name, value in self.transports().items():
+            transport.add_metric([label, name], value)
+        yield transport
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
 
 
 def make_upstream(config: UpstreamConfig, pool: UpstreamPoolConfig) -> Upstream:
-    if config.transport == "tcp":
-        return TcpUpstream(config, pool)
-    if config.transport == "udp":
-        return UdpUpstream(config, pool)
-    raise ValueError(f"unsupported upstream transport {config.transport!r}")
+    """The upstream for ``config``'s transport; raises ValueError for an unknown one."""
+    kinds: dict[str, Callable[[UpstreamConfig, UpstreamPoolConfig], Upstream]] = {
+        "tcp": TcpUpstream,
+        "tls": TlsUpstream,
+        "udp": UdpUpstream,
+        "auto": AutoUpstream,
+    }
+    kind = kinds.get(config.transport)
+    if kind is None:
+        raise ValueError(f"unsupported upstream transport {config.transport!r}")
+    return kind(config, pool)
 
 
 def _question(wire: bytes) -> bytes:
@@ -204,9 +262,10 @@ def _question(wire: bytes) -> bytes:
 
 
 class _TcpRequest(PendingQuery):
-    """One query through a TCP pool: the pipeline's record plus who to tell."""
+    """One query through a TCP pool: the pipeline's record plus who to tell; ``then``, the
+    request that took over when its connection failed (see ``TcpUpstream.fallback``)."""
 
-    __slots__ = ("done", "finished", "owner")
+    __slots__ = ("done", "finished", "owner", "then")
 
     def __init__(
         self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
@@ -215,12 +274,15 @@ class _TcpRequest(PendingQuery):
         self.owner = owner
         self.done = done
         self.finished = False
+        self.then: Request | None = None
 
     def cancel(self) -> None:
         if not self.finished:
             self.finished = True
             if self.conn is not None:
                 self.owner._cancel(self)
+        elif self.then is not None:
+            self.then.cancel()
 
 
 class TcpUpstream(Upstream):
@@ -236,12 +298,22 @@ class TcpUpstream(Upstream):
     Retired connections (see :mod:`dnsproxy.pipeline`) take no new queries and close once
     drained; they do not count against the pool size meanwhile.
 
-    There is no reconnect backoff here: a refused connect fails its queries at once, and
-    the forwarder's health checks decide when the server is tried again.
+    A refused connect fails its queries at once. Connections that fail in a row (refused,
+    timed out, refused by TLS, or closed by the server before it answered anything) put
+    the pool in a backoff: no new connection before :data:`BACKOFF_FIRST_S`, doubling up
+    to :data:`BACKOFF_MAX_S`, and a query that would need one fails at once with
+    :class:`UpstreamDown`. A reply ends the backoff. Whether the server counts as down is
+    the forwarder's decision, from the failures it sees.
     """
 
-    def __init__(self, config: UpstreamConfig, pool: UpstreamPoolConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        pool: UpstreamPoolConfig,
+        label: str = "",
+        stats: UpstreamStats | None = None,
+    ) -> None:
+        super().__init__(config, label, stats)
         self.pool = pool
         self._size = max(1, pool.tcp_connections)
         self._max_inflight = min(max(1, pool.max_inflight_per_connection), MAX_IDS)
@@ -250,6 +322,13 @@ class TcpUpstream(Upstream):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed_connections = 0  # in a row; a reply resets it
+        self.failure = ""  # how the last connection failed, for logs
+        self._retry_at = 0.0  # no new connection before this (loop time)
+        # Given a request whose connection failed (neither a timeout nor our own limits)
+        # and the time, another way to send it, which calls its ``done``; or None. Auto's
+        # way to UDP; the success path never looks at it.
+        self.fallback: Callable[[_TcpRequest, float], Request | None] | None = None
 
     def send(
         self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
@@ -274,14 +353,20 @@ class TcpUpstream(Upstream):
 
     def _dispatch(self, request: _TcpRequest, now: float) -> None:
         if self._closed:
-            self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"))
+            self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"), now)
             return
         conn = self._pick(now)
         if conn is None:
-            self.stats.pool_full += 1
-            self._fail(
-                request, UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
-            )
+            if len(self._active) < self._size:  # it would have opened one: backing off
+                wait_s = self._retry_at - now
+                error: UpstreamError = UpstreamDown(
+                    f"{self.label}: {self.failed_connections} connections failed in a row "
+                    f"(last: {self.failure}); next attempt in {wait_s:.2f}s"
+                )
+            else:
+                self.stats.pool_full += 1
+                error = UpstreamBusy(f"{self.label}: every connection is at its in-flight limit")
+            self._fail(request, error, now)
             return
         conn.send(request, now)
 
@@ -293,14 +378,16 @@ class TcpUpstream(Upstream):
         if error is None:
             request.finished = True
             self.stats.replies += 1
+            if self.failed_connections:
+                self._connection_worked()
             request.done(request.reply, None)
         elif type(error) is ConnectionLost and request.retry(now):
             self.stats.retries += 1
             self._dispatch(request, now)
         else:
-            self._fail(request, error)
+            self._fail(request, error, now)
 
-    def _fail(self, request: _TcpRequest, error: UpstreamError) -> None:
+    def _fail(self, request: _TcpRequest, error: UpstreamError, now: float) -> None:
         if request.finished:
             return
         request.finished = True
@@ -308,6 +395,11 @@ class TcpUpstream(Upstream):
             self.stats.timeouts += 1
         else:
             self.stats.failures += 1
+            fallback = self.fallback
+            if fallback is not None and not isinstance(error, UpstreamBusy):
+                request.then = fallback(request, now)
+                if request.then is not None:
+                    return  # the fallback calls request.done
         request.done(None, error)
 
     def _cancel(self, request: _TcpRequest) -> None:
@@ -325,14 +417,18 @@ class TcpUpstream(Upstream):
             if load < best_load:
                 best = conn
                 best_load = load
-        if (best is None or best_load > 0) and len(self._active) < self._size:
+        if (
+            (best is None or best_load > 0)
+            and len(self._active) < self._size
+            and now >= self._retry_at
+        ):
             return self._open(now)
         return best
 
     def _open(self, now: float) -> _UpstreamConnection:
         loop = self._loop
         assert loop is not None
-        conn = _UpstreamConnection(self, loop, now)
+        conn = self._new_connection(loop, now)
         self._active.append(conn)
         task = loop.create_task(self._connect(conn))
         conn.connect_task = task
@@ -344,11 +440,43 @@ class TcpUpstream(Upstream):
         loop = conn.loop
         try:
             async with asyncio.timeout(self.pool.connect_timeout_s):
-                await loop.create_connection(lambda: conn, self.config.host, self.config.port)
+                await self._open_transport(conn)
         except Exception as exc:  # OSError, TimeoutError; anything else must not kill the pool
             self.stats.connect_failures += 1
             log.debug("%s: connect failed: %r", self.label, exc)
+            self.connection_failed(self.describe_failure(exc), loop.time())
             conn.close(UpstreamError, f"connect failed: {exc!r}")
+
+    def _new_connection(self, loop: asyncio.AbstractEventLoop, now: float) -> _UpstreamConnection:
+        return _UpstreamConnection(self, loop, now)
+
+    async def _open_transport(self, conn: _UpstreamConnection) -> None:
+        """Connect ``conn`` (its ``connection_made`` runs once the transport is up)."""
+        await conn.loop.create_connection(lambda: conn, self.config.host, self.config.port)
+
+    def describe_failure(self, exc: BaseException | None) -> str:
+        """How a connection failed, as a log line says it after the server's name:
+        ``exc`` from the connect, or from a connection lost with nothing answered (None:
+        the server closed it)."""
+        if exc is None:
+            return "closes connections without answering"
+        if isinstance(exc, TimeoutError):
+            return f"accepts no connection within {self.pool.connect_timeout_s:g}s"
+        if isinstance(exc, ConnectionRefusedError):
+            return "refuses connections"
+        return f"fails connections ({exc!r})"
+
+    def connection_failed(self, reason: str, now: float) -> None:
+        """A connection failed (``reason`` says how): one more in a row; backoff."""
+        self.failed_connections += 1
+        self.failure = reason
+        if self.failed_connections > 1:
+            wait_s = BACKOFF_FIRST_S * 2 ** min(self.failed_connections - 2, 8)
+            self._retry_at = now + min(wait_s, BACKOFF_MAX_S)
+
+    def _connection_worked(self) -> None:
+        self.failed_connections = 0
+        self._retry_at = 0.0
 
     def _retire(self, conn: _UpstreamConnection) -> None:
         try:
@@ -536,12 +664,176 @@ class _UpstreamConnection(asyncio.Protocol):
         self.stats.open_connections -= 1
         if not self.lost.done():
             self.lost.set_result(None)
-        failed = self.pipeline.connection_lost(self.loop.time())
+        now = self.loop.time()
+        pipeline = self.pipeline
+        failed = pipeline.connection_lost(now)
+        if failed and not pipeline.replies:
+            # Closed by the server with queries in flight and nothing answered: a failure
+            # of the server (an idle connection it closes is not), which backs off.
+            owner = self.owner
+            owner.connection_failed(owner.describe_failure(exc), now)
         self._shutdown()
         if failed:
             label = self.owner.label
             log.debug("%s: connection lost with %d in flight: %r", label, len(failed), exc)
         self._finish(failed)
+
+
+# --------------------------------------------------------------------------------------
+# TLS
+
+
+@dataclass(slots=True)
+class TlsStats:
+    """TLS counters of one upstream server."""
+
+    handshakes: int = 0  # completed, resumed ones included
+    resumed: int = 0  # handshakes that resumed an earlier session
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(tls.REASONS, 0))
+
+
+class TlsUpstream(TcpUpstream):
+    """A pool of pipelined connections over TLS to one server (RFC 7858).
+
+    The same pool as :class:`TcpUpstream`; a connection is a TLS connection checked
+    against the configured CAs and name (see :mod:`dnsproxy.tls`). A refused certificate
+    or handshake is a failed connection like a refused connect (counted by reason,
+    logged, backed off), never a reason to talk to the server without TLS. Each new
+    connection resumes the session of the last one, so that rotating connections after
+    ``connection_max_age_s`` costs an abbreviated handshake.
+    """
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        pool: UpstreamPoolConfig,
+        label: str = "",
+        stats: UpstreamStats | None = None,
+    ) -> None:
+        super().__init__(config, pool, label, stats)
+        if config.tls is None:
+            raise ValueError(f"{self.label}: a tls upstream needs its TLS settings")
+        settings = config.tls
+        self.tls_stats = TlsStats()
+        self._server_name = settings.server_name
+        self._context: tls.ClientContext | None = None
+        self._setup_error: tls.TlsSetupError | None = None
+        self._logged = ("", -_TLS_LOG_EVERY_S)  # the TLS failure last logged, and when
+        try:
+            self._context = tls.client_context(settings)
+        except tls.TlsSetupError as exc:
+            # check-config read these files; they changed since. Fail every query, loudly.
+            self._setup_error = exc
+            log.error("%s: cannot set up TLS: %s: %s", self.label, exc.key, exc.reason)
+        if settings.insecure:
+            log.warning(
+                "%s: insecure: true, so the server's certificate is NOT checked: anyone on "
+                "the path can answer in its name",
+                self.label,
+            )
+
+    def _new_connection(self, loop: asyncio.AbstractEventLoop, now: float) -> _UpstreamConnection:
+        return _TlsConnection(self, loop, now)
+
+    async def _open_transport(self, conn: _UpstreamConnection) -> None:
+        if self._setup_error is not None:
+            raise self._setup_error
+        await conn.loop.create_connection(
+            lambda: conn,
+            self.config.host,
+            self.config.port,
+            ssl=self._context,
+            server_hostname=self._server_name or "",  # "": insecure without a name
+        )
+
+    def describe_failure(self, exc: BaseException | None) -> str:
+        if isinstance(exc, tls.TlsSetupError):
+            return f"cannot set up TLS ({exc.key}: {exc.reason})"
+        if exc is None:
+            # TLS 1.3 sends the client's certificate after the server's handshake is
+            # done: a server that refuses it ends the connection only now.
+            return "closes connections without answering after the TLS handshake"
+        if isinstance(exc, TimeoutError):
+            return f"completes no TLS handshake within {self.pool.connect_timeout_s:g}s"
+        found = tls.failure(exc)
+        if found is None:
+            return super().describe_failure(exc)
+        reason, text = found
+        self.tls_stats.failures[reason] += 1
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        if reason != self._logged[0] or now - self._logged[1] >= _TLS_LOG_EVERY_S:
+            self._logged = (reason, now)
+            log.warning(
+                "%s: %s; connection refused, the server counts as failing "
+                "(queries never go to it without TLS)",
+                self.label,
+                text,
+            )
+        return text
+
+    def handshake_done(self, transport: asyncio.BaseTransport) -> None:
+        """A connection finished its handshake: count it."""
+        self.tls_stats.handshakes += 1
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.session_reused:
+            self.tls_stats.resumed += 1
+        self._logged = ("", self._logged[1])  # the next failure is news
+
+    def save_session(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the session of ``transport`` for the next connection to resume."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        session = ssl_object.session if ssl_object is not None else None
+        if session is not None and self._context is not None:
+            self._context.session = session
+
+    def collect(self) -> Iterator[Metric]:
+        """The pool's families, and the handshakes and TLS failures by reason."""
+        yield from super().collect()
+        label = self.label
+        stats = self.tls_stats
+        handshakes = CounterMetricFamily(
+            "dnsproxy_upstream_tls_handshakes",
+            "TLS handshakes completed with the upstream server; resumed: an earlier session "
+            "was resumed (no certificate exchange).",
+            labels=["upstream", "resumed"],
+        )
+        handshakes.add_metric([label, "false"], stats.handshakes - stats.resumed)
+        handshakes.add_metric([label, "true"], stats.resumed)
+        yield handshakes
+        failures = CounterMetricFamily(
+            "dnsproxy_upstream_tls_failures",
+            "TLS connections to the upstream server refused, by reason (expired, "
+            "not_yet_valid, name_mismatch, untrusted, invalid: the certificate; handshake: "
+            "anything else).",
+            labels=["upstream", "reason"],
+        )
+        for reason, count in stats.failures.copy().items():
+            failures.add_metric([label, reason], count)
+        yield failures
+
+
+class _TlsConnection(_UpstreamConnection):
+    """One pipelined connection over TLS: counts its handshake and, once the server has
+    answered (by then it has sent its session tickets), hands its session to the pool."""
+
+    owner: TlsUpstream
+
+    def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        super().__init__(owner, loop, now)
+        self._session_saved = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called once the handshake is done; a failed one ends the connect instead.
+        self.owner.handshake_done(transport)
+        super().connection_made(transport)  # writes the queries that waited for it
+        tls.quick_ack(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._session_saved and self._transport is not None:
+            self._session_saved = True
+            self.owner.save_session(self._transport)
+        super().data_received(data)
 
 
 # --------------------------------------------------------------------------------------
@@ -609,8 +901,14 @@ class _UdpRequest:
 class UdpUpstream(Upstream):
     """Plain UDP, one fresh socket per query; TC=1 answers are fetched again over TCP."""
 
-    def __init__(self, config: UpstreamConfig, pool: UpstreamPoolConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        pool: UpstreamPoolConfig,
+        label: str = "",
+        stats: UpstreamStats | None = None,
+    ) -> None:
+        super().__init__(config, label, stats)
         self.pool = pool
         self._tcp: TcpUpstream | None = None
         self._waiting: set[asyncio.Future[bytes]] = set()  # so close() can fail them
@@ -697,3 +995,120 @@ class UdpUpstream(Upstream):
             await self._tcp.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=1.0)
+
+
+# --------------------------------------------------------------------------------------
+# auto: TCP, or UDP for a server that does not speak TCP
+
+
+class AutoUpstream(Upstream):
+    """TCP to a server that speaks it; UDP to one that refuses or closes TCP connections
+    while it answers over UDP (some home routers and resolvers do).
+
+    While on TCP, a query whose TCP connection failed (refused, closed before an answer,
+    or the pool backing off after such failures) is sent over UDP with the rest of its
+    time; when UDP answers and the pool's own connections have been failing, the server
+    is switched to UDP, with one log line saying why. A slow server (a TCP timeout) is
+    not a reason to switch. On UDP, queries go out as :class:`UdpUpstream` sends them (a
+    fresh socket with an OS-chosen source port and a random ID each, truncated replies
+    fetched over TCP), and every :data:`TCP_RECHECK_S` a probe goes over TCP: when it is
+    answered the server is back on TCP.
+
+    Both halves count as this upstream (its label and counters);
+    ``dnsproxy_upstream_transport`` says which one is in use.
+    """
+
+    def __init__(self, config: UpstreamConfig, pool: UpstreamPoolConfig) -> None:
+        super().__init__(config)
+        tcp = UpstreamConfig("tcp", config.host, config.port)
+        self.tcp = TcpUpstream(tcp, pool, self.label, self.stats)
+        self.tcp.fallback = self._udp_instead
+        udp = UpstreamConfig("udp", config.host, config.port)
+        self.udp = UdpUpstream(udp, pool, self.label, self.stats)
+        self.using_udp = False
+        self._recheck_at = NEVER  # when to probe TCP again (on UDP)
+        self._recheck: Request | None = None  # the probe out, for close()
+        self._rechecking = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def time(self) -> float:
+        """The loop's clock."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
+
+    def send(
+        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+    ) -> Request:
+        if not self.using_udp:
+            return self.tcp.send(wire, timeout_s, done, question, now)
+        if now < 0:
+            now = self.time()
+        if now >= self._recheck_at and not self._rechecking:
+            self._recheck_tcp(now)
+        return self.udp.send(wire, timeout_s, done, question, now)
+
+    def transports(self) -> dict[str, int]:
+        return {"tcp": 0, "udp": 1} if self.using_udp else {"tcp": 1, "udp": 0}
+
+    def _udp_instead(self, request: _TcpRequest, now: float) -> Request | None:
+        """The TCP connection of ``request`` failed: send it over UDP with the time left.
+        Not once on UDP: then the TCP pool carries only the probe, which must fail."""
+        remaining = request.deadline - now
+        if self.using_udp or remaining <= 0:
+            return None
+        done = partial(self._over_udp, request.done)
+        return self.udp.send(request.wire, remaining, done, request.question, now)
+
+    def _over_udp(self, done: Done, reply: bytes | None, error: UpstreamError | None) -> None:
+        if reply is not None:
+            self._answered_over_udp()
+        done(reply, error)
+
+    def _answered_over_udp(self) -> None:
+        """A query that failed over TCP was answered over UDP."""
+        tcp = self.tcp
+        if self.using_udp or not tcp.failed_connections:
+            return  # a connection lost once under a query is no verdict on TCP
+        self.using_udp = True
+        self._recheck_at = self.time() + TCP_RECHECK_S
+        where = HostPort(self.config.host, self.config.port)
+        log.warning(
+            "%s %s over TCP but answers over UDP: using UDP for it (write udp://%s to "
+            "silence this, or fix the server's TCP); TCP is tried again every %gs",
+            where,
+            tcp.failure,
+            where,
+            TCP_RECHECK_S,
+        )
+
+    def _recheck_tcp(self, now: float) -> None:
+        self._recheck_at = now + TCP_RECHECK_S
+        self._rechecking = True
+        request = self.tcp.send(PROBE_QUERY, PROBE_TIMEOUT_S, self._rechecked, b"", now)
+        if self._rechecking:  # else it already failed
+            self._recheck = request
+
+    def _rechecked(self, reply: bytes | None, error: UpstreamError | None) -> None:
+        self._rechecking = False
+        self._recheck = None
+        if self._closed or not self.using_udp:
+            return
+        if reply is None:
+            log.debug("%s: TCP still fails: %s", self.label, error)
+            return
+        self.using_udp = False
+        log.warning(
+            "%s answers over TCP again: using TCP for it",
+            HostPort(self.config.host, self.config.port),
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        await self.udp.close()
+        await self.tcp.close()

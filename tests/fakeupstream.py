@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "Handler",
     "Raw",
     "SyncHandler",
+    "first_then",
     "zone_handler",
 ]
 
@@ -146,15 +148,40 @@ def zone_handler(
     return handler
 
 
-class FakeUpstream:
-    """DNS server on ``host`` (127.0.0.1 by default), UDP and TCP on the same port."""
+def first_then(firsts: Sequence[Action], then: SyncHandler) -> SyncHandler:
+    """A handler that answers the first queries with ``firsts``, one each, then as ``then``."""
+    calls = 0
 
-    def __init__(self, handler: Handler | None = None, host: str = "127.0.0.1") -> None:
+    def handler(query: dns.message.Message, transport: str) -> Action:
+        nonlocal calls
+        calls += 1
+        return firsts[calls - 1] if calls <= len(firsts) else then(query, transport)
+
+    return handler
+
+
+class FakeUpstream:
+    """DNS server on ``host`` (127.0.0.1 by default), UDP and TCP on the same port.
+
+    With ``tls`` (a server context) the stream side is DNS over TLS instead of TCP, and
+    its queries are seen as transport ``"tls"``.
+    """
+
+    def __init__(
+        self,
+        handler: Handler | None = None,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+        port: int = 0,
+    ) -> None:
         self.handler: Handler = handler if handler is not None else zone_handler({})
         self.host = host
-        self.port = 0
+        self.tls = tls
+        self.port = port  # 0: a free one, chosen at start
         self.queries: list[tuple[str, dns.message.Message]] = []
-        self.tcp_connections = 0  # accepted so far
+        self.udp_sources: list[tuple[str | int, ...]] = []  # source address of each UDP query
+        self.tcp_connections = 0  # accepted so far (over TLS: handshakes completed)
+        self.tls_resumed = 0  # of those, TLS handshakes that resumed a session
         self.malformed = 0  # undecodable messages, bad framing, replies sent to us
         self.handler_errors = 0  # handlers that raised (the query gets no reply)
         self._udp: asyncio.DatagramTransport | None = None
@@ -178,13 +205,15 @@ class FakeUpstream:
         loop = asyncio.get_running_loop()
         last: OSError | None = None
         # The UDP port the OS picks may be taken for TCP; a few tries settle it.
-        for _ in range(20):
+        for _ in range(20 if self.port == 0 else 1):
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpServer(self), local_addr=(self.host, 0)
+                lambda: _UdpServer(self), local_addr=(self.host, self.port)
             )
             port = udp.get_extra_info("sockname")[1]
             try:
-                server = await loop.create_server(lambda: _TcpServer(self), self.host, port)
+                server = await loop.create_server(
+                    lambda: _TcpServer(self), self.host, port, ssl=self.tls
+                )
             except OSError as exc:
                 last = exc
                 udp.close()
@@ -212,6 +241,13 @@ class FakeUpstream:
             self._udp.close()
             self._udp = None
         await asyncio.sleep(0)  # let connection_lost callbacks run before the loop ends
+
+    async def stop_tcp(self) -> None:
+        """Stop listening on TCP, so that connecting is refused; UDP goes on."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
 
     def close_tcp_connections(self) -> None:
         """Close every accepted TCP connection, as a server's idle timeout would."""
@@ -311,6 +347,7 @@ class _UdpServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if self._transport is not None:
+            self._fake.udp_sources.append(addr)
             self._fake._received(data, _UdpReply(self._transport, addr))
 
     def error_received(self, exc: Exception) -> None:
@@ -318,9 +355,8 @@ class _UdpServer(asyncio.DatagramProtocol):
 
 
 class _TcpServer(asyncio.Protocol):
-    name = "tcp"
-
     def __init__(self, fake: FakeUpstream) -> None:
+        self.name = "tcp" if fake.tls is None else "tls"
         self._fake = fake
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
@@ -329,6 +365,9 @@ class _TcpServer(asyncio.Protocol):
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
         self._fake.tcp_connections += 1
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.session_reused:
+            self._fake.tls_resumed += 1
         self._fake._tcp.add(self._transport)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -15,7 +15,8 @@ from typing import Any, cast
 import jsonschema
 import pytest
 import yaml
-from conftest import undocumented_keys
+from certs import Pki
+from conftest import dnsproxy_cmd, undocumented_keys
 
 from dnsproxy.config import (
     CachePolicy,
@@ -28,6 +29,7 @@ from dnsproxy.config import (
     PrefetchConfig,
     ServerLimits,
     ServeStaleConfig,
+    TlsConfig,
     UpstreamConfig,
     UpstreamPoolConfig,
     load_config,
@@ -65,6 +67,10 @@ def tcp(host: str, port: int = 53) -> UpstreamConfig:
     return UpstreamConfig("tcp", host, port)
 
 
+def tls(host: str, port: int, name: str | None, **settings: Any) -> UpstreamConfig:
+    return UpstreamConfig("tls", host, port, TlsConfig(server_name=name, **settings))
+
+
 # --- upstream forms ---------------------------------------------------------------------
 
 
@@ -87,6 +93,12 @@ def tcp(host: str, port: int = 53) -> UpstreamConfig:
         ("2001:DB8:0:0::1", tcp("2001:db8::1")),
         ("127.0.0.1:65535", tcp("127.0.0.1", 65535)),
         ("127.0.0.1:1", tcp("127.0.0.1", 1)),
+        ("auto://169.254.0.53", UpstreamConfig("auto", "169.254.0.53", 53)),
+        ("auto://[2001:db8::53]:5300", UpstreamConfig("auto", "2001:db8::53", 5300)),
+        ("tls://169.254.0.53#dns.example", tls("169.254.0.53", 853, "dns.example")),
+        ("TLS://169.254.0.53:8853#DNS.Example.", tls("169.254.0.53", 8853, "dns.example")),
+        ("tls://[2001:db8::53]#dns.example", tls("2001:db8::53", 853, "dns.example")),
+        ("tls://[2001:db8::53]:853#2001:db8::53", tls("2001:db8::53", 853, "2001:db8::53")),
     ],
 )
 def test_upstream_forms(text: str, expected: UpstreamConfig) -> None:
@@ -103,7 +115,13 @@ def test_upstream_forms(text: str, expected: UpstreamConfig) -> None:
         ("kube-dns.kube-system.svc.cluster.local", "is a hostname; an IP address is required"),
         ("tcp://localhost:53", "'localhost' is a hostname"),
         ("127.0.0.256", "'127.0.0.256' is not a valid IP address"),
-        ("tls://127.0.0.1:853", "unsupported scheme 'tls://'"),
+        ("https://127.0.0.1:443", "unsupported scheme 'https://'"),
+        ("tls://127.0.0.1:853", "needs the server's name after '#' (tls://127.0.0.1:853#"),
+        ("tls://127.0.0.1#", "'' is not a valid server name"),
+        ("tls://127.0.0.1#bad..name", "'bad..name' is not a valid server name"),
+        ("tcp://127.0.0.1#dns.example", "a server name only goes with tls://"),
+        ("127.0.0.1#dns.example", "a server name only goes with tls://"),
+        ("tls://resolv.conf", "tls:// cannot take resolv.conf"),
         ("[::1:53", "missing the closing ']'"),
         ("[::1]53", "not of the form [ADDR]:PORT"),
         ("[127.0.0.1]:53", "brackets are only for IPv6"),
@@ -148,15 +166,19 @@ def test_parse_resolv_conf_without_nameservers() -> None:
     assert parse_resolv_conf("search example.org\noptions ndots:1\n# nameserver 127.0.0.1\n") == []
 
 
-def test_upstream_resolv_conf_file_gives_one_tcp_upstream_per_nameserver(tmp_path: Path) -> None:
+def test_upstream_resolv_conf_file_gives_one_auto_upstream_per_nameserver(tmp_path: Path) -> None:
     path = tmp_path / "resolv.conf"
     path.write_text(RESOLV_CONF)
+    servers = ["127.0.0.53", "::1", "2001:db8::53", "169.254.20.10"]
     assert parse_upstream(f"resolv.conf:{path}", "x") == [
-        tcp("127.0.0.53"),
-        tcp("::1"),
-        tcp("2001:db8::53"),
-        tcp("169.254.20.10"),
+        UpstreamConfig("auto", host) for host in servers
     ]
+    # A scheme in front chooses the transport, as the node configuration does with tcp.
+    for transport in ("tcp", "udp", "auto"):
+        assert parse_upstream(f"{transport}://resolv.conf:{path}", "x") == [
+            UpstreamConfig(transport, host)
+            for host in servers  # type: ignore[arg-type]
+        ]
 
 
 def test_upstream_resolv_conf_without_nameservers_is_a_problem(tmp_path: Path) -> None:
@@ -182,7 +204,7 @@ def test_relative_resolv_conf_is_read_next_to_the_config_file(tmp_path: Path) ->
     cfg = tmp_path / "dnsproxy.yaml"
     cfg.write_text("zones:\n  - zone: .\n    upstreams: ['resolv.conf:upstream.conf']\n")
     config = load_config(str(cfg), env={})
-    assert config.zones[0].upstreams == (tcp("127.0.0.2"),)
+    assert config.zones[0].upstreams == (UpstreamConfig("auto", "127.0.0.2"),)
 
 
 def test_default_resolv_conf_is_etc_resolv_conf() -> None:
@@ -194,7 +216,7 @@ def test_default_resolv_conf_is_etc_resolv_conf() -> None:
     if expected:
         config = load_config(None, env={})
         assert [u.host for u in config.zones[0].upstreams] == expected
-        assert {u.transport for u in config.zones[0].upstreams} == {"tcp"}
+        assert {u.transport for u in config.zones[0].upstreams} == {"auto"}
     else:
         with pytest.raises(ConfigError) as info:
             load_config(None, env={})
@@ -392,7 +414,10 @@ ERROR_CASES: list[tuple[Mutation, str]] = [
     (_set("zones[0]", {"zone": "."}), "zones[0].upstreams: at least one upstream is required"),
     (_set("zones[0].upstreams", UPSTREAM), "zones[0].upstreams: must be a list of strings"),
     (_set("zones[0].upstreams[0]", "127.0.0.1:70000"), "zones[0].upstreams[0]: port 70000 out"),
-    (_set("zones[0].upstreams[0]", 53), "zones[0].upstreams[0]: must be a string (got 53)"),
+    (
+        _set("zones[0].upstreams[0]", 53),
+        "zones[0].upstreams[0]: must be an address string or a mapping with address (got 53)",
+    ),
     (_set("zones[0].policy", "fastest"), "zones[0].policy: must be one of sequential, random"),
     (_set("zones[0].try_timeout_s", 0), "zones[0].try_timeout_s: must be a number of seconds > 0"),
     (_set("zones[0].try_timeout_s", 3), "zones[0].try_timeout_s: try_timeout_s (3) must be <="),
@@ -655,6 +680,138 @@ def test_same_server_may_serve_two_zones_and_both_transports() -> None:
     assert config.zones[1].upstreams == (tcp("127.0.0.1", 5300),)
 
 
+# --- TLS upstreams: the mapping form -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_doc(*entries: object) -> dict[str, Any]:
+    doc = base_doc()
+    doc["zones"][0]["upstreams"] = list(entries)
+    return doc
+
+
+def test_tls_mapping_reads_every_key_with_files_next_to_the_config_file(
+    pki: Pki, tmp_path: Path
+) -> None:
+    cert, key = pki.leaf("client.test", client=True)
+    entry = {
+        "address": "tls://[2001:db8::53]:8853",
+        "tls_server_name": "DNS.Example.",
+        "ca_file": pki.ca.name,
+        "client_cert_file": str(cert),
+        "client_key_file": str(key),
+        "tls_min_version": 1.3,
+    }
+    config = parse(tls_doc(entry, "tls://169.254.0.53#dns.example"), base=str(pki.ca))
+    assert config.zones[0].upstreams == (
+        tls(
+            "2001:db8::53",
+            8853,
+            "dns.example",
+            ca_file=str(pki.ca),  # relative to the configuration file
+            client_cert_file=str(cert),
+            client_key_file=str(key),
+            min_version="1.3",
+        ),
+        tls("169.254.0.53", 853, "dns.example"),
+    )
+    assert config.zones[0].upstreams[0].label == "tls://[2001:db8::53]:8853#dns.example"
+    # The name may come with the address instead, and a mapping may hold any address.
+    config = parse(tls_doc({"address": "tls://169.254.0.53#dns.example", "tls_min_version": "1.2"}))
+    assert config.zones[0].upstreams == (tls("169.254.0.53", 853, "dns.example"),)
+    config = parse(tls_doc({"address": "tls://169.254.0.53", "insecure": True}))
+    assert config.zones[0].upstreams == (tls("169.254.0.53", 853, None, insecure=True),)
+    config = parse(tls_doc({"address": "udp://169.254.0.53"}))
+    assert config.zones[0].upstreams == (UpstreamConfig("udp", "169.254.0.53"),)
+
+
+def test_tls_mapping_problems_name_their_keys(pki: Pki, tmp_path: Path) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    _, key = pki.leaf("client.test", client=True)
+    other_cert, _ = pki.leaf("other.test", client=True)
+    doc = tls_doc(
+        {"address": "tls://169.254.0.1"},
+        {"address": "tls://169.254.0.2#a.test", "ca_file": str(tmp_path / "absent.pem")},
+        {"address": "tls://169.254.0.3#a.test", "ca_file": str(not_pem)},
+        {
+            "address": "tls://169.254.0.4#a.test",
+            "client_cert_file": str(other_cert),
+            "client_key_file": str(key),
+        },
+        {"address": "tls://169.254.0.5#a.test", "client_key_file": str(key)},
+        {"address": "tcp://169.254.0.6", "tls_server_name": "a.test", "insecure": False},
+        {"address": "tls://169.254.0.7#a.test", "tls_server_name": "b.test"},
+        {"address": "tls://169.254.0.8#a.test", "tls_min_version": 1.1, "ca_file": 5},
+        {"address": "tls://169.254.0.9#a.test", "tls_servername": "a.test"},
+        {"tls_server_name": "a.test"},
+        {"address": ["tls://169.254.0.10#a.test"]},
+    )
+    assert problems(doc) == [
+        "zones[0].upstreams[0].address: a tls:// upstream needs the server's name, checked in "
+        "its certificate: tls_server_name, or '#NAME' after the address (or insecure: true)",
+        f"zones[0].upstreams[1].ca_file: cannot read {tmp_path / 'absent.pem'}: No such file "
+        "or directory",
+        f"zones[0].upstreams[2].ca_file: {not_pem}: no PEM certificate in it",
+        f"zones[0].upstreams[3].client_cert_file: {other_cert} with the key in {key}: not a "
+        "PEM certificate and its private key",
+        "zones[0].upstreams[4].client_key_file: needs client_cert_file (the certificate)",
+        "zones[0].upstreams[5].tls_server_name: only for tls:// upstreams (the address is "
+        "tcp://169.254.0.6:53)",
+        "zones[0].upstreams[5].insecure: only for tls:// upstreams (the address is "
+        "tcp://169.254.0.6:53)",
+        "zones[0].upstreams[6].tls_server_name: 'b.test' differs from the name in address "
+        "('#a.test'); give it once",
+        "zones[0].upstreams[7].ca_file: must be a file name (got 5)",
+        "zones[0].upstreams[7].tls_min_version: must be 1.2 or 1.3 (got 1.1)",
+        "zones[0].upstreams[8].tls_servername: unknown key (did you mean 'tls_server_name'?)",
+        "zones[0].upstreams[9].address: required (the server, e.g. 'tls://HOST#NAME')",
+        "zones[0].upstreams[10].address: must be an upstream address string (got a list)",
+    ]
+
+
+def test_a_tls_server_has_one_set_of_settings(pki: Pki) -> None:
+    doc = tls_doc("tls://169.254.0.53#dns.example")
+    doc["zones"].append(
+        {
+            "zone": "cluster.local",
+            "upstreams": [{"address": "tls://169.254.0.53#dns.example", "ca_file": str(pki.ca)}],
+        }
+    )
+    assert problems(doc) == [
+        "zones[1].upstreams[0]: tls://169.254.0.53:853#dns.example has other TLS settings at "
+        "zones[0].upstreams[0]; give it one set"
+    ]
+    doc["zones"][1]["upstreams"] = ["tls://169.254.0.53#dns.example"]
+    assert parse(doc).zones[1].upstreams == (tls("169.254.0.53", 853, "dns.example"),)
+
+
+def test_tls_mapping_keys_may_come_from_the_environment(pki: Pki) -> None:
+    entry = {"address": "${DOT}", "ca_file": "${CA}", "insecure": "${INSECURE:-false}"}
+    config = parse(tls_doc(entry), {"DOT": "tls://169.254.0.53#dns.example", "CA": str(pki.ca)})
+    assert config.zones[0].upstreams == (
+        tls("169.254.0.53", 853, "dns.example", ca_file=str(pki.ca)),
+    )
+
+
+def test_check_config_refuses_an_unreadable_tls_file(tmp_path: Path) -> None:
+    path = tmp_path / "dot.yaml"
+    path.write_text(
+        "zones:\n  - zone: .\n    upstreams:\n"
+        "      - {address: 'tls://169.254.0.53#dns.example', ca_file: corp-ca.pem}\n"
+    )
+    result = dnsproxy_cmd("check-config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"{path}: zones[0].upstreams[0].ca_file: cannot read {tmp_path / 'corp-ca.pem'}: "
+        "No such file or directory"
+    )
+
+
 # --- overrides --------------------------------------------------------------------------
 
 
@@ -873,7 +1030,7 @@ def test_shipped_config_is_valid() -> None:
     assert [str(n) for n in config.allow] == ["127.0.0.0/8", "::1/128"]
     assert [z.zone for z in config.zones] == ["."]
     raw = yaml.safe_load(SHIPPED.read_text())
-    assert raw["zones"][0]["upstreams"] == ["resolv.conf"]
+    assert raw["zones"][0]["upstreams"] == [{"address": "resolv.conf"}]
     # The file spells out every default, so its values are the defaults.
     assert config.cache == CachePolicy()
     assert config.cache_max_entries == Config.__dataclass_fields__["cache_max_entries"].default
@@ -1025,6 +1182,9 @@ def test_schema_takes_what_dnsproxy_takes_and_refuses_what_it_refuses() -> None:
     good["cache"] = {"max_entries": "${CACHE_SIZE}", "max_ttl_s": 600}
     good["node"] = {"health_port": "none", "interface": "dnsp0", "sync_interval_s": 1.5}
     good["zones"][0]["cache"] = {"min_ttl_s": 5}
+    good["zones"][0]["upstreams"].append(
+        {"address": "tls://169.254.0.53", "tls_server_name": "a.test", "tls_min_version": 1.3}
+    )
     env = {"CACHE_SIZE": "500"}
     parse(good, env)
     assert schema_problems(good) == []
@@ -1038,6 +1198,10 @@ def test_schema_takes_what_dnsproxy_takes_and_refuses_what_it_refuses() -> None:
         ("node.health_port", 70000),
         ("zones[0].policy", "fastest"),
         ("zones[0].cache.max_entries", 5),
+        ("zones[0].upstreams[0]", {"address": "tls://169.254.0.53#a.test", "insecure": "no"}),
+        ("zones[0].upstreams[0]", {"address": "tls://169.254.0.53#a.test", "cafile": "x"}),
+        ("zones[0].upstreams[0]", {"tls_server_name": "a.test"}),
+        ("zones[0].upstreams[0]", 53),
         ("acl", []),
     ]:
         bad = base_doc()
@@ -1082,6 +1246,7 @@ def test_config_still_exports_every_name_it_did() -> None:
         "Policy",
         "RulesBackend",
         "ServerLimits",
+        "TlsConfig",
         "Transport",
         "UpstreamConfig",
         "UpstreamPoolConfig",

@@ -24,6 +24,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+from certs import Pki
 from conftest import ROOT, dnsproxy_cmd, stop_process
 from netns import (
     CLUSTER_IP,
@@ -39,7 +40,7 @@ from netns import (
 )
 from test_node_netns import our_rules, proxy
 
-from dnsproxy.config import load_config
+from dnsproxy.config import TlsConfig, UpstreamConfig, load_config
 from dnsproxy.corefile import CorefileError, Pillars, convert, parse, tokenize
 
 NODELOCAL_COREFILE = """\
@@ -294,14 +295,19 @@ def test_customised_corefile(tmp_path: Path) -> None:
         ("    hosts /etc/hosts\n", 4, "directive 'hosts' has no dnsproxy equivalent"),
         ("    rewrite name a b\n", 4, "directive 'rewrite' has no dnsproxy equivalent"),
         (
-            "    forward . tls://169.254.1.1 {\n        tls_servername dns.example\n    }\n",
+            "    forward . tls://dns.example {\n        tls_servername dns.example\n    }\n",
             4,
-            "forward to tls://169.254.1.1: DNS over TLS is not supported yet",
+            "forward to dns.example: an IP address",
         ),
         (
-            "    forward . tls://169.254.1.1 {\n        tls_servername dns.example\n    }\n",
+            "    forward . tls://169.254.1.1 {\n        tls a b c d\n    }\n",
             5,
-            "tls_servername: DNS over TLS is not supported yet",
+            "tls takes at most three files: CERT KEY CA",
+        ),
+        (
+            "    forward . 169.254.1.1 {\n        tls_servername dns.example\n    }\n",
+            5,
+            "tls options without a tls:// upstream to apply to",
         ),
         (
             "    cache 30 {\n        prefetch 10\n    }\n",
@@ -339,6 +345,33 @@ def test_unmappable_directives_are_refused_with_their_line(
     assert result.returncode == 2
     assert result.stdout == ""  # nothing half-imported
     assert f"{corefile}: line {line}: {reason}" in result.stderr, result.stderr
+
+
+def test_forward_over_tls_maps_to_tls_upstreams(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    cert, key = pki.leaf("node.test", client=True)
+    text = (
+        ".:53 {\n    bind 169.254.20.10\n"
+        "    forward . tls://169.254.1.1 tls://[2001:db8::53]:8853 {\n"
+        "        tls_servername dns.example\n"
+        f"        tls {cert} {key} {pki.ca}\n"
+        "    }\n}\n"
+        "corp.example:53 {\n    bind 169.254.20.10\n    forward . tls://169.254.1.2\n}\n"
+    )
+    path = run_import(tmp_path, text)
+    assert check_config(path).returncode == 0, check_config(path).stderr
+    root, corp = load_config(path, env={}).zones
+    files = {"ca_file": str(pki.ca), "client_cert_file": str(cert), "client_key_file": str(key)}
+    assert root.upstreams == (
+        UpstreamConfig("tls", "169.254.1.1", 853, TlsConfig("dns.example", **files)),
+        UpstreamConfig("tls", "2001:db8::53", 8853, TlsConfig("dns.example", **files)),
+    )
+    # Without tls_servername CoreDNS checks the certificate for the IP address; so does
+    # the import, with the system's CAs.
+    assert corp.upstreams == (UpstreamConfig("tls", "169.254.1.2", 853, TlsConfig("169.254.1.2")),)
+    text_out = Path(path).read_text()
+    assert "forward (line 3): DNS over TLS (tls_servername: the name checked in the " in text_out
+    assert "no tls_servername: the certificate must hold the IP address" in text_out
 
 
 def test_every_problem_is_listed_at_once() -> None:

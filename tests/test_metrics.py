@@ -16,7 +16,7 @@ import dns.message
 from conftest import RECORDS, make_config, running
 from fakeupstream import FakeUpstream, zone_handler
 
-from dnsproxy.config import UpstreamConfig
+from dnsproxy.config import TlsConfig, UpstreamConfig
 
 # (family, type, sample name, label names) as exported since the first release.
 CONTRACT = {
@@ -75,6 +75,24 @@ CONTRACT = {
         ("upstream",),
     ),
     ("dnsproxy_upstream_up", "gauge", "dnsproxy_upstream_up", ("upstream",)),
+    (
+        "dnsproxy_upstream_transport",
+        "gauge",
+        "dnsproxy_upstream_transport",
+        ("transport", "upstream"),
+    ),
+    (
+        "dnsproxy_upstream_tls_handshakes",
+        "counter",
+        "dnsproxy_upstream_tls_handshakes_total",
+        ("resumed", "upstream"),
+    ),
+    (
+        "dnsproxy_upstream_tls_failures",
+        "counter",
+        "dnsproxy_upstream_tls_failures_total",
+        ("reason", "upstream"),
+    ),
     ("dnsproxy_upstream_servfail", "counter", "dnsproxy_upstream_servfail_total", ()),
     *(
         ("dnsproxy_upstream_request_duration_seconds", "histogram", name, labels)
@@ -114,7 +132,9 @@ async def test_exported_names_and_labels_are_the_contract() -> None:
         dead_port = closed.getsockname()[1]
     async with FakeUpstream(zone_handler(RECORDS)) as good:
         dead = UpstreamConfig("tcp", "127.0.0.1", dead_port)
-        config = make_config(good.port, extra_upstreams=(dead,))
+        # Never reached (the first server answers); it brings the TLS families.
+        tls = UpstreamConfig("tls", "127.0.0.1", dead_port, TlsConfig(server_name="dot.test"))
+        config = make_config(good.port, extra_upstreams=(dead, tls))
         async with running(config) as app:
             host, port = app.listen[0].host, app.listen[0].port
             for name in ("www.example.", "www.example.", "nope.example."):
@@ -144,4 +164,8 @@ async def test_exported_names_and_labels_are_the_contract() -> None:
         if family.name == "dnsproxy_upstream_queries"
         for sample in family.samples
     }
-    assert upstreams == {f"tcp://127.0.0.1:{good.port}", f"tcp://127.0.0.1:{dead_port}"}
+    assert upstreams == {
+        f"tcp://127.0.0.1:{good.port}",
+        f"tcp://127.0.0.1:{dead_port}",
+        f"tls://127.0.0.1:{dead_port}#dot.test",
+    }

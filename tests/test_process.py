@@ -281,8 +281,8 @@ async def test_answers_queries_and_serves_health_ready_metrics(tmp_path: Path) -
     assert metric_value(metrics, build_info) == 1.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="udp"}') == 2.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="tcp"}') == 1.0
-    assert metric_value(metrics, f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}}') == 3
-    # The upstream saw those and the loop probe sent at start (through a pool of its own).
+    # The three queries, and the loop probe sent at start.
+    assert metric_value(metrics, f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}}') == 4
     assert [q.question[0].rdtype for _, q in fake.queries].count(dns.rdatatype.HINFO) == 1
     # The default transport towards the upstream is TCP, whatever the client used.
     assert [transport for transport, _ in fake.queries] == ["tcp"] * 4
@@ -451,7 +451,7 @@ async def test_shipped_config_with_flag_overrides(tmp_path: Path) -> None:
     upstream_lines = [
         line for line in metrics.splitlines() if line.startswith("dnsproxy_upstream_queries_total{")
     ]
-    assert upstream_lines == [f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}} 1.0']
+    assert upstream_lines == [f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}} 2.0']
     # The file's [::1]:5353 listener was replaced by --listen (port 5353 may be anyone's).
     assert f"listening on {HOST}:{proxy.port}" in proxy.stderr
     assert ":5353" not in proxy.stderr

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -110,7 +110,13 @@ class Unbound:
         return total, tcp, total - tcp
 
 
-def unbound_conf(directory: Path, port: int, local_data: list[str] = LOCAL_DATA) -> str:
+def unbound_conf(
+    directory: Path,
+    port: int,
+    extra: Sequence[str] = (),
+    local_data: Sequence[str] = LOCAL_DATA,
+) -> str:
+    """Unbound's configuration; ``extra``: more lines of its server section."""
     lines = [
         "server:",
         "  do-daemonize: no",
@@ -134,6 +140,7 @@ def unbound_conf(directory: Path, port: int, local_data: list[str] = LOCAL_DATA)
         '  local-zone: "test." static',
         '  local-zone: "254.169.in-addr.arpa." static',
         *(f"  local-data: '{rr}'" for rr in local_data),
+        *(f"  {line}" for line in extra),
         "remote-control:",
         "  control-enable: yes",
         f'  control-interface: "{directory / "unbound.ctl"}"',
@@ -153,16 +160,20 @@ def tcp_probe(port: int) -> bool:
 
 @contextlib.contextmanager
 def start_unbound(
-    directory: Path, port: int = 0, local_data: list[str] = LOCAL_DATA
+    directory: Path,
+    extra: Sequence[str] = (),
+    *,
+    port: int = 0,
+    local_data: Sequence[str] = LOCAL_DATA,
 ) -> Iterator[Unbound]:
-    """Unbound serving ``local_data`` (in zones ``test.`` and ``254.169.in-addr.arpa.``)
-    on ``port`` (a free one when 0), stopped on the way out."""
+    """Unbound serving ``local_data`` (zones ``test.`` and ``254.169.in-addr.arpa.``) on
+    ``port`` (a free one when 0), stopped on the way out; ``extra``: more server lines."""
     binary = tool("unbound", "unbound")
     control = tool("unbound-control", "unbound")
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     conf = directory / "unbound.conf"
-    conf.write_text(unbound_conf(directory, port, local_data))
+    conf.write_text(unbound_conf(directory, port, extra, local_data))
     log = (directory / "unbound.log").open("wb")
     proc = subprocess.Popen(
         [binary, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log

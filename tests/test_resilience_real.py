@@ -69,7 +69,7 @@ def proxy_config(tmp_path: Path, upstream_port: int) -> Path:
 
 
 @contextlib.contextmanager
-def proxy_before(tmp_path: Path, upstream_port: int) -> Iterator[DnsProxyProcess]:
+def proxy_in_front(tmp_path: Path, upstream_port: int) -> Iterator[DnsProxyProcess]:
     config = proxy_config(tmp_path, upstream_port)
     with dnsproxy_process(tmp_path, "--config", str(config)) as proxy:
         yield proxy
@@ -79,8 +79,10 @@ def test_upstream_down_for_a_minute_cached_names_answer_stale_within_the_cap(
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    with proxy_before(tmp_path, port) as proxy:
-        with start_unbound(tmp_path / "unbound-1", port, LOCAL):
+    with contextlib.ExitStack() as running:
+        # The proxy starts once Unbound answers and outlives it.
+        with start_unbound(tmp_path / "unbound-1", port=port, local_data=LOCAL):
+            proxy = running.enter_context(proxy_in_front(tmp_path, port))
             assert address(ask(proxy.port, "short.test.")) == "169.254.5.5"
             assert address(ask(proxy.port, "long.test.")) == "169.254.6.6"
             assert address(ask(proxy.port, "pod.cluster.test.")) == "169.254.7.7"
@@ -122,7 +124,7 @@ def test_upstream_down_for_a_minute_cached_names_answer_stale_within_the_cap(
 
         # Unbound is back on the same port; the cached names are fresh again once the
         # proxy sees it answering (a probe, or the next real query).
-        with start_unbound(tmp_path / "unbound-2", port, LOCAL):
+        with start_unbound(tmp_path / "unbound-2", port=port, local_data=LOCAL):
             back_at = time.monotonic()
             fresh_after = None
             while time.monotonic() < back_at + 10.0:
@@ -150,8 +152,8 @@ def test_prefetch_keeps_a_ttl_3_name_asked_20_times_a_second_from_ever_missing(
     tmp_path: Path,
 ) -> None:
     with (
-        start_unbound(tmp_path / "unbound", 0, LOCAL) as unbound,
-        proxy_before(tmp_path, unbound.port) as proxy,
+        start_unbound(tmp_path / "unbound", local_data=LOCAL) as unbound,
+        proxy_in_front(tmp_path, unbound.port) as proxy,
     ):
         before = metrics(proxy)
         end = time.monotonic() + 15.0

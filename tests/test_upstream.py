@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 import struct
@@ -25,14 +26,17 @@ from fakeupstream import (
     FakeUpstream,
     Raw,
     SyncHandler,
+    first_then,
     zone_handler,
 )
 
 from dnsproxy.config import Transport, UpstreamConfig, UpstreamPoolConfig
 from dnsproxy.upstream import (
+    AutoUpstream,
     TcpUpstream,
     UdpUpstream,
     Upstream,
+    UpstreamDown,
     UpstreamError,
     UpstreamTimeout,
     make_upstream,
@@ -73,15 +77,7 @@ def frame(message: bytes) -> bytes:
 
 def first_then_zone(first: Action) -> SyncHandler:
     """A handler that answers the first query with ``first`` and every later one from RECORDS."""
-    base = zone_handler(RECORDS)
-    calls = 0
-
-    def handler(msg: dns.message.Message, transport: str) -> Action:
-        nonlocal calls
-        calls += 1
-        return first if calls == 1 else base(msg, transport)
-
-    return handler
+    return first_then([first], zone_handler(RECORDS))
 
 
 @pytest.fixture
@@ -549,3 +545,191 @@ async def test_fake_async_handler_and_echoed_edns(make: MakeUpstream) -> None:
         reply = dns.message.from_wire(await up.query(wire, 2.0))
         assert reply.edns == 0 and reply.ednsflags & dns.flags.DO
         assert reply.flags & dns.flags.AA
+
+
+# --------------------------------------------------------------------------------------
+# Reconnect backoff
+
+
+def close_first(count: int) -> SyncHandler:
+    """A handler that closes the connection of the first ``count`` queries, then answers."""
+    return first_then([Close()] * count, zone_handler(RECORDS))
+
+
+async def test_a_server_closing_every_connection_is_not_reconnected_in_a_tight_loop(
+    make: MakeUpstream,
+) -> None:
+    # Seen with a resolver that accepts TCP and closes at once: 44 connects for 22 queries.
+    async with FakeUpstream(lambda m, t: Close()) as server:
+        up = make(server)
+        errors = []
+        for _ in range(22):
+            with pytest.raises(UpstreamError) as info:
+                await up.query(query("www.example."), 2.0)
+            errors.append(info.value)
+        # The first query and its one retry connect; the others come during the backoff
+        # (a third connect only if the machine stalled for longer than it).
+        assert server.tcp_connections <= 3
+        assert up.stats.connects == server.tcp_connections
+        last = errors[-1]
+        assert isinstance(last, UpstreamDown)
+        assert "connections failed in a row (last: closes connections without answering)" in str(
+            last
+        )
+        # Once the backoff is over, a query connects again.
+        before = server.tcp_connections
+        for _ in range(100):
+            with pytest.raises(UpstreamError):
+                await up.query(query("www.example."), 2.0)
+            if server.tcp_connections > before:
+                break
+            await asyncio.sleep(0.05)
+        assert server.tcp_connections == before + 1
+
+
+async def test_refused_connections_back_off_too(make: MakeUpstream) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+        up = make(_Address("127.0.0.1", sock.getsockname()[1]))
+        assert isinstance(up, TcpUpstream)
+        for _ in range(10):
+            with pytest.raises(UpstreamError):
+                await up.query(query("www.example."), 2.0)
+        assert up.stats.connect_failures <= 3
+        assert up.failure == "refuses connections"
+
+
+async def test_a_reply_ends_the_backoff(make: MakeUpstream) -> None:
+    async with FakeUpstream(close_first(2)) as server:
+        up = make(server)
+        assert isinstance(up, TcpUpstream)
+        with pytest.raises(UpstreamError):
+            await up.query(query("www.example."), 2.0)  # closed, and closed on its retry
+        assert up.failed_connections == 2
+        reply = None
+        for _ in range(100):
+            try:
+                reply = await up.query(query("www.example."), 2.0)
+                break
+            except UpstreamDown:
+                await asyncio.sleep(0.05)
+        assert reply is not None and addresses(reply) == ["169.254.1.1"]
+        assert up.failed_connections == 0
+        # A later failure starts from the first step again: its retry goes out at once.
+        server.handler = close_first(1)
+        assert addresses(await up.query(query("h1.example."), 2.0)) == ["169.254.0.2"]
+
+
+async def test_an_idle_connection_closed_by_the_server_is_no_failure(
+    fake: FakeUpstream, make: MakeUpstream
+) -> None:
+    up = make(fake)
+    assert isinstance(up, TcpUpstream)
+    await up.query(query("www.example."), 2.0)
+    fake.close_tcp_connections()
+    assert await wait_for(lambda: up.stats.open_connections == 0)
+    assert up.failed_connections == 0
+
+
+# --------------------------------------------------------------------------------------
+# auto: TCP, or UDP for a server that does not answer over TCP
+
+
+def udp_only(tcp_action: Action) -> SyncHandler:
+    """Answers from RECORDS over UDP; over TCP does ``tcp_action`` instead."""
+    base = zone_handler(RECORDS)
+    return lambda msg, transport: tcp_action if transport == "tcp" else base(msg, transport)
+
+
+async def test_auto_uses_udp_for_a_server_that_closes_tcp(
+    make: MakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeUpstream(udp_only(Close())) as server:
+        up = make(server, "auto")
+        assert isinstance(up, AutoUpstream)
+        with caplog.at_level(logging.WARNING, logger="dnsproxy.upstream"):
+            # The first query is answered, over UDP, within its own time.
+            reply = await up.query(query("www.example.", qid=0x4321), 1.0)
+            assert reply[:2] == b"\x43\x21"
+            assert addresses(reply) == ["169.254.1.1"]
+            assert up.transports() == {"tcp": 0, "udp": 1}
+            connects = server.tcp_connections
+            assert connects == 2  # the query and its retry
+            for i in range(20):
+                reply = await up.query(query(f"h{i}.example."), 1.0)
+                assert addresses(reply) == [f"169.254.0.{i + 1}"]
+        assert server.tcp_connections == connects  # nothing more over TCP
+        where = f"{server.host}:{server.port}"
+        assert [r.message for r in caplog.records] == [
+            f"{where} closes connections without answering over TCP but answers over UDP: "
+            f"using UDP for it (write udp://{where} to silence this, or fix the server's "
+            "TCP); TCP is tried again every 60s"
+        ]
+        # UDP as UdpUpstream sends it: a fresh source port and a random ID per query.
+        udp = [m for transport, m in server.queries if transport == "udp"]
+        assert len(udp) == 21
+        assert len({source[1] for source in server.udp_sources}) >= 19
+        assert len({m.id for m in udp}) >= 19
+        families = {f.name: f for f in up.collect()}
+        assert {
+            s.labels["transport"]: s.value for s in families["dnsproxy_upstream_transport"].samples
+        } == {"tcp": 0, "udp": 1}
+        assert families["dnsproxy_upstream_queries"].samples[0].labels == {"upstream": up.label}
+
+
+async def test_auto_uses_udp_for_a_server_that_refuses_tcp(make: MakeUpstream) -> None:
+    async with FakeUpstream(zone_handler(RECORDS)) as server:
+        await server.stop_tcp()
+        up = make(server, "auto")
+        assert isinstance(up, AutoUpstream)
+        assert addresses(await up.query(query("www.example."), 1.0)) == ["169.254.1.1"]
+        assert up.using_udp
+        assert up.tcp.failure == "refuses connections"
+
+
+async def test_auto_stays_on_tcp_for_a_server_that_speaks_it(make: MakeUpstream) -> None:
+    # The first TCP query gets no answer in time.
+    async with FakeUpstream(first_then([Drop()], zone_handler(RECORDS))) as server:
+        up = make(server, "auto")
+        assert isinstance(up, AutoUpstream)
+        # A timeout over TCP says the server is slow, not that TCP is broken.
+        with pytest.raises(UpstreamTimeout):
+            await up.query(query("h1.example."), 0.2)
+        for i in range(5):
+            await up.query(query(f"h{i}.example."), 1.0)
+        assert {transport for transport, _ in server.queries} == {"tcp"}
+        assert up.transports() == {"tcp": 1, "udp": 0}
+
+
+async def test_auto_goes_back_to_tcp_when_it_answers_again(
+    make: MakeUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("dnsproxy.upstream.TCP_RECHECK_S", 0.05)
+    async with FakeUpstream(udp_only(Close())) as server:
+        up = make(server, "auto")
+        assert isinstance(up, AutoUpstream)
+        await up.query(query("www.example."), 1.0)
+        assert up.using_udp
+        server.handler = zone_handler(RECORDS)  # the resolver's TCP is fixed
+        with caplog.at_level(logging.WARNING, logger="dnsproxy.upstream"):
+            for _ in range(100):
+                await up.query(query("www.example."), 1.0)  # answered over UDP meanwhile
+                if not up.using_udp:
+                    break
+                await asyncio.sleep(0.05)
+        assert up.transports() == {"tcp": 1, "udp": 0}
+        assert f"{server.host}:{server.port} answers over TCP again: using TCP for it" in [
+            r.message for r in caplog.records
+        ]
+        before = len(server.queries)
+        await up.query(query("h7.example."), 1.0)
+        assert [transport for transport, _ in server.queries[before:]] == ["tcp"]
+
+
+async def test_auto_fails_when_neither_transport_answers(make: MakeUpstream) -> None:
+    async with FakeUpstream(lambda m, t: Close() if t == "tcp" else Drop()) as server:
+        up = make(server, "auto")
+        assert isinstance(up, AutoUpstream)
+        with pytest.raises(UpstreamTimeout):
+            await up.query(query("www.example."), 0.3)
+        assert not up.using_udp
