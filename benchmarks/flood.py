@@ -53,7 +53,7 @@ from benchmarks.procs import (
     wait_answering,
     which,
 )
-from benchmarks.systems import ROOT, SYSTEMS, upstream_conf
+from benchmarks.systems import ROOT, SYSTEMS, Target, upstream_conf
 
 HERE = Path(__file__).resolve().parent
 SUT_CPU, CLIENT_CPU = 0, 1
@@ -256,7 +256,7 @@ def start_system(
         proc = procs.start(argv, log, cpu=cpu, env=env)
     else:
         http_port = None
-        command = SYSTEMS[key].command(workdir / key, port, upstream_port)
+        command = SYSTEMS[key].command(workdir / key, port, Target(upstream_port))
         proc = procs.start(command.argv, log, cpu=cpu, env=command.env)
     wait_answering(port, SIDE_NAME, proc, 30.0, key, log)
     return Running(proc, port, http_port, log)
@@ -414,11 +414,13 @@ def markdown(result: dict[str, Any]) -> str:
         if d:
             lines += [
                 "",
-                f"dnsproxy shed {d['shed_overload']:,.0f} misses while its socket was "
-                f'backlogged (`dnsproxy_forward_rejects_total{{reason="overload"}}`) and '
+                f"dnsproxy shed {d['shed_overload']:,.0f} misses while the queue in its "
+                "socket stood older than `limits.shed_after_s` "
+                f'(`dnsproxy_forward_rejects_total{{reason="overload"}}`) and '
                 f"{d['shed_max_inflight']:,.0f} at `limits.max_inflight`; its cache held "
                 f"{d['cache_entries']:,.0f} of {d['cache_capacity']:,.0f} entries "
-                f"({d['cache_bytes_mib']} MiB of reply bytes) when the flood ended.",
+                f"({d['cache_bytes_mib']} MiB of reply bytes, bounded by 64 MiB) when the "
+                "flood ended.",
             ]
     return "\n".join(lines) + "\n"
 
@@ -492,7 +494,7 @@ def main(argv: list[str]) -> int:
             )
             results.append(r)
     result = {
-        "command": "python -m benchmarks.flood " + " ".join(argv),
+        "command": " ".join(["python -m benchmarks.flood", *argv]),
         "machine": f"{os.cpu_count()} CPUs, Linux {os.uname().release}",
         "names": args.names,
         "rate": rate,

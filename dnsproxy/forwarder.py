@@ -168,8 +168,11 @@ class Forwarder:
             self._zones[wire.name_to_wire(zone.zone)] = Zone(zone, servers, stale=stale)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Question] = {}
-        # Set by the UDP listeners while they fall behind their sockets: misses are shed.
+        # Set by a UDP listener for the batch it reads while its queue is too old: the
+        # misses of that batch are shed. shedding_until (monotonic) is when the last
+        # listener that shed stops shedding at once; prefetch waits for it.
         self.overloaded = False
+        self.shedding_until = -1.0
         # Questions with a stale answer ready, in the order their client-response timers
         # run out (they all wait the same time): one loop timer serves them all.
         self._stale_due: OrderedDict[bytes, _Question] = OrderedDict()
@@ -531,9 +534,7 @@ class Forwarder:
     def _prefetch(self) -> None:
         self._due_handle = None
         due, self._due = self._due, []
-        loop = self._loop
-        assert loop is not None
-        now = loop.time()
+        now = time.monotonic()
         store = self._cache.store
         for entry in due:
             key = entry.key
@@ -542,7 +543,7 @@ class Forwarder:
             if (
                 self._prefetching >= self._prefetch_max
                 or len(self._inflight) >= self._max_inflight
-                or self.overloaded
+                or now < self.shedding_until
             ):
                 self.stats.prefetch_skipped += 1
                 continue

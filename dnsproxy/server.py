@@ -472,7 +472,7 @@ class _UdpListener:
         if self.old_since == NEVER or self.empty_at >= self.old_since:
             self.old_since = now  # the queue was empty (or young) in between: a new episode
         if now < self.shedding_until or now - self.old_since >= _SHED_STANDING_S:
-            self.shedding_until = now + _SHED_MEMORY_S
+            self.shedding_until = self.h.forwarder.shedding_until = now + _SHED_MEMORY_S
             return True
         return False
 

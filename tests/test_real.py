@@ -349,23 +349,28 @@ def test_udp_upstream_is_seen_as_udp(tmp_path: Path) -> None:
     assert tcp == total - 3 == 1  # only the TCP readiness probe of start_unbound
 
 
-def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def start_dnsmasq(directory: Path, *args: str, port: int = 0) -> Iterator[int]:
+    """dnsmasq on ``port`` (a free one when 0) answering dm.test (169.254.9.9) itself, with
+    no upstream servers (every other name REFUSED) unless ``args`` give one; yields its
+    port and stops it on the way out."""
     binary = tool("dnsmasq", "dnsmasq-base")
-    port = free_port()
-    log = (tmp_path / "dnsmasq.log").open("wb")
+    port = port or free_port()
+    log = (directory / "dnsmasq.log").open("wb")
     proc = subprocess.Popen(
         [
             binary,
             "--keep-in-foreground",
             "--conf-file=/dev/null",
-            "--no-resolv",  # no upstream servers: names it does not know are REFUSED
+            "--no-resolv",
             "--no-hosts",
             f"--port={port}",
             f"--listen-address={HOST}",
             "--bind-interfaces",
-            f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+            f"--pid-file={directory / 'dnsmasq.pid'}",
             "--address=/dm.test/169.254.9.9",
             "--log-facility=-",
+            *args,
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -381,12 +386,19 @@ def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
             except (OSError, dns.exception.Timeout):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(
-                        "dnsmasq did not start:\n" + (tmp_path / "dnsmasq.log").read_text()
+                        "dnsmasq did not start:\n" + (directory / "dnsmasq.log").read_text()
                     ) from None
                 time.sleep(0.02)
-        with start_proxy(tmp_path / "proxy", f"tcp://{HOST}:{port}") as proxy:
-            assert dig(proxy.port, "dm.test", "A", "+short") == "169.254.9.9\n"
-            assert kdig(proxy.port, "dm.test", "A", "+tcp", "+short") == "169.254.9.9\n"
-            assert "status: REFUSED" in dig(proxy.port, "elsewhere.example", "A")
+        yield port
     finally:
         stop(proc, log)
+
+
+def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
+    with (
+        start_dnsmasq(tmp_path) as port,
+        start_proxy(tmp_path / "proxy", f"tcp://{HOST}:{port}") as proxy,
+    ):
+        assert dig(proxy.port, "dm.test", "A", "+short") == "169.254.9.9\n"
+        assert kdig(proxy.port, "dm.test", "A", "+tcp", "+short") == "169.254.9.9\n"
+        assert "status: REFUSED" in dig(proxy.port, "elsewhere.example", "A")

@@ -73,6 +73,22 @@ def config_for(fake: FakeUpstream, **kw: Any) -> Any:
     return dataclasses.replace(config, cache_serve_stale=stale_config)
 
 
+class SlowsDown:
+    """A fake upstream's handler: ``RECORDS`` with TTL 1 at once, and once ``slow`` is
+    set, ``then`` (the same records by default) ``delay_s`` late."""
+
+    def __init__(self, delay_s: float, then: dict[tuple[str, str], list[str]] = RECORDS) -> None:
+        self.slow = False
+        self.delay_s = delay_s
+        self.now = zone_handler(RECORDS, ttl=1)
+        self.then = zone_handler(then, ttl=1)
+
+    def __call__(self, query: dns.message.Message, transport: str) -> Action:
+        if self.slow:
+            return Delay(self.delay_s, self.then(query, transport))
+        return self.now(query, transport)
+
+
 async def expire(seconds: float = 1.1) -> None:
     """Wait for entries with TTL 1 to expire (the clock is the subject here)."""
     await asyncio.sleep(seconds)
@@ -122,13 +138,7 @@ async def test_stale_answers_end_at_the_zone_maximum_staleness() -> None:
 
 
 async def test_the_client_response_timer_answers_stale_while_the_refresh_goes_on() -> None:
-    answer = zone_handler(RECORDS, ttl=1)
-    later = zone_handler(NEW, ttl=1)
-    phase = {"slow": False}
-
-    def handler(query: dns.message.Message, transport: str) -> Action:
-        return Delay(1.0, later(query, transport)) if phase["slow"] else answer(query, transport)
-
+    handler = SlowsDown(1.0, then=NEW)
     async with FakeUpstream(handler) as fake:
         config = config_for(
             fake,
@@ -138,7 +148,7 @@ async def test_the_client_response_timer_answers_stale_while_the_refresh_goes_on
         )
         async with running(config) as app:
             assert address(await ask(app)) == "169.254.1.1"
-            phase["slow"] = True
+            handler.slow = True
             await expire()
             # The upstream takes 1 s: the client gets the old address from the timer...
             first = await ask(app)
@@ -344,12 +354,7 @@ async def test_a_reload_to_a_looping_configuration_is_refused_and_the_old_one_se
 
 
 async def test_questions_abandoned_at_shutdown_get_their_stale_answer() -> None:
-    answer = zone_handler(RECORDS, ttl=1)
-    phase = {"slow": False}
-
-    def handler(query: dns.message.Message, transport: str) -> Action:
-        return Delay(5.0, answer(query, transport)) if phase["slow"] else answer(query, transport)
-
+    handler = SlowsDown(5.0)
     async with FakeUpstream(handler) as fake:
         config = config_for(
             fake,
@@ -359,7 +364,7 @@ async def test_questions_abandoned_at_shutdown_get_their_stale_answer() -> None:
         )
         async with running(config) as app:
             await ask(app)
-            phase["slow"] = True
+            handler.slow = True
             await expire()
             pending = asyncio.ensure_future(ask(app))
             assert await wait_for(lambda: app.forwarder.inflight == 1, 5.0)

@@ -10,7 +10,6 @@ queries and time; the outage test takes a little over a minute.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import dns.query
 import dns.rcode
 from conftest import dnsproxy_cmd
 from test_process import HOST, DnsProxyProcess, dnsproxy_process, free_port, metric_value
-from test_real import SOA, metrics, start_unbound, stop, tool
+from test_real import SOA, metrics, start_dnsmasq, start_unbound
 
 from dnsproxy.cache import STALE_TTL_S
 
@@ -178,49 +177,13 @@ def test_prefetch_keeps_a_ttl_3_name_asked_20_times_a_second_from_ever_missing(
 def test_an_upstream_that_forwards_back_is_a_loop_and_the_config_is_refused(
     tmp_path: Path,
 ) -> None:
-    binary = tool("dnsmasq", "dnsmasq-base")
     proxy_port = free_port()
-    port = free_port()
-    log = (tmp_path / "dnsmasq.log").open("wb")
     # dnsmasq answers dm.test itself and forwards everything else to dnsproxy.
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            f"--port={port}",
-            f"--listen-address={HOST}",
-            "--bind-interfaces",
-            f"--pid-file={tmp_path / 'dnsmasq.pid'}",
-            f"--server={HOST}#{proxy_port}",
-            "--address=/dm.test/169.254.9.9",
-            "--log-facility=-",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        deadline = time.monotonic() + 10.0
-        query = dns.message.make_query("dm.test.", "A")
-        while True:
-            try:
-                dns.query.tcp(query, HOST, port=port, timeout=0.5)
-                break
-            except (OSError, dns.exception.Timeout):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        "dnsmasq did not start:\n" + (tmp_path / "dnsmasq.log").read_text()
-                    ) from None
-                time.sleep(0.02)
+    with start_dnsmasq(tmp_path, f"--server={HOST}#{proxy_port}") as port:
         result = dnsproxy_cmd(
             *("--listen", f"{HOST}:{proxy_port}", "--http-listen", "none"),
             *("--upstream", f"tcp://{HOST}:{port}"),
         )
-    finally:
-        stop(proc, log)
     assert result.returncode == 2, result.stderr
     assert (
         f"refusing the configuration: zone .: upstream tcp://{HOST}:{port} sends queries "
