@@ -4,8 +4,9 @@ Sans-IO: every method that needs the time takes ``now`` (seconds, monotonic). En
 hold the reply in stored form (no OPT, AA clear, TTLs already clamped; the ID is whatever
 the upstream exchange used, since every answer gets the client's) together with the
 offsets of its TTL fields, so a hit is answered by splicing (:func:`dnsproxy.wire.splice`)
-without parsing. The store is an LRU bounded by entry count and bytes; evictions are
-counted.
+without parsing. The TTL offsets also locate every record, so a reply too long for a UDP
+client is cut to whole records without parsing either (:func:`dnsproxy.wire.truncate`).
+The store is an LRU bounded by entry count and bytes; evictions are counted.
 
 Expired entries stay in the store (still bounded by the LRU) so that the forwarder can
 serve them stale when a refresh fails (RFC 8767, :meth:`Entry.stale_copy`). Prefetch
@@ -28,6 +29,10 @@ from dnsproxy.config_types import CachePolicy
 # Bound on reply bytes in the cache besides the entry count, so that big answers (TXT,
 # many records) cannot grow memory past what max_entries suggests.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+# Distinct client sizes whose cut an entry keeps (512 without EDNS, the usual EDNS sizes
+# less our OPT, capped at limits.udp_payload_size); others are worked out each time.
+_MAX_CUTS = 8
 
 POSITIVE = 0
 NEGATIVE = 1
@@ -52,6 +57,7 @@ class Entry:
     __slots__ = (
         "age",
         "body",
+        "cuts",
         "expires_at",
         "failed_at",
         "hits",
@@ -87,6 +93,8 @@ class Entry:
         # most, so a popular entry costs each client only a splice.
         self.age = -1
         self.prepared: wire.Prepared = (b"", b"", b"", b"", b"")
+        # Cuts for clients whose UDP size the reply exceeds, by room (see truncate).
+        self.cuts: dict[int, wire.Cut] | None = None
         # self.key, the key the entry is cached under, is set by Cache.put with owner.
         self.hits = 0  # cache hits, counted by the hit paths (prefetch wants popular ones)
         # From this age on (whole seconds) a refresh is due; set by Cache.put, with the
@@ -96,12 +104,12 @@ class Entry:
         # When a refresh of this (expired) entry last failed and it was served stale.
         self.failed_at = _NEVER_FAILED
 
-    def prepare(self, age: int, qend: int) -> wire.Prepared:
-        """Cut the reply aged ``age`` seconds for splicing (the hit path does this once a
-        second at most) and, entering the last tenth of the TTL, see whether it is due for
-        a refresh."""
+    def prepare(self, age: int, qend: int, opts: wire.Opts) -> wire.Prepared:
+        """Prepare the reply for splicing at ``age`` seconds old, with the server's OPT
+        records ``opts``; kept until the age changes (the hit path does this once a second
+        at most). Entering the last tenth of the TTL, see whether a refresh is due."""
         self.age = age
-        self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend)
+        self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend, opts)
         if age >= self.refresh_age:
             self._refresh_due()
         return self.prepared
@@ -113,20 +121,51 @@ class Entry:
             owner.refresh_due(self)
         # Else not popular enough yet: looked at again at the next second's cut, if any.
 
-    def answer(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit."""
+    def answer(
+        self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
+    ) -> bytes:
+        """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit:
+        cut to ``limit`` bytes when ``limit`` > 0 and it is longer; ``opts`` are the
+        server's OPT records (:func:`wire.client_opts`)."""
         self.hits += 1
         age = int(now - self.stored_at)
-        prepared = self.prepared if age == self.age else self.prepare(age, qend)
-        return wire.splice(prepared, query, qend, edns, limit)
+        prepared = self.prepared if age == self.age else self.prepare(age, qend, opts)
+        out = wire.splice(prepared, query, qend, edns)
+        if limit and len(out) > limit:
+            return self.truncate(out, qend, edns, limit)
+        return out
 
-    def answer_once(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
-        """Like :meth:`answer` without keeping the cut, for a miss's answer: most entries
-        are answered from upstream once and never hit, and the cut is about 400 bytes."""
+    def answer_once(
+        self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
+    ) -> bytes:
+        """Like :meth:`answer` without keeping the prepared reply, for a miss's answer:
+        most entries are answered from upstream once and never hit, and the prepared
+        reply is about 400 bytes."""
         age = int(now - self.stored_at)
-        if age == self.age:
-            return wire.splice(self.prepared, query, qend, edns, limit)
-        return wire.render(self.body, self.offsets, self.ttls, age, query, qend, edns, limit)
+        if age != self.age:
+            return wire.render(
+                self.body, self.offsets, self.ttls, age, query, qend, edns, limit, opts
+            )
+        out = wire.splice(self.prepared, query, qend, edns)
+        if limit and len(out) > limit:
+            return self.truncate(out, qend, edns, limit)
+        return out
+
+    def truncate(self, reply: bytes, qend: int, edns: int, limit: int) -> bytes:
+        """``reply`` (this entry answered to a client) cut to fit in ``limit`` bytes
+        (:func:`wire.truncate`). The cut depends only on the entry and the size, so it
+        is worked out once per size and kept: a client that cannot retry over TCP asks
+        again and again, and then only the slicing is repeated."""
+        room = wire.cut_room(limit, edns)
+        cuts = self.cuts
+        if cuts is None:
+            cuts = self.cuts = {}
+        cut = cuts.get(room)
+        if cut is None:
+            cut = wire.plan_cut(reply, qend, self.offsets, room)
+            if len(cuts) < _MAX_CUTS:
+                cuts[room] = cut
+        return wire.apply_cut(reply, cut, edns)
 
     def stale_copy(self, now: float, ede: bool) -> Entry:
         """This (expired) entry as a stale answer: every TTL 30, and with ``ede`` an
@@ -138,15 +177,21 @@ class Entry:
 
 
 class _StaleEntry(Entry):
-    """A stale answer whose OPT record carries EDE 3 (RFC 8914)."""
+    """A stale answer whose OPT record carries EDE 3 (RFC 8914) for an EDNS client."""
 
     __slots__ = ()
 
-    def answer_once(self, query: bytes, qend: int, edns: int, now: float, limit: int) -> bytes:
+    def answer_once(
+        self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
+    ) -> bytes:
         age = int(now - self.stored_at)
-        return wire.render(
-            self.body, self.offsets, self.ttls, age, query, qend, edns, limit, wire.OPTS_STALE
-        )
+        args = (self.body, self.offsets, self.ttls, age, query, qend, edns)
+        reply = wire.render(*args, 0, wire.with_ede_stale(opts))
+        if limit and len(reply) > limit:
+            # Cut to the client's size without the option (a cut keeps our plain OPT):
+            # its TCP retry gets the whole reply, option and all.
+            return wire.render(*args, limit, opts)
+        return reply
 
 
 def _clamped(ttls: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:

@@ -1440,8 +1440,17 @@ DOCUMENT = Section(
                     Key(
                         "udp_payload_size",
                         Integer(512, 4096),
-                        "Largest UDP reply sent and the EDNS buffer size advertised, bytes; "
-                        "larger replies are truncated (TC=1) and retried over TCP.",
+                        "Largest UDP reply sent to a client and the EDNS buffer size "
+                        "advertised in our replies, bytes; a client offering more gets at "
+                        "most this. Longer replies keep the whole records that fit, with "
+                        "TC=1. Queries sent upstream keep advertising 1232.",
+                    ),
+                    Key(
+                        "udp_rcvbuf",
+                        Integer(0, 1 << 30),
+                        "Receive buffer of each UDP listener, bytes (0: the kernel's "
+                        "default); set past net.core.rmem_max when running with "
+                        "CAP_NET_ADMIN. Queries dropped while it is full are counted.",
                     ),
                 ),
             ),

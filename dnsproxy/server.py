@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -40,7 +41,6 @@ qlog = logging.getLogger("dnsproxy.query")
 
 _TCP_MAX_REPLY = 65535
 _TCP_BACKLOG = 1024
-_UDP_RCVBUF = 4 * 1024 * 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
 # Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; the generic value, as on x86-64 and arm64,
@@ -56,6 +56,7 @@ _SHED_STANDING_S = 0.02
 _SHED_MEMORY_S = 1.0
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
 # Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
 # so that quantiles compare with those of coredns_dns_request_duration_seconds.
 REQUEST_DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))
@@ -165,6 +166,7 @@ class _Handler:
         self.stats = ServerStats()
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
         self.max_udp = config.limits.udp_payload_size
+        self.opts = wire.client_opts(self.max_udp)
         # A UDP socket whose oldest datagram has waited this long is falling behind: the
         # misses read from it are shed (answered SERVFAIL, or stale, by the forwarder)
         # until its queue is shorter, so that the queue, where cache hits wait too, stays
@@ -203,12 +205,12 @@ class _Handler:
             return None
         _count(self.stats.invalid, exc.reason)
         self.stats.rcodes[exc.rcode] += 1
-        return wire.error_reply(data, exc.rcode, exc.qend, exc.edns)
+        return wire.error_reply(data, exc.rcode, exc.qend, exc.edns, self.max_udp)
 
     def refuse(self, data: bytes, qend: int, edns: int) -> bytes:
         self.stats.refused_acl += 1
         self.stats.rcodes[wire.REFUSED] += 1
-        return wire.error_reply(data, wire.REFUSED, qend, edns)
+        return wire.error_reply(data, wire.REFUSED, qend, edns, self.max_udp)
 
     def serve(
         self,
@@ -252,7 +254,7 @@ class _Handler:
             stats.hits_by_kind[entry.kind] += 1
             stats.rcodes[entry.rcode] += 1
             limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-            send(entry.answer(data, qend, edns, now, limit), peer)
+            send(entry.answer(data, qend, edns, now, limit, self.opts), peer)
             if parsed is None:
                 self.remember(data, key, qend, edns, qtype)
             if tcp:
@@ -263,9 +265,12 @@ class _Handler:
                 self.log_query(peer, proto, key, entry.rcode, time.monotonic() - now)
             return False
         stats.misses += 1
-        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
-            stats.rcodes[wire.REFUSED] += 1
-            send(wire.error_reply(data, wire.REFUSED, qend, edns), peer)
+        if qtype in wire.NOT_FORWARDED:
+            rcode, reason = wire.NOT_FORWARDED[qtype]
+            if reason is not None:
+                _count(stats.invalid, reason)
+            stats.rcodes[rcode] += 1
+            send(wire.error_reply(data, rcode, qend, edns, self.max_udp), peer)
             return False
         deliver_miss = partial(deliver, peer, key, data, qend, edns, now)
         self.forwarder.submit(key, data, qend, deliver_miss, now)
@@ -287,7 +292,7 @@ class _Handler:
         self.stats.rcodes[entry.rcode] += 1
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
         now = time.monotonic()
-        reply = entry.answer_once(data, qend, edns, now, limit)
+        reply = entry.answer_once(data, qend, edns, now, limit, self.opts)
         # LatencyHistogram.observe inlined: this runs for every miss.
         durations = self.durations
         durations.counts[bisect_left(durations.bounds, now - started)] += 1
@@ -354,15 +359,15 @@ class _UdpListener:
         self.stats = handler.stats
         self.sock = sock
         self.closed = False
+        self.label = str(_local(sock))
+        # The key of this socket in /proc/net/udp{,6}, where the kernel counts its drops.
+        self.inode = os.fstat(sock.fileno()).st_ino
+        _set_receive_buffer(sock, handler.config.limits.udp_rcvbuf, self.label)
         # When the last batch found the socket empty (the start of that batch); since when
         # the queue has stayed older than shed_after_s; until when it sheds at once.
         self.empty_at = time.monotonic()
         self.old_since = NEVER
         self.shedding_until = -NEVER
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
-        except OSError:
-            pass
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             self.timestamps = True
@@ -435,14 +440,18 @@ class _UdpListener:
                     qtypes[qtype] += 1
                     rcodes[entry.rcode] += 1
                     age = int(now - entry.stored_at)
-                    prepared = entry.prepared if entry.age == age else entry.prepare(age, qend)
+                    prepared = (
+                        entry.prepared if entry.age == age else entry.prepare(age, qend, h.opts)
+                    )
                     head = prepared[hi]
                     if mode == 0 or (mode == 1 and not head[1] & 0x20):
                         reply = join((data[:2], head, data[12:qend], prepared[ti]))
                         if len(reply) > limit:
-                            reply = wire.truncated(reply, qend, edns)
+                            reply = entry.truncate(reply, qend, edns, limit)
                     else:
-                        reply = wire.splice(prepared, data, qend, edns, limit)
+                        reply = wire.splice(prepared, data, qend, edns)
+                        if len(reply) > limit:
+                            reply = entry.truncate(reply, qend, edns, limit)
                     try:
                         sendto(reply, addr)
                     except OSError as exc:
@@ -517,6 +526,65 @@ class _UdpListener:
             _count(self.stats.dropped, "listener_closed")
             return
         self.send(self.h.delivered(addr, False, key, data, qend, edns, started, entry), addr)
+
+
+def _set_receive_buffer(sock: socket.socket, size: int, label: str) -> None:
+    """Ask for a ``size``-byte receive buffer on ``sock`` (0: keep the kernel's default)
+    and log what the kernel granted, as getsockopt reports it.
+
+    SO_RCVBUFFORCE first, which works with CAP_NET_ADMIN (root, or the node DaemonSet)
+    whatever ``net.core.rmem_max`` says, then plain SO_RCVBUF, which the kernel caps at
+    ``net.core.rmem_max``: Unbound's ``so-rcvbuf`` likewise passes the cap as root. Linux
+    doubles the value set, to count its own bookkeeping per datagram, and getsockopt
+    reports the doubled figure: each small query takes about 830 bytes of it.
+    """
+    if size:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            except OSError as exc:
+                log.warning("udp %s: cannot set the receive buffer: %s", label, exc)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # INFO either way: a capped buffer is the usual case for an unprivileged `make run`.
+    if size and granted < 2 * size:
+        log.info(
+            "udp %s: receive buffer %d bytes as the kernel counts it, not the %d that "
+            "limits.udp_rcvbuf %d would give: net.core.rmem_max caps it; raise that sysctl "
+            "or run with CAP_NET_ADMIN",
+            label,
+            granted,
+            2 * size,
+            size,
+        )
+    else:
+        log.info("udp %s: receive buffer %d bytes as the kernel counts it", label, granted)
+
+
+def _read_udp_drops(inodes: dict[int, str]) -> dict[str, int]:
+    """Datagrams the kernel dropped at each of our UDP sockets (full receive buffer).
+
+    ``inodes`` maps socket inodes to listener labels. Reads the ``drops`` column of
+    ``/proc/net/udp`` and ``/proc/net/udp6`` (this process's network namespace), one
+    line per UDP socket of the namespace: work for a scrape, never for the query path.
+    A table that cannot be read (not Linux) gives no figures.
+    """
+    drops: dict[str, int] = {}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines[1:]:
+            fields = line.split()
+            # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            if len(fields) >= 13:
+                label = inodes.get(int(fields[9]))
+                if label is not None:
+                    drops[label] = int(fields[-1])
+    return drops
 
 
 class _ClientConnection(asyncio.Protocol):
@@ -785,6 +853,14 @@ class DnsServer:
         yield by_reason(
             "dnsproxy_dropped", "Packets dropped without a reply, by reason.", s.dropped
         )
+        udp_drops = CounterMetricFamily(
+            "dnsproxy_udp_receive_drops",
+            "Queries the kernel dropped at a UDP listener's socket (receive buffer full).",
+            labels=["listener"],
+        )
+        for listener, count in self.udp_receive_drops().items():
+            udp_drops.add_metric([listener], count)
+        yield udp_drops
         yield by_reason(
             "dnsproxy_invalid_queries",
             "Queries answered with FORMERR, NOTIMP or BADVERS, by reason.",
@@ -910,12 +986,22 @@ class DnsServer:
         self._max_tcp_clients = config.limits.max_tcp_clients
         self._max_per_source = config.limits.max_tcp_clients_per_source
         h = self.handler
+        rcvbuf = config.limits.udp_rcvbuf
+        if rcvbuf != h.config.limits.udp_rcvbuf:
+            for listener in self._listeners.values():
+                _set_receive_buffer(listener.udp.sock, rcvbuf, listener.udp.label)
         h.config = config
         h.cache = cache
         h.forwarder = forwarder
         h.acl = Acl(config.allow) if config.allow else None
         h.max_udp = config.limits.udp_payload_size
         h.shed_after_s = config.limits.shed_after_s or NEVER
+        opts = wire.client_opts(h.max_udp)
+        if opts != h.opts:
+            h.opts = opts
+            # Replies prepared with the old OPT records are prepared again at next use.
+            for entry in cache.store.values():
+                entry.age = -1
         h.log_queries = config.log.queries
         # Memoized queries carry a reply limit from the old udp_payload_size.
         h.memo = {}
@@ -927,6 +1013,11 @@ class DnsServer:
         for listener in self._listeners.values():
             listener.udp.pause()
             listener.tcp.close()
+
+    def udp_receive_drops(self) -> dict[str, int]:
+        """Kernel drops at each UDP listener's socket, by listener; for a scrape."""
+        listeners = [*self._listeners.values(), *self._retired]
+        return _read_udp_drops({x.udp.inode: x.udp.label for x in listeners if not x.udp.closed})
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""

@@ -54,6 +54,7 @@ _RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
 _pack_u32_into = _U32.pack_into
 _unpack_rr = _RR_FIXED.unpack_from
 _COUNTS = struct.Struct(">HHHH").unpack_from  # QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT
+_COUNTS_PACK = struct.Struct(">HHH").pack_into  # ANCOUNT, NSCOUNT, ARCOUNT
 _new_tuple = tuple.__new__
 
 # Cache-key suffix bytes, indexed by (DO | CD << 1).
@@ -311,6 +312,19 @@ def _parse_query_additional(data: bytes, qend: int, arcount: int, off: int = -1)
     return edns
 
 
+# Query types answered at once instead of forwarded, with the rcode and the reason they
+# are counted under (None: not an invalid query). Zone transfers are REFUSED. The types
+# below 256 that are not data (RFC 6895 §3.1: OPT, TKEY, TSIG, MAILB, MAILA and the
+# unassigned meta range 128..248) get FORMERR, as from Unbound: no upstream can answer
+# one, so forwarding it only earns a late error. The server looks a query's type up
+# here only after a cache miss (such a type is never cached), so cache hits pay nothing.
+NOT_FORWARDED: dict[int, tuple[int, str | None]] = {
+    TYPE_AXFR: (REFUSED, None),
+    TYPE_IXFR: (REFUSED, None),
+    **{t: (FORMERR, "meta_qtype") for t in (TYPE_OPT, 249, 250, 253, 254, *range(128, 249))},
+}
+
+
 # --------------------------------------------------------------------------------------
 # Replies from upstream
 
@@ -323,7 +337,8 @@ class ResponseInfo(NamedTuple):
 
     ``body`` is the reply with any OPT record removed (ARCOUNT adjusted) and AA cleared;
     ``ttl_offsets``/``ttls`` list every TTL field in ``body`` and its value (top-bit
-    values read as 0); the first ``authority_end`` of them belong to the answer and
+    values read as 0), one per record in wire order, so the offsets locate the records
+    too (:func:`plan_cut`); the first ``authority_end`` of them belong to the answer and
     authority sections.
     """
 
@@ -353,7 +368,10 @@ class ResponseInfo(NamedTuple):
 _RDATA_NAME_AT = {2: 0, 5: 0, 12: 0, 39: 0, 15: 2, 33: 6}
 _NAME_IN_RDATA = frozenset((*_RDATA_NAME_AT, TYPE_SOA))
 TYPE_CNAME = 5
+TYPE_DNAME = 39
 TYPE_ANY = 255
+# Answer records that lead from the question's name to another (a chain to keep whole).
+_CHAIN_TYPES = (TYPE_CNAME, TYPE_DNAME)
 
 
 def _check_rdata_names(data: bytes, rtype: int, rdata: int, end: int) -> None:
@@ -568,33 +586,51 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
 # --------------------------------------------------------------------------------------
 # Rendering for a client
 
-# OPT record we append to every reply to an EDNS client: root name, type 41, our payload
-# size, extended rcode 0, version 0, DO echoed, no options.
-_OPT_SIZE = 1232
+# EDNS UDP payload sizes. Our replies advertise DEFAULT_UDP_PAYLOAD to clients unless
+# ``limits.udp_payload_size`` says otherwise (DNS flag day 2020). The queries we send
+# upstream always advertise UPSTREAM_UDP_PAYLOAD: the setting is about the hop to the
+# clients (often within one host), while the upstream hop is another network path, where
+# 1232 keeps UDP replies unfragmented; over TCP, the default upstream transport, the size
+# limits nothing.
+DEFAULT_UDP_PAYLOAD = 1232
+UPSTREAM_UDP_PAYLOAD = 1232
 
 
-def opt_record(udp_size: int, do: bool, ext_rcode: int = 0, options: bytes = b"") -> bytes:
+def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:
+    """Our OPT record: root name, type 41, payload ``udp_size``, extended rcode
+    ``ext_rcode``, version 0, DO as given, no options (always ``_OPT_LEN`` bytes)."""
     return (
         b"\x00\x00\x29"
         + _U16.pack(udp_size)
         + _U32.pack((ext_rcode << 24) | (0x8000 if do else 0))
-        + _U16.pack(len(options))
-        + options
+        + b"\x00\x00"
     )
 
 
-_OPT_PLAIN = opt_record(_OPT_SIZE, False)
-_OPT_DO = opt_record(_OPT_SIZE, True)
+_OPT_LEN = 11
 
-# Our OPT record without and with DO, as a pair for :func:`prepare` and :func:`render`.
+# The OPT records appended to replies for EDNS clients, without and with DO: built once
+# per server from its advertised size (:func:`client_opts`).
 Opts = tuple[bytes, bytes]
-OPTS: Opts = (_OPT_PLAIN, _OPT_DO)
+
+
+def client_opts(udp_size: int) -> Opts:
+    """Our OPT records advertising ``udp_size``, for DO clear and DO set."""
+    return opt_record(udp_size, False), opt_record(udp_size, True)
+
+
+DEFAULT_OPTS = client_opts(DEFAULT_UDP_PAYLOAD)
+
 # EDNS option 15, Extended DNS Error (RFC 8914), INFO-CODE 3 "Stale Answer", no text.
 EDE_STALE = b"\x00\x0f\x00\x02\x00\x03"
-OPTS_STALE: Opts = (
-    opt_record(_OPT_SIZE, False, options=EDE_STALE),
-    opt_record(_OPT_SIZE, True, options=EDE_STALE),
-)
+
+
+def with_ede_stale(opts: Opts) -> Opts:
+    """``opts`` (:func:`client_opts`) carrying EDE 3 "Stale Answer", for a stale reply.
+    Longer than ``_OPT_LEN``: not for replies that :func:`truncate` cuts."""
+    plain, do = opts
+    rdata = _U16.pack(len(EDE_STALE)) + EDE_STALE
+    return plain[:-2] + rdata, do[:-2] + rdata
 
 
 def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int) -> bytes:
@@ -613,25 +649,24 @@ def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int)
 Prepared = tuple[bytes, bytes, bytes, bytes, bytes]
 
 
-def prepare(body: bytes, qend: int, opts: Opts = OPTS) -> Prepared:
-    """Cut an (aged) stored reply once so each client costs only a splice.
-
-    ``opts``: the OPT record an EDNS client gets, without and with DO.
-    """
+def prepare(body: bytes, qend: int, opts: Opts) -> Prepared:
+    """Cut an (aged) stored reply once so each client costs only a splice; ``opts``
+    are the server's OPT records (:func:`client_opts`)."""
+    plain, do = opts
     head = body[2:HEADER_LEN]
     arcount = ((head[8] << 8) | head[9]) + 1
     head_opt = head[:8] + bytes((arcount >> 8, arcount & 0xFF))
     tail = body[qend:]
-    return head, head_opt, tail, tail + opts[0], tail + opts[1]
+    return head, head_opt, tail, tail + plain, tail + do
 
 
-def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -> bytes:
-    """A prepared reply answered to ``query``.
+def splice(prepared: Prepared, query: bytes, qend: int, edns: int) -> bytes:
+    """A prepared reply answered to ``query``, whole (the caller cuts it to the client's
+    size: :func:`truncate`).
 
     Takes the client's ID, question bytes (so 0x20 case is echoed) and RD bit; appends
     our OPT (DO echoed) when the client sent one; clears AD for a client that set
-    neither AD nor DO (RFC 6840 §5.8). ``limit`` > 0 is the largest reply the client
-    takes (its UDP payload size): a longer reply goes out truncated with TC=1.
+    neither AD nor DO (RFC 6840 §5.8).
     """
     if edns < 0:
         head = prepared[0]
@@ -651,10 +686,7 @@ def splice(prepared: Prepared, query: bytes, qend: int, edns: int, limit: int) -
         if not keep_ad:
             fixed[1] &= ~_AD & 0xFF
         head = bytes(fixed)
-    out = b"".join((query[:2], head, query[HEADER_LEN:qend], tail))
-    if limit and len(out) > limit:
-        return truncated(out, qend, edns)
-    return out
+    return b"".join((query[:2], head, query[HEADER_LEN:qend], tail))
 
 
 # How a query picks from a Prepared reply: (head index, tail index, mode). Mode 0: the
@@ -683,9 +715,10 @@ def render(
     qend: int,
     edns: int,
     limit: int,
-    opts: Opts = OPTS,
+    opts: Opts,
 ) -> bytes:
-    """Stored reply ``body`` aged by ``age`` seconds and answered to ``query`` in one go.
+    """Stored reply ``body`` aged by ``age`` seconds and answered to ``query`` in one go,
+    cut to ``limit`` bytes when ``limit`` > 0 and it is longer (:func:`truncate`).
 
     The cache keeps the result of :func:`prepare` per entry and second instead; this is
     the same transformation for one-off replies.
@@ -699,18 +732,79 @@ def render(
         arcount = ((body[10] << 8) | body[11]) + 1
         head = body[2:10] + bytes((arcount >> 8, arcount & 0xFF))
         tail = body[qend:] + opts[1 if edns & 0x10000 else 0]
-    return splice((head, head, tail, tail, tail), query, qend, edns, limit)
+    out = splice((head, head, tail, tail, tail), query, qend, edns)
+    if limit and len(out) > limit:
+        return truncate(out, qend, edns, offsets, limit)
+    return out
 
 
-def truncated(reply: bytes, qend: int, edns: int) -> bytes:
-    """Header and question of ``reply`` with TC=1 and no records (plus OPT for EDNS)."""
-    head = bytearray(reply[:qend])
-    head[2] |= _TC
-    head[4:12] = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+# Where a rendered reply is cut for one size: the end of the records kept, the header's
+# new ANCOUNT, NSCOUNT and ARCOUNT (without our OPT), and whether TC is set. The same for
+# every client of one stored reply, so the cache keeps it per entry and size.
+Cut = tuple[int, int, int, int, bool]
+
+
+def cut_room(limit: int, edns: int) -> int:
+    """Bytes a reply of at most ``limit`` has for header, question and records."""
+    return limit - _OPT_LEN if edns >= 0 else limit
+
+
+def plan_cut(reply: bytes, qend: int, offsets: tuple[int, ...], room: int) -> Cut:
+    """Where to cut a rendered ``reply`` so that it fits in ``room`` bytes plus our OPT.
+
+    ``offsets`` are the TTL offsets of the reply's records, in order (the stored entry's:
+    the client's question has the stored one's length). Each locates its record's
+    RDLENGTH and so its end, so no name is walked and nothing is parsed.
+
+    What is kept: the header and question, then the longest prefix of the records in
+    wire order (answer, authority, additional) that fits. Only a prefix is safe:
+    compression pointers point backwards, so no kept record can point into a removed
+    one, whereas keeping additional records after dropping authority ones could leave a
+    pointer aimed at the removed bytes. A prefix that would end inside the answer's
+    CNAME/DNAME chain keeps no answer record at all (a chain cut short answers nothing).
+    TC is set when an answer or authority record is left out; losing only additional
+    records leaves the answer complete and TC clear (RFC 2181 §9).
+    """
+    end = qend
+    kept = 0
+    for off in offsets:
+        record_end = off + 6 + ((reply[off + 4] << 8) | reply[off + 5])
+        if record_end > room:
+            break
+        end = record_end
+        kept += 1
+    an = (reply[6] << 8) | reply[7]
+    if 0 < kept < an:
+        for off in offsets[kept:an]:
+            if not reply[off - 4] and reply[off - 3] in _CHAIN_TYPES:
+                kept = 0
+                end = qend
+                break
+    ns = (reply[8] << 8) | reply[9]
+    kept_an = kept if kept < an else an
+    rest = kept - kept_an
+    kept_ns = rest if rest < ns else ns
+    return end, kept_an, kept_ns, rest - kept_ns, kept < an + ns
+
+
+def apply_cut(reply: bytes, cut: Cut, edns: int) -> bytes:
+    """``reply`` cut as :func:`plan_cut` said, our OPT kept for an EDNS client."""
+    end, an, ns, ar, tc = cut
+    out = bytearray(reply[:end])
+    if tc:
+        out[2] |= _TC
     if edns >= 0:
-        head[11] = 1
-        head += _OPT_DO if edns & 0x10000 else _OPT_PLAIN
-    return bytes(head)
+        _COUNTS_PACK(out, 6, an, ns, ar + 1)
+        out += reply[-_OPT_LEN:]
+    else:
+        _COUNTS_PACK(out, 6, an, ns, ar)
+    return bytes(out)
+
+
+def truncate(reply: bytes, qend: int, edns: int, offsets: tuple[int, ...], limit: int) -> bytes:
+    """A rendered ``reply`` longer than ``limit`` cut to fit, keeping whole records
+    (:func:`plan_cut` says which); ``offsets`` are its records' TTL offsets."""
+    return apply_cut(reply, plan_cut(reply, qend, offsets, cut_room(limit, edns)), edns)
 
 
 def udp_limit(edns: int, max_udp: int) -> int:
@@ -721,11 +815,15 @@ def udp_limit(edns: int, max_udp: int) -> int:
     return size if size < max_udp else max_udp
 
 
-def error_reply(query: bytes, rcode: int, qend: int, edns: int) -> bytes:
-    """Reply with ``rcode`` to ``query``, echoing the question when ``qend`` is known."""
+def error_reply(query: bytes, rcode: int, qend: int, edns: int, udp_size: int) -> bytes:
+    """Reply with ``rcode`` to ``query``, echoing the question when ``qend`` is known and
+    adding our OPT (advertising ``udp_size``) for an EDNS client or an extended rcode."""
     head = bytearray(query[:HEADER_LEN])
     head[2] = _QR | (query[2] & 0x79)  # keep opcode and RD
-    head[3] = _RA | (query[3] & _CD) | (rcode & 0x0F)
+    # RA only with BADVERS, as Unbound 1.17 answers: the other errors (FORMERR, NOTIMP
+    # for an opcode, REFUSED for a zone transfer or a source outside the ACL) turn the
+    # query away before any recursion is offered for it.
+    head[3] = (_RA if rcode == BADVERS else 0) | (query[3] & _CD) | (rcode & 0x0F)
     if qend:
         head[4:12] = b"\x00\x01\x00\x00\x00\x00\x00\x00"
         head += query[HEADER_LEN:qend]
@@ -733,7 +831,7 @@ def error_reply(query: bytes, rcode: int, qend: int, edns: int) -> bytes:
         head[4:12] = b"\x00\x00\x00\x00\x00\x00\x00\x00"
     if edns >= 0 or rcode > 15:
         head[11] = 1
-        head += opt_record(_OPT_SIZE, bool(edns >= 0 and edns & 0x10000), rcode >> 4)
+        head += opt_record(udp_size, bool(edns >= 0 and edns & 0x10000), rcode >> 4)
     return bytes(head)
 
 
@@ -749,7 +847,7 @@ _UPSTREAM_HEAD = tuple(
     b"\x00\x00" + _U16.pack(_RD << 8 | (_CD if f & 2 else 0)) + b"\x00\x01\x00\x00\x00\x00\x00\x01"
     for f in range(4)
 )
-_UPSTREAM_OPT = tuple(opt_record(_OPT_SIZE, bool(f & 1)) for f in range(4))
+_UPSTREAM_OPT = tuple(opt_record(UPSTREAM_UDP_PAYLOAD, bool(f & 1)) for f in range(4))
 
 
 def upstream_query(key: bytes, question: bytes) -> bytes:

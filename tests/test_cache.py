@@ -84,7 +84,7 @@ def seen_by_client(
 ) -> dns.message.Message:
     data = client_query(qname, rdtype, edns=edns)
     _, qend, e = wire.parse_query(data)
-    return dns.message.from_wire(entry.answer(data, qend, e, now, 0))
+    return dns.message.from_wire(entry.answer(data, qend, e, now, 0, wire.DEFAULT_OPTS))
 
 
 def ttl_s(entry: Entry, now: float = NOW) -> float:
@@ -545,7 +545,7 @@ def test_answer_is_per_client_within_the_same_second() -> None:
             name, "A", use_edns=0 if edns else False, want_dnssec=do, id=qid
         ).to_wire()
         _, qend, e = wire.parse_query(q)
-        return dns.message.from_wire(entry.answer(q, qend, e, now, 0))
+        return dns.message.from_wire(entry.answer(q, qend, e, now, 0, wire.DEFAULT_OPTS))
 
     first = ask("www.example.", 1, False, False, NOW + 5.0)
     second = ask("WwW.eXaMpLe.", 2, True, True, NOW + 5.5)
@@ -568,10 +568,60 @@ def test_answer_truncates_for_small_udp_limit() -> None:
     assert cacheable
     q = client_query("BIG.example.")
     _, qend, e = wire.parse_query(q)
-    small = dns.message.from_wire(entry.answer(q, qend, e, NOW, 512))
+    small = dns.message.from_wire(entry.answer(q, qend, e, NOW, 512, wire.DEFAULT_OPTS))
     assert small.flags & dns.flags.TC
-    assert small.answer == []
+    # Header 12 + question 17, then 16 bytes per A record: 30 whole records fit in 512.
+    assert len(small.answer[0]) == 30
     assert small.question[0].name.to_text() == "BIG.example."
-    full = dns.message.from_wire(entry.answer(q, qend, e, NOW, 0))
+    full = dns.message.from_wire(entry.answer(q, qend, e, NOW, 0, wire.DEFAULT_OPTS))
     assert not full.flags & dns.flags.TC
     assert len(full.answer[0]) == 60
+    assert list(small.answer[0]) == list(full.answer[0])[:30]
+
+
+def test_truncated_answers_reuse_the_cut_per_size() -> None:
+    # The cut depends on the entry and the client's size only: later clients (other IDs,
+    # spellings, DO, ages) get the same records as a cut worked out afresh for them.
+    addrs = [f"169.254.3.{i}" for i in range(1, 61)]
+    entry, _ = build(CachePolicy(), "big.example.", "A", [rrset("big.example.", 300, "A", *addrs)])
+    asked = []
+    for i, (name, payload, do) in enumerate(
+        [("big.example.", 0, False), ("BIG.example.", 0, False), ("bIg.ExAmPlE.", 512, True)] * 2
+        + [("big.example.", 700, False), ("big.example.", 512, False)]
+    ):
+        q = dns.message.make_query(
+            name, "A", use_edns=0 if payload else False, payload=payload, want_dnssec=do, id=i
+        ).to_wire()
+        _, qend, e = wire.parse_query(q)
+        limit = wire.udp_limit(e, 1232)
+        now = NOW + i * 0.7
+        got = entry.answer(q, qend, e, now, limit, wire.DEFAULT_OPTS)
+        fresh = wire.render(
+            entry.body,
+            entry.offsets,
+            entry.ttls,
+            int(now - NOW),
+            q,
+            qend,
+            e,
+            limit,
+            wire.DEFAULT_OPTS,
+        )
+        assert got == fresh
+        msg = dns.message.from_wire(got)
+        assert msg.id == i and msg.question[0].name.to_text() == name
+        asked.append(len(msg.answer[0]))
+    # 12 + 17 bytes of header and question, 16 per record, 11 for our OPT.
+    assert asked == [30, 30, 29, 30, 30, 29, 41, 29]
+    assert entry.cuts is not None and sorted(entry.cuts) == [501, 512, 689]
+
+
+def test_cuts_kept_per_entry_are_bounded() -> None:
+    addrs = [f"169.254.3.{i}" for i in range(1, 71)]
+    entry, _ = build(CachePolicy(), "big.example.", "A", [rrset("big.example.", 300, "A", *addrs)])
+    for payload in range(600, 1200, 20):  # 30 different client sizes
+        q = dns.message.make_query("big.example.", "A", use_edns=0, payload=payload).to_wire()
+        _, qend, e = wire.parse_query(q)
+        msg = dns.message.from_wire(entry.answer(q, qend, e, NOW, payload, wire.DEFAULT_OPTS))
+        assert len(msg.answer[0]) == min(70, (payload - 40) // 16)
+    assert entry.cuts is not None and len(entry.cuts) == 8

@@ -51,6 +51,7 @@ CONTRACT = {
     ("dnsproxy_requests_by_type", "counter", "dnsproxy_requests_by_type_total", ("type",)),
     ("dnsproxy_responses", "counter", "dnsproxy_responses_total", ("rcode",)),
     ("dnsproxy_tcp_clients", "gauge", "dnsproxy_tcp_clients", ()),
+    ("dnsproxy_udp_receive_drops", "counter", "dnsproxy_udp_receive_drops_total", ("listener",)),
     *(
         (f"dnsproxy_upstream_{name}", "counter", f"dnsproxy_upstream_{name}_total", ("upstream",))
         for name in (

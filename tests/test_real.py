@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -22,8 +23,10 @@ from typing import IO
 
 import dns.exception
 import dns.message
+import dns.opcode
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import pytest
 from test_process import HOST, DnsProxyProcess, dnsproxy_process, free_port, metric_value
 
@@ -110,14 +113,10 @@ class Unbound:
         return total, tcp, total - tcp
 
 
-def unbound_conf(
-    directory: Path,
-    port: int,
-    extra: Sequence[str] = (),
-    local_data: Sequence[str] = LOCAL_DATA,
-) -> str:
-    """Unbound's configuration; ``extra``: more lines of its server section."""
-    lines = [
+def unbound_server_lines(directory: Path) -> list[str]:
+    """The start of the ``server:`` clause every test's Unbound shares: in the
+    foreground, as the user that starts it, its files in ``directory``, one thread."""
+    return [
         "server:",
         "  do-daemonize: no",
         '  username: ""',
@@ -128,6 +127,18 @@ def unbound_conf(
         '  logfile: ""',
         "  verbosity: 1",
         "  num-threads: 1",
+    ]
+
+
+def unbound_conf(
+    directory: Path,
+    port: int,
+    extra: Sequence[str] = (),
+    local_data: Sequence[str] = LOCAL_DATA,
+) -> str:
+    """Unbound's configuration; ``extra``: more lines of its server section."""
+    lines = [
+        *unbound_server_lines(directory),
         f"  interface: 127.0.0.1@{port}",
         f"  port: {port}",
         "  access-control: 127.0.0.0/8 allow",
@@ -283,6 +294,9 @@ def test_big_answer_truncated_over_udp_without_edns_whole_over_tcp(proxy: DnsPro
     assert "tc" in header_flags(truncated), truncated
     truncated = kdig(proxy.port, "big.test", "A", "+noedns", "+notcp", "+ignore")
     assert "tc" in header_flags(truncated), truncated
+    # The whole records that fit in 512 bytes: 12 + 14 of header and question, 16 each.
+    kept = dig(proxy.port, "big.test", "A", "+noedns", "+ignore", "+short").split()
+    assert len(kept) == 30 and set(kept) <= set(BIG), kept
     whole = dig(proxy.port, "big.test", "A", "+noedns", "+tcp", "+short")
     assert sorted(whole.splitlines()) == sorted(BIG)
     # Without +ignore dig itself retries over TCP after the TC reply, as resolvers do.
@@ -347,6 +361,79 @@ def test_udp_upstream_is_seen_as_udp(tmp_path: Path) -> None:
         total, tcp, udp = unbound.queries()
     assert udp == 3  # the two queries and the loop probe sent at start
     assert tcp == total - 3 == 1  # only the TCP readiness probe of start_unbound
+
+
+def _odd_queries() -> list[tuple[str, bytes, bool]]:
+    """Queries a forwarder answers itself, without looking anything up: (label, wire,
+    over TCP). NOTIFY is left out: Unbound takes it for its own zones (REFUSED), where
+    dnsproxy has none and answers NOTIMP like any other opcode it does not serve."""
+    cases: list[tuple[str, bytes, bool]] = []
+    for edns in (False, 0):
+        tag = "edns" if edns is not False else "plain"
+        for opcode in (1, 2, 3, 5, 6, 15):
+            q = dns.message.make_query("www.test.", "A", use_edns=edns)
+            q.set_opcode(dns.opcode.Opcode(opcode))
+            cases.append((f"opcode {opcode} {tag}", q.to_wire(), False))
+        for meta in (41, 128, 200, 248, 249, 250, 253, 254):
+            q = dns.message.make_query("www.test.", dns.rdatatype.RdataType(meta), use_edns=edns)
+            cases.append((f"qtype {meta} {tag}", q.to_wire(), False))
+        for transfer, tcp in (("AXFR", True), ("AXFR", False), ("IXFR", False)):
+            q = dns.message.make_query("test.", transfer, use_edns=edns)
+            cases.append((f"{transfer} {'tcp' if tcp else 'udp'} {tag}", q.to_wire(), tcp))
+        two = bytearray(dns.message.make_query("www.test.", "A", use_edns=edns).to_wire())
+        question = two[12 : 12 + len(b"\x03www\x04test\x00") + 4]
+        two[5] = 2
+        cases.append((f"qdcount 2 {tag}", bytes(two[:12] + question + two[12:]), False))
+    v1 = dns.message.make_query("www.test.", "A", use_edns=1)
+    cases.append(("edns version 1", v1.to_wire(), False))
+    return cases
+
+
+def _exchange(port: int, data: bytes, tcp: bool) -> bytes:
+    if tcp:
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            s.sendall(len(data).to_bytes(2, "big") + data)
+            reply = b""
+            while len(reply) < 2 or len(reply) < 2 + int.from_bytes(reply[:2], "big"):
+                chunk = s.recv(65535)
+                assert chunk, "connection closed before the reply"
+                reply += chunk
+            return reply[2:]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(data, (HOST, port))
+        return s.recv(65535)
+
+
+def _verdict(reply: bytes) -> dict[str, int]:
+    """The header fields a client acts on, read from the bytes (dnspython refuses some
+    of these replies, e.g. UPDATE ones), plus the extended rcode from the OPT record."""
+    ext = 0
+    with contextlib.suppress(dns.exception.DNSException):
+        ext = dns.message.from_wire(reply).rcode() >> 4
+    return {
+        "qr": reply[2] >> 7,
+        "opcode": (reply[2] >> 3) & 0x0F,
+        "ra": reply[3] >> 7,
+        "rcode": (ext << 4) | (reply[3] & 0x0F),
+    }
+
+
+def test_answers_what_unbound_answers_to_queries_it_turns_away(
+    proxy: DnsProxyProcess, tmp_path: Path
+) -> None:
+    """Differential test against Unbound 1.17: the same rcode and the same RA bit (clear
+    on FORMERR, NOTIMP and REFUSED, set on BADVERS) for every query neither looks up.
+    Unbound runs on its own here, so its query counts stay the module's."""
+    with start_unbound(tmp_path / "unbound") as own:
+        theirs = {
+            label: _verdict(_exchange(own.port, data, tcp)) for label, data, tcp in _odd_queries()
+        }
+    ours = {
+        label: _verdict(_exchange(proxy.port, data, tcp)) for label, data, tcp in _odd_queries()
+    }
+    assert ours == theirs
+    assert {v["rcode"] for v in ours.values()} == {1, 4, 5, 16}  # every kind was tried
 
 
 @contextlib.contextmanager

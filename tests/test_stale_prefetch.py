@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 import dns.edns
+import dns.flags
 import dns.message
 import dns.rcode
 import pytest
@@ -45,7 +46,7 @@ def key() -> bytes:
 def seen(entry: Entry, now: float, edns: bool = True) -> dns.message.Message:
     data = query(edns=edns)
     _, qend, e = wire.parse_query(data)
-    return dns.message.from_wire(entry.answer_once(data, qend, e, now, 0))
+    return dns.message.from_wire(entry.answer_once(data, qend, e, now, 0, wire.DEFAULT_OPTS))
 
 
 def ede_codes(message: dns.message.Message) -> list[int]:
@@ -96,9 +97,9 @@ def test_an_entry_is_due_in_the_last_tenth_of_its_ttl_at_least_its_last_second(
     c.put(key(), e, NOW)
     e.hits = 5
     if due_age:
-        e.prepare(due_age - 1, len(query()))
+        e.prepare(due_age - 1, len(query()), wire.DEFAULT_OPTS)
     assert due.entries == []
-    e.prepare(due_age, len(query()))
+    e.prepare(due_age, len(query()), wire.DEFAULT_OPTS)
     assert due.entries == [e] and e.key == key()
 
 
@@ -110,12 +111,12 @@ def test_due_once_and_only_when_popular_enough() -> None:
     c.put(key(), e, NOW)
     qend = len(query())
     e.hits = 2
-    e.prepare(27, qend)
+    e.prepare(27, qend, wire.DEFAULT_OPTS)
     assert due.entries == [], "two hits: not popular enough yet"
     e.hits = 3
-    e.prepare(28, qend)
+    e.prepare(28, qend, wire.DEFAULT_OPTS)
     assert due.entries == [e], "looked at again at the next second's cut"
-    e.prepare(29, qend)
+    e.prepare(29, qend, wire.DEFAULT_OPTS)
     assert due.entries == [e], "one refresh per entry"
 
 
@@ -124,7 +125,7 @@ def test_hits_are_counted_by_the_general_hit_path() -> None:
     data = query()
     _, qend, edns = wire.parse_query(data)
     for _ in range(3):
-        e.answer(data, qend, edns, NOW, 0)
+        e.answer(data, qend, edns, NOW, 0, wire.DEFAULT_OPTS)
     assert e.hits == 3
 
 
@@ -134,13 +135,13 @@ def test_servfail_entries_and_prefetch_off_are_never_due() -> None:
     off = entry_for(30)
     c.put(key(), off, NOW)
     off.hits = 100
-    off.prepare(29, len(query()))
+    off.prepare(29, len(query()), wire.DEFAULT_OPTS)
     c.prefetch_min_hits = 1
     failed = entry_for(5, rcode=dns.rcode.SERVFAIL)
     assert failed.kind == SERVFAIL
     c.put(b"other", failed, NOW)
     failed.hits = 100
-    failed.prepare(4, len(query()))
+    failed.prepare(4, len(query()), wire.DEFAULT_OPTS)
     assert due.entries == []
 
 
@@ -160,6 +161,25 @@ def test_stale_copy_has_ttl_30_and_ede_3_for_edns_clients() -> None:
     assert plain.edns < 0 and [rr.ttl for rr in plain.answer] == [STALE_TTL_S]
     assert ede_codes(seen(e.stale_copy(NOW + 100, ede=False), NOW + 100)) == []
     assert e.ttls == (5,), "the cached entry itself is not changed"
+
+
+def test_a_stale_answer_cut_to_the_client_size_drops_the_option_not_records() -> None:
+    q = dns.message.make_query("big.example.", "A", use_edns=0, id=0)
+    addresses = [f"169.254.2.{i}" for i in range(1, 61)]  # about 1 KB
+    r = reply_to(q, [rrset("big.example.", 5, "A", *addresses)])
+    big = make_entry(wire.inspect_response(r.to_wire()), CachePolicy(), NOW)[0]
+    stale = big.stale_copy(NOW + 100, ede=True)
+    data = dns.message.make_query("big.example.", "A", use_edns=0, payload=512).to_wire()
+    _, qend, edns = wire.parse_query(data)
+    cut = stale.answer_once(data, qend, edns, NOW + 100, 512, wire.DEFAULT_OPTS)
+    assert len(cut) <= 512
+    msg = dns.message.from_wire(cut)
+    assert msg.flags & dns.flags.TC and msg.edns == 0 and ede_codes(msg) == []
+    assert 0 < len(msg.answer[0]) < 60 and msg.answer[0].ttl == STALE_TTL_S
+    whole = dns.message.from_wire(
+        stale.answer_once(data, qend, edns, NOW + 100, 0, wire.DEFAULT_OPTS)
+    )
+    assert len(whole.answer[0]) == 60 and ede_codes(whole) == [3]
 
 
 # --------------------------------------------------------------------------------------

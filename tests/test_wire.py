@@ -225,7 +225,7 @@ def rejected(data: bytes) -> tuple[wire.BadQuery, dns.message.Message]:
         wire.parse_query(data)
     err = exc.value
     assert err.rcode is not None
-    return err, parse(wire.error_reply(data, err.rcode, err.qend, err.edns))
+    return err, parse(wire.error_reply(data, err.rcode, err.qend, err.edns, 1232))
 
 
 # --------------------------------------------------------------------------------------
@@ -425,7 +425,7 @@ def test_opcode_update_notimp() -> None:
 def test_error_reply_echoes_question_and_id(rcode: int, edns: bool) -> None:
     data = qwire("WwW.ExAmple.", "AAAA", edns=edns, do=edns, cd=True)
     _, qend, e = wire.parse_query(data)
-    reply = parse(wire.error_reply(data, rcode, qend, e))
+    reply = parse(wire.error_reply(data, rcode, qend, e, 1232))
     assert reply.id == CLIENT_ID
     assert reply.rcode() == rcode
     assert reply.flags & dns.flags.QR
@@ -440,6 +440,69 @@ def test_error_reply_echoes_question_and_id(rcode: int, edns: bool) -> None:
         assert reply.ednsflags & dns.flags.DO
     else:
         assert reply.edns == -1
+
+
+# Meta-types (RFC 6895 §3.1) that Unbound 1.17 answers with FORMERR rather than look up.
+META_QTYPES = [41, 128, 200, 248, 249, 250, 253, 254]
+
+
+@pytest.mark.parametrize("qtype", META_QTYPES)
+def test_meta_qtypes_are_answered_formerr_not_forwarded(qtype: int) -> None:
+    key, _, _ = wire.parse_query(qwire("www.example.", qtype))  # a well-formed query
+    assert wire.NOT_FORWARDED[wire.key_qtype(key)] == (wire.FORMERR, "meta_qtype")
+
+
+@pytest.mark.parametrize("qtype", ["AXFR", "IXFR"])
+def test_zone_transfers_are_refused_not_forwarded(qtype: str) -> None:
+    key, _, _ = wire.parse_query(qwire("example.", qtype))
+    assert wire.NOT_FORWARDED[wire.key_qtype(key)] == (wire.REFUSED, None)
+
+
+@pytest.mark.parametrize("qtype", ["ANY", "A", "TXT", 127, 255, 256, 65280])
+def test_data_types_are_forwarded(qtype: str | int) -> None:
+    key, _, _ = wire.parse_query(qwire("www.example.", qtype))
+    assert wire.key_qtype(key) not in wire.NOT_FORWARDED
+
+
+@pytest.mark.parametrize(
+    ("rcode", "ra"),
+    [
+        (wire.FORMERR, False),
+        (wire.NOTIMP, False),
+        (wire.REFUSED, False),
+        (wire.BADVERS, True),
+    ],
+)
+def test_error_replies_set_ra_only_with_badvers(rcode: int, ra: bool) -> None:
+    # As Unbound 1.17 answers (tests/test_real.py compares the two).
+    data = qwire("www.example.", edns=True)
+    _, qend, edns = wire.parse_query(data)
+    reply = parse(wire.error_reply(data, rcode, qend, edns, 1232))
+    assert bool(reply.flags & dns.flags.RA) == ra
+    assert reply.rcode() == rcode
+
+
+@pytest.mark.parametrize("size", [512, 1400, 4096])
+def test_error_reply_advertises_the_size_given(size: int) -> None:
+    data = qwire("www.example.", edns=True)
+    _, qend, edns = wire.parse_query(data)
+    assert parse(wire.error_reply(data, wire.REFUSED, qend, edns, size)).payload == size
+
+
+@pytest.mark.parametrize("size", [512, 1400, 4096])
+def test_rendered_reply_advertises_the_servers_size(size: int) -> None:
+    _, out = _render(
+        _big_answer(), qwire("big.example.", edns=True, payload=65000), 0, 0, wire.client_opts(size)
+    )
+    assert parse(out).payload == size
+
+
+def test_upstream_query_advertises_1232_whatever_the_client_side_size() -> None:
+    key, qend, _ = wire.parse_query(qwire("www.example.", do=True))
+    data = qwire("www.example.")
+    sent = parse(wire.upstream_query(key, data[wire.HEADER_LEN : qend]))
+    assert sent.payload == wire.UPSTREAM_UDP_PAYLOAD == 1232
+    assert sent.ednsflags & dns.flags.DO
 
 
 def _with_authority_record(data: bytes) -> bytes:
@@ -515,10 +578,11 @@ def _render(
     client: bytes,
     age: int,
     limit: int = 0,
+    opts: wire.Opts = wire.DEFAULT_OPTS,
 ) -> tuple[wire.ResponseInfo, bytes]:
     info = wire.inspect_response(upstream)
     _, qend, edns = wire.parse_query(client)
-    out = wire.render(info.body, info.ttl_offsets, info.ttls, age, client, qend, edns, limit)
+    out = wire.render(info.body, info.ttl_offsets, info.ttls, age, client, qend, edns, limit, opts)
     return info, out
 
 
@@ -698,7 +762,10 @@ def test_large_answer_truncated_at_limit(client: dict[str, object]) -> None:
     msg = parse(out)
     assert msg.flags & dns.flags.TC
     assert msg.id == CLIENT_ID
-    assert msg.answer == msg.authority == msg.additional == []
+    # Whole records (16 bytes each after 29 of header and question) beside our OPT
+    # (11 bytes) when the client sent one; test_truncate.py has the rest.
+    assert len(msg.answer[0]) == (29 if client else 30)
+    assert msg.authority == msg.additional == []
     assert msg.question[0].name.to_text() == "BiG.eXample."
     assert msg.question[0].rdtype == dns.rdatatype.A
     if client:
@@ -887,7 +954,7 @@ def _check_parse_query(data: bytes) -> None:
         if exc.rcode is not None:
             # An error reply can always be built and read by a real client. (dnspython
             # refuses UPDATE messages whose zone is not of type SOA, so skip those.)
-            raw = wire.error_reply(data, exc.rcode, exc.qend, exc.edns)
+            raw = wire.error_reply(data, exc.rcode, exc.qend, exc.edns, 1232)
             assert raw[:2] == data[:2]
             if (data[2] >> 3) & 0x0F != dns.opcode.UPDATE:
                 assert parse(raw).rcode() == exc.rcode
@@ -1023,7 +1090,9 @@ def test_round_trip(
         do=do,
     )
     info = wire.inspect_response(upstream_msg.to_wire())
-    out = wire.render(info.body, info.ttl_offsets, info.ttls, age, client, qend, client_edns, 0)
+    out = wire.render(
+        info.body, info.ttl_offsets, info.ttls, age, client, qend, client_edns, 0, wire.DEFAULT_OPTS
+    )
     msg = parse(out)
     assert msg.id == CLIENT_ID
     assert msg.question[0].name.to_text() == client_name
