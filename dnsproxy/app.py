@@ -1,6 +1,11 @@
 """Wiring and lifecycle: build the parts from a Config, start in order, hand over, reload,
 stop cleanly.
 
+What answers the queries is a :class:`~dnsproxy.engine.Serving`: an
+:class:`~dnsproxy.engine.Engine` in this process (``workers: 1``), or, with ``workers: N``,
+a :class:`~dnsproxy.workers.WorkerPool` of N worker processes, this one being their
+supervisor. Everything below is the same for both.
+
 Start: put the node's local addresses in place (a listener cannot bind to an address the
 host lacks), take the listening sockets over from a running instance (``handover.path``,
 see :mod:`dnsproxy.handover`) or bind them, start the HTTP endpoints, install the node
@@ -30,14 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import json
 import logging
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -45,14 +47,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from dnsproxy import __version__, handover
 from dnsproxy import reload as reloading
-from dnsproxy.cache import Cache
-from dnsproxy.compat import CoreDnsNames
+from dnsproxy.cache import DEFAULT_MAX_BYTES, Cache
+from dnsproxy.compat import NodeCacheNames
 from dnsproxy.config import ConfigError, Overrides, load_config
 from dnsproxy.config_types import Config, HostPort
+from dnsproxy.engine import Engine, Serving
 from dnsproxy.forwarder import Forwarder, LoopError
 from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
+from dnsproxy.runtime import loop_factory, setup_logging, tune_gc
 from dnsproxy.server import DnsServer, Inherited
+from dnsproxy.workers import WorkerError, WorkerPool
 
 log = logging.getLogger("dnsproxy")
 
@@ -62,16 +67,19 @@ _HEARTBEAT_S = 0.5
 # dies closes the connection and ends the wait at once.
 _TAKEN_TIMEOUT_S = 60.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-_YIELD_EVERY = 2048  # cache entries copied on reload between two turns of the event loop
 # Signals with no meaning here whose default action would end the process.
 _IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGALRM)
+_KINDS = ("success", "denial", "servfail")  # cache entry kinds, as dnsproxy_cache_entries says
 
 
 class App:
-    """One running dnsproxy: cache, forwarder, listeners, HTTP endpoints, node setup.
+    """One running dnsproxy: what answers queries, HTTP endpoints, node setup, lifecycle.
 
-    ``config_path`` and ``overrides`` are what ``config`` was loaded from: a reload reads
-    them again (None: the built-in defaults plus the flags).
+    ``serving`` answers the queries: by default an :class:`Engine` in this process (cache,
+    forwarder, DNS listeners); a supervisor passes its
+    :class:`~dnsproxy.workers.WorkerPool`, whose process metrics then include the
+    workers'. ``config_path`` and ``overrides`` are what ``config`` was loaded from: a
+    reload reads them again (None: the built-in defaults plus the flags).
     """
 
     def __init__(
@@ -80,21 +88,18 @@ class App:
         loop_name: str = "asyncio",
         config_path: str | None = None,
         overrides: Overrides | None = None,
+        serving: Serving | None = None,
     ) -> None:
         self.config = config
         self.loop_name = loop_name
         self.config_path = config_path
         self._overrides = overrides
-        self.cache = Cache(config.cache_max_entries)
-        self.forwarder = Forwarder(config, self.cache)
-        self.server = DnsServer(config, self.cache, self.forwarder)
+        self.engine: Serving = serving if serving is not None else Engine(config)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.metrics = StatsCollector(
-            [BuildInfo(loop_name), self.server, self.cache, self.forwarder, _Lifecycle(self)]
-        )
-        self._coredns_names(config)
+        self.metrics = StatsCollector([BuildInfo(loop_name), self.engine, _Lifecycle(self)])
         self.registry.register(self.metrics)
-        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
+        if serving is None:
+            ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
         self.http: HttpEndpoint | None = None
         self.health: HttpEndpoint | None = None
         self.node: NodeManager | None = None
@@ -126,7 +131,26 @@ class App:
     @property
     def listen(self) -> list[HostPort]:
         """Addresses actually bound (port 0 in the config resolved to the real port)."""
-        return self.server.bound
+        return self.engine.bound
+
+    # The parts of a single-process instance, as tests and tools look at them.
+
+    @property
+    def local(self) -> Engine:
+        assert isinstance(self.engine, Engine), "the queries are answered by worker processes"
+        return self.engine
+
+    @property
+    def server(self) -> DnsServer:
+        return self.local.server
+
+    @property
+    def cache(self) -> Cache:
+        return self.local.cache
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.local.forwarder
 
     # -- start
 
@@ -137,6 +161,7 @@ class App:
             self.node = NodeManager(node_config, detect_backend(node_config.rules))
             self.node.check_tools()
             self.metrics.sources.append(NodeCollector(self.node.stats))
+            self._node_cache_names(self.config)
         taken = await self._take_over()
         inherited: Inherited = taken.sockets if taken is not None else {}
         try:
@@ -144,13 +169,12 @@ class App:
                 # Taken over: the addresses are there (the sockets are bound to them), and
                 # this verifies it; otherwise a listener cannot bind without them.
                 await self.node.setup_interface()
-            if taken is not None and taken.cache is not None:
-                # Before the first read: the first queries are then hits, not misses.
-                self.handover_entries = await handover.restore_cache(
-                    self.cache, taken.cache, taken.cache_time, time.monotonic()
-                )
-                taken.cache = None
-            await self.server.start(inherited)
+            snapshot = None
+            if taken is not None:
+                snapshot, taken.cache = taken.cache, None
+            self.handover_entries = await self.engine.start(
+                inherited, snapshot, taken.cache_time if taken is not None else 0.0
+            )
             self.http = self._endpoint(
                 self.config.http_listen, "/metrics /health /ready", inherited
             )
@@ -158,7 +182,7 @@ class App:
                 self.config.health_listen, "/health /ready /metrics", inherited
             )
             if taken is None:
-                await self.check_loops(self.config, self.forwarder)
+                await self.check_loops(self.config, starting=True)
             else:
                 # Both instances read the sockets until the old one is told to stop: a
                 # probe coming back could reach either. The old one checked at its start,
@@ -167,8 +191,7 @@ class App:
         except BaseException:
             if taken is not None:
                 taken.close()  # the running instance goes on serving, addresses and all
-            await self.server.close()
-            await self.forwarder.close()
+            await self.engine.close()
             if self.http is not None:
                 self.http.stop()
             if taken is None and self.node is not None and self.node.config.teardown:
@@ -188,25 +211,29 @@ class App:
             log.warning("node rules not in place yet; not ready until a sync succeeds")
         self._sync_task = asyncio.create_task(self._sync_loop(), name="dnsproxy-node-sync")
 
-    async def check_loops(self, config: Config, forwarder: Forwarder | None = None) -> None:
+    async def check_loops(self, config: Config, *, starting: bool = False) -> None:
         """Raise :class:`LoopError` when an upstream of ``config`` sends a probe back to
         this instance's listeners (see :meth:`Forwarder.find_loops`).
 
-        For a configuration about to be served: at start through ``forwarder``, the one
-        starting (its pools then hold a connection to each upstream, and an ``auto`` one
-        has found its transport); for a reload through a forwarder of its own, with a
-        cache of its own so that nothing of the running one changes. Probes coming back
-        reach the running forwarder. Takes an upstream's reply time, or its zone's
-        deadline_s for one that does not answer. Nothing when ``config`` turns
-        ``loop_check`` off.
+        For a configuration about to be served: ``starting``, through the forwarder that
+        starts (its pools then hold a connection to each upstream, and an ``auto`` one has
+        found its transport); for a reload, through a forwarder of its own, with a cache
+        of its own so that nothing of the running one changes. Probes coming back reach
+        the running forwarder. Takes an upstream's reply time, or its zone's deadline_s
+        for one that does not answer. Nothing when ``config`` turns ``loop_check`` off,
+        nor with ``workers`` > 1: a probe coming back would reach any worker's listener.
         """
         if not config.loop_check:
             return
-        prober = forwarder or Forwarder(config, Cache(1))
+        if not isinstance(self.engine, Engine):
+            log.info("loop check skipped: the queries are answered by worker processes")
+            return
+        running = self.engine.forwarder
+        prober = running if starting else Forwarder(config, Cache(1))
         try:
-            problems = await prober.find_loops(listening=self.forwarder)
+            problems = await prober.find_loops(listening=running)
         finally:
-            if prober is not forwarder:
+            if prober is not running:
                 await prober.close()
         if problems:
             raise LoopError(problems)
@@ -216,7 +243,7 @@ class App:
         settings = self.config.handover
         if settings.path is None:
             return None
-        bounds = (self.config.cache_max_entries, self.cache.max_bytes) if settings.cache else None
+        bounds = (self.config.cache_max_entries, DEFAULT_MAX_BYTES) if settings.cache else None
         result = await handover.take_over(settings.path, settings.timeout_s, bounds)
         if isinstance(result, str):
             log.info("handover: %s; binding the listeners", result)
@@ -235,9 +262,10 @@ class App:
 
     async def _confirm(self, taken: handover.Taken) -> None:
         """Close what the new configuration does not serve, then tell the old one to stop."""
-        for (kind, hp), sock in taken.sockets.items():
+        for (kind, hp), socks in taken.sockets.items():
             log.info("handover: %s %s is not in this configuration; closed", kind, hp)
-            sock.close()
+            for sock in socks:
+                sock.close()
         taken.sockets.clear()
         self.started_by = "handover"
         try:
@@ -266,14 +294,13 @@ class App:
                 done.get("abandoned", "?"),
             )
 
-    def _coredns_names(self, config: Config) -> None:
-        """Export the CoreDNS names, or stop, as ``metrics.coredns_names`` says."""
+    def _node_cache_names(self, config: Config) -> None:
+        """Export node-cache's name for the node's counters, or stop, as
+        ``metrics.coredns_names`` says (the engine does the same for the CoreDNS names)."""
         sources = self.metrics.sources
-        present = [source for source in sources if isinstance(source, CoreDnsNames)]
-        if config.metrics_coredns_names and not present:
-            sources.append(
-                CoreDnsNames(self.server, lambda: (self.cache, self.forwarder), lambda: self.node)
-            )
+        present = [source for source in sources if isinstance(source, NodeCacheNames)]
+        if config.metrics_coredns_names and not present and self.node is not None:
+            sources.append(NodeCacheNames(self.node))
         elif not config.metrics_coredns_names:
             for source in present:
                 sources.remove(source)
@@ -285,18 +312,34 @@ class App:
             return None
         sock = None
         if inherited:
-            sock = inherited.pop(("http", hp), None)
-        endpoint = HttpEndpoint(hp.host, hp.port, self.registry, lambda: self.ready, sock)
+            socks = inherited.pop(("http", hp), [])
+            for extra in socks[1:]:  # an HTTP endpoint is one socket; never sent otherwise
+                extra.close()
+            sock = socks[0] if socks else None
+        endpoint = HttpEndpoint(
+            hp.host, hp.port, self.registry, self.is_ready, sock, problem=self.engine.problem
+        )
         endpoint.start()
         how = ", taken over" if sock is not None else ""
         log.info("http endpoint on %s (%s%s)", HostPort(hp.host, endpoint.port), paths, how)
         return endpoint
 
+    def is_ready(self) -> bool:
+        """What /ready says: listeners and node rules in place, every worker serving, not
+        stopping."""
+        return self.ready and self.engine.serving
+
     def _set_ready(self) -> None:
         if self._stopping or self.handed_over:
             return
         self.ready = True
-        log.info("dnsproxy %s ready (%s loop)", __version__, self.loop_name)
+        workers = self.config.workers
+        log.info(
+            "dnsproxy %s ready (%s loop)%s",
+            __version__,
+            self.loop_name,
+            f" with {workers} workers" if workers > 1 else "",
+        )
 
     async def _sync_loop(self) -> None:
         assert self.node is not None
@@ -365,16 +408,17 @@ class App:
     def _offer(self) -> handover.Offer | str:
         if self._tearing_down:
             return "this instance is shutting down (removing its node rules)"
-        sockets = self.server.sockets()
+        sockets = self.engine.sockets()
         for endpoint in (self.http, self.health):
             if endpoint is not None:
                 host, port = endpoint.socket.getsockname()[:2]
-                sockets["http", HostPort(host, port)] = endpoint.socket
-        return handover.Offer(sockets, self.cache if self.config.handover.cache else None)
+                sockets["http", HostPort(host, port)] = [endpoint.socket]
+        snapshot = self.engine.snapshot if self.config.handover.cache else None
+        return handover.Offer(sockets, snapshot)
 
     async def _retire(self, channel: handover.Channel, pid: int) -> None:
         """The successor serves the sockets: stop reading, answer what is in flight."""
-        self.server.pause()
+        await self.engine.pause()
         if self._hurry is not None:
             self._hurry.set()  # a lameduck in progress has nothing left to wait for
         for task in (self._sync_task, self._watch_task):
@@ -386,16 +430,13 @@ class App:
         # The endpoints' threads take up to half a second to stop, off the event loop; they
         # still answer /ready 200 meanwhile, which is true of the address: it is served.
         endpoints = asyncio.ensure_future(self._stop_endpoints())
-        abandoned = await self._drain(self.forwarder)
-        await self._drain_reloads()
+        abandoned = await self.engine.drain()
         await endpoints
         self.ready = False
         with contextlib.suppress(OSError, handover.HandoverError):
             await channel.send("done", {"abandoned": abandoned})
         channel.close()
-        await self.server.close()
-        await self.forwarder.close()
-        self.cache.clear()  # nothing reads it any more
+        await self.engine.close()
         mode = self.config.handover.when_replaced
         log.info(
             "replaced by pid %d; node rules and addresses left to it; %s",
@@ -403,15 +444,6 @@ class App:
             "exiting" if mode == "exit" else "waiting for SIGTERM (handover.when_replaced: wait)",
         )
         self.replaced.set()
-
-    async def _drain(self, forwarder: Forwarder) -> int:
-        """Let ``forwarder``'s questions finish within the grace; how many were abandoned."""
-        grace = self.config.shutdown_grace_s
-        if await forwarder.drain(grace):
-            return 0
-        abandoned = forwarder.abandon()
-        log.warning("%d questions still in flight after %.1fs: answered SERVFAIL", abandoned, grace)
-        return abandoned
 
     async def _stop_endpoints(self) -> None:
         if self._beat is not None:
@@ -471,7 +503,7 @@ class App:
             log.info("reload (%s): configuration %s unchanged", why, self.config_hash)
             return
         # What can fail comes first, undone on failure: nothing has changed yet then.
-        added = await self.server.add_listeners(hp for hp in new.listen if hp not in old.listen)
+        undo_listeners = await self.engine.add_listeners(old, new)
         endpoints: list[HttpEndpoint] = []
         try:
             http, health = self.http, self.health
@@ -484,27 +516,11 @@ class App:
         except OSError:
             for endpoint in endpoints:
                 self._spawn(_stopped(endpoint), "dnsproxy-endpoint-stop")
-            self.server.remove_listeners(added)()
+            undo_listeners()
             raise
         # From here on nothing fails.
-        cache = self.cache
-        dropped = 0
-        changed = reloading.route_changed(old, new)
-        if changed is not None:
-            before = len(cache)
-            cache = await _rebuilt(cache, new.cache_max_entries, changed)
-            dropped = before - len(cache)
-        cache.max_entries = new.cache_max_entries
-        forwarder = Forwarder(new, cache)
-        previous = self.forwarder
-        self.server.reconfigure(new, cache, forwarder)
-        sources = self.metrics.sources
-        sources[sources.index(self.cache)] = cache
-        sources[sources.index(self.forwarder)] = forwarder
-        self.cache, self.forwarder = cache, forwarder
-        self._coredns_names(new)
-        removed = [hp for hp in old.listen if hp not in new.listen]
-        close_removed = self.server.remove_listeners(removed)
+        cache = await self.engine.apply(new)
+        self._node_cache_names(new)
         for before_ep, after_ep in ((self.http, http), (self.health, health)):
             if before_ep is not None and before_ep is not after_ep:
                 self._spawn(_stopped(before_ep), "dnsproxy-endpoint-stop")
@@ -522,29 +538,10 @@ class App:
             why,
             self.config_hash,
             before_hash,
-            len(added),
-            len(removed),
-            f"cache kept ({len(cache)} entries)"
-            if changed is None
-            else f"{dropped} cached entries of names with other upstreams now dropped",
+            sum(1 for hp in new.listen if hp not in old.listen),
+            sum(1 for hp in old.listen if hp not in new.listen),
+            cache,
         )
-        self._spawn(self._retire_forwarder(previous, close_removed), "dnsproxy-reload-drain")
-
-    async def _retire_forwarder(
-        self, forwarder: Forwarder, close_removed: Callable[[], None]
-    ) -> None:
-        """The replaced forwarder answers its in-flight questions, then closes; then so do
-        the listeners the reload removed (they carried some of those answers)."""
-        try:
-            await self._drain(forwarder)
-            await forwarder.close()
-        finally:
-            close_removed()
-
-    async def _drain_reloads(self) -> None:
-        drains = [t for t in self._tasks if t.get_name() == "dnsproxy-reload-drain"]
-        if drains:
-            await asyncio.gather(*drains, return_exceptions=True)
 
     def _start_watch(self) -> None:
         running = self._watch_task is not None and not self._watch_task.done()
@@ -585,35 +582,38 @@ class App:
                     f"({value('dnsproxy_upstream_open_connections', upstream=label)} conns, "
                     f"{value('dnsproxy_upstream_inflight', upstream=label)} in flight)"
                 )
-        listeners = [str(hp) for hp in self.server.bound]
+        listeners = [str(hp) for hp in self.engine.bound]
         listeners += [
             f"http {HostPort(*e.socket.getsockname()[:2])}"
             for e in (self.http, self.health)
             if e is not None
         ]
-        kinds = ", ".join(
-            f"{kind} {value('dnsproxy_cache_entries', type=kind)}"
-            for kind in ("success", "denial", "servfail")
-        )
+        kinds = ", ".join(f"{kind} {value('dnsproxy_cache_entries', type=kind)}" for kind in _KINDS)
         parts = [
             f"pid {os.getpid()}, up {time.time() - self.started_at:.0f}s, "
             f"{'ready' if self.ready else 'not ready'}, started by {self.started_by}",
             f"config {self.config_hash} ({self.reloads} reloads, {self.reload_failures} refused)",
             f"listeners {' '.join(listeners) or 'none'}",
-            f"cache {len(self.cache)}/{self.cache.max_entries} entries ({kinds}), "
-            f"{self.cache.bytes} bytes",
+            f"cache {sum(value('dnsproxy_cache_entries', type=k) for k in _KINDS)}/"
+            f"{value('dnsproxy_cache_capacity')} entries ({kinds}), "
+            f"{value('dnsproxy_cache_bytes')} bytes",
             f"queries udp {value('dnsproxy_requests_total', proto='udp')} "
             f"tcp {value('dnsproxy_requests_total', proto='tcp')}, "
             f"hits {value('dnsproxy_cache_hits_total')}, "
             f"misses {value('dnsproxy_cache_misses_total')}",
-            f"in flight {self.forwarder.inflight}, tcp clients {value('dnsproxy_tcp_clients')}",
+            f"in flight {value('dnsproxy_inflight')}, tcp clients {value('dnsproxy_tcp_clients')}",
             f"upstreams {'; '.join(upstreams) or 'none'}",
+            *self.engine.summary(),
         ]
         if self.node is not None:
             parts.append(
                 f"node {self.node.backend} rules present {value('dnsproxy_node_rules_present')}"
             )
         return "state: " + "; ".join(parts)
+
+    async def _log_state(self) -> None:
+        await self.engine.refresh()
+        log.info("%s", self.state_summary())
 
     # -- stop
 
@@ -652,11 +652,9 @@ class App:
                 await self.node.teardown()
             else:
                 log.info("node teardown is off: rules and addresses stay in place")
-        self.server.stop_listening()
-        await self._drain(self.forwarder)
-        await self._drain_reloads()
-        await self.server.close()
-        await self.forwarder.close()
+        await self.engine.stop_listening()
+        await self.engine.drain()
+        await self.engine.close()
         await self._stop_endpoints()
         await self._finish_tasks()
         log.info("stopped")
@@ -677,7 +675,9 @@ class App:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def serve_until_signal(self) -> None:
+    async def serve_until_signal(self) -> int:
+        """Start, serve until a stop signal or a successor, stop; the exit status (1 when
+        serving failed for good, see :meth:`abort`)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -695,35 +695,41 @@ class App:
         for sig in _IGNORED_SIGNALS:
             loop.add_signal_handler(sig, on_ignored, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
-        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("%s", self.state_summary()))
+        loop.add_signal_handler(
+            signal.SIGUSR1, lambda: self._spawn(self._log_state(), "dnsproxy-state")
+        )
         await self.start()
         stopped = asyncio.ensure_future(stop.wait())
         replaced = asyncio.ensure_future(self.replaced.wait())
+        failed = asyncio.ensure_future(self.engine.failed())
         try:
-            await asyncio.wait((stopped, replaced), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((stopped, replaced, failed), return_when=asyncio.FIRST_COMPLETED)
+            if failed.done() and not stop.is_set() and not self.handed_over:
+                await self.abort(failed.result())
+                return 1
             if not stop.is_set() and self.config.handover.when_replaced == "wait":
                 await stopped
         finally:
-            stopped.cancel()
-            replaced.cancel()
+            for waiting in (stopped, replaced, failed):
+                waiting.cancel()
         if stop.is_set():
             log.info("signal received, shutting down")
         await self.stop()
+        return 0
 
-
-async def _rebuilt(cache: Cache, max_entries: int, drop: Callable[[bytes], bool]) -> Cache:
-    """A new cache with the entries of ``cache`` that ``drop`` keeps, in LRU order.
-
-    Built aside, with a turn for the event loop every few thousand entries (the old cache
-    serves meanwhile), then swapped in by the caller; the replaced forwarder's late
-    answers then land in the old one, never in this.
-    """
-    fresh = Cache(max_entries, cache.max_bytes)
-    for i, (key, entry) in enumerate(reloading.kept_entries(cache, drop), 1):
-        fresh.put(key, entry, entry.stored_at)
-        if i % _YIELD_EVERY == 0:
-            await asyncio.sleep(0)
-    return fresh
+    async def abort(self, why: str) -> None:
+        """Stop as a killed process would, node rules and addresses left in place (their
+        fail-safe then sends the node's queries to CoreDNS), for a failure that serving
+        cannot get over (every worker dying again and again)."""
+        log.error("%s; exiting, node rules and addresses left in place", why)
+        self.ready = False
+        self._stopping = True
+        if self._handover is not None:
+            self._handover.close()
+        await self._cancel_periodic()
+        await self.engine.close()
+        await self._stop_endpoints()
+        await self._finish_tasks()
 
 
 async def _stopped(endpoint: HttpEndpoint) -> None:
@@ -775,66 +781,13 @@ class _Lifecycle:
         )
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        # Structured lines (the per-query log) carry their values as fields of their own.
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update(fields)
-        return json.dumps(out, separators=(",", ":"))
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """uvloop unless ``DNSPROXY_LOOP=asyncio`` asks for the stock loop."""
-    if os.environ.get("DNSPROXY_LOOP", "uvloop") != "asyncio":
-        try:
-            import uvloop
-
-            return "uvloop", uvloop.new_event_loop
-        except ImportError:
-            log.warning("uvloop is not installed; using the stock asyncio loop")
-    return "asyncio", asyncio.new_event_loop
-
-
-def tune_gc() -> None:
-    """Keep the cyclic garbage collector off the query path.
-
-    Every miss allocates a handful of container objects, and with the default
-    thresholds a collection runs every few hundred misses, each one walking every
-    cache entry: 15 % of a miss-path profile. Objects alive at start-up are frozen out
-    of collection, and young-generation collections happen 70 times less often; the
-    query path makes few reference cycles, so memory stays bounded all the same.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 async def _serve(
     config: Config, loop_name: str, path: str | None, overrides: Overrides | None
-) -> None:
+) -> int:
     tune_gc()
-    await App(config, loop_name, path, overrides).serve_until_signal()
+    # workers: N > 1 makes this process the supervisor of N workers (dnsproxy.workers).
+    pool = WorkerPool(config) if config.workers > 1 else None
+    return await App(config, loop_name, path, overrides, pool).serve_until_signal()
 
 
 def run(config: Config, path: str | None = None, overrides: Overrides | None = None) -> int:
@@ -851,12 +804,11 @@ def run(config: Config, path: str | None = None, overrides: Overrides | None = N
     name, factory = loop_factory()
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve(config, name, path, overrides))
+            return runner.run(_serve(config, name, path, overrides))
     except LoopError as exc:
         for problem in exc.problems:
             log.error("refusing the configuration: %s", problem)
         return 2  # as for any configuration refused
-    except (OSError, NodeError) as exc:
+    except (OSError, NodeError, WorkerError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    return 0

@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         return _node_setup(args[1:])
     if args and args[0] == "print-config":
         return _print_config(args[1:])
+    if args and args[0] == "worker":
+        # Internal: a worker process of a supervisor (workers: N), started by it.
+        from dnsproxy.workers import worker_main
+
+        return worker_main(args[1:])
     if args and args[0] == "import-corefile":
         from dnsproxy.corefile import main as import_corefile
 
@@ -96,6 +101,12 @@ def _run(argv: list[str]) -> int:
         "--lameduck",
         metavar="SECONDS",
         help="after SIGTERM, /ready is 503 while queries are still served this long",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes answering queries, each with its own cache (default 1: one "
+        "process; N > 1: a supervisor and N workers sharing the listeners)",
     )
     _add_node_flags(parser)
     parsed = _parse(parser, argv)
@@ -281,7 +292,7 @@ def _load(path: str | None, overrides: Overrides | None) -> Config | None:
 def _summary(config: Config) -> str:
     listen = ", ".join(str(hp) for hp in config.listen)
     zones = ", ".join(f"{z.zone} -> {' '.join(u.label for u in z.upstreams)}" for z in config.zones)
-    text = f"listen: {listen}; zones: {zones}"
+    text = f"listen: {listen}; zones: {zones}; workers: {config.workers}"
     node = config.node
     if node is not None:
         interface = node.interface if node.setup_interface else "not managed"

@@ -30,22 +30,16 @@ from dnsproxy.server import REQUEST_DURATION_HELP, DnsServer
 
 
 class CoreDnsNames:
-    """The metric names of CoreDNS and node-cache, read from dnsproxy's own counters.
+    """The metric names of CoreDNS, read from the counters of the part that answers
+    queries (the node-cache names are :class:`NodeCacheNames`).
 
     SERVFAIL entries count as ``denial``, where CoreDNS's cache keeps them too. ``parts``
-    gives the cache and forwarder in use (a reload replaces them) and ``node`` the node
-    manager once the app has started one (None without the node role).
+    gives the cache and forwarder in use (a reload replaces them).
     """
 
-    def __init__(
-        self,
-        server: DnsServer,
-        parts: Callable[[], tuple[Cache, Forwarder]],
-        node: Callable[[], NodeManager | None],
-    ) -> None:
+    def __init__(self, server: DnsServer, parts: Callable[[], tuple[Cache, Forwarder]]) -> None:
         self.server = server
         self.parts = parts
-        self.node = node
 
     def collect(self) -> Iterator[Metric]:
         """The coredns_* families."""
@@ -121,17 +115,6 @@ class CoreDnsNames:
             value=forwarder.stats.inflight_rejects,
         )
 
-        node = self.node()
-        if node is not None:
-            m = CounterMetricFamily(
-                "coredns_nodecache_setup_errors",
-                "Failed node setup commands, by type.",
-                labels=["errortype"],
-            )
-            for kind, count in node.stats.errors.copy().items():
-                m.add_metric([kind], count)
-            yield m
-
     def _forward(self, forwarder: Forwarder) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "coredns_forward_requests", "Queries sent to the upstream server.", labels=["to"]
@@ -165,3 +148,23 @@ class CoreDnsNames:
         yield responses
         yield failures
         yield latency
+
+
+class NodeCacheNames:
+    """node-cache's own metric name, from the node manager's counters: kept apart from
+    :class:`CoreDnsNames` because with ``workers: N`` the node role is the supervisor's
+    while the workers answer the queries."""
+
+    def __init__(self, node: NodeManager) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        """``coredns_nodecache_setup_errors_total{errortype}``."""
+        m = CounterMetricFamily(
+            "coredns_nodecache_setup_errors",
+            "Failed node setup commands, by type.",
+            labels=["errortype"],
+        )
+        for kind, count in self.node.stats.errors.copy().items():
+            m.add_metric([kind], count)
+        yield m

@@ -108,6 +108,7 @@ class Overrides:
     log_format: str | None = _flag("--log-format", "log.format")
     health_listen: str | None = _flag("--health-listen", "health_listen")  # "none" disables
     lameduck: str | None = _flag("--lameduck", "shutdown.lameduck_s")  # seconds, as typed
+    workers: str | None = _flag("--workers", "workers")  # a count, as typed
     # Comma lists as node-cache's -localip takes them: "169.254.20.10,169.254.25.10".
     local_ips: tuple[str, ...] = _flag("--local-ip", "node.local_ips", (), split=True)
     interface: str | None = _flag("--interface", "node.interface")

@@ -56,6 +56,7 @@ _MAX_SERVFAIL_TTL_S = 300  # RFC 2308 §7.1: SERVFAIL must not be cached longer 
 _DNS_PORT = 53  # the port the node rules cover, so the one a local IP must be served on
 _MAX_PIPELINED = 65535  # queries in flight on one connection: their IDs are 16 bits
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
+_MAX_WORKERS = 256  # far more than any node has cores; a typo of 10000 is refused
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1; no '/', ':' or spaces
 _VAR_RE = re.compile(r"\$\{([^}]*)\}")
@@ -1275,6 +1276,16 @@ DOCUMENT = Section(
             role="node",
         ),
         Key(
+            "workers",
+            Integer(1, _MAX_WORKERS),
+            "Processes answering queries, each with its own cache. 1: one process; N > 1: a "
+            "supervisor (listeners, HTTP, node role, reload, handover) and N worker "
+            "processes reading the listeners, each its own SO_REUSEPORT socket; a worker "
+            "that dies is restarted. More than the node's cores gains nothing. A restart "
+            "(or a handover) changes it, a reload does not.",
+            default=_field_default(Config, "workers"),
+        ),
+        Key(
             "acl",
             Section(
                 (
@@ -1932,6 +1943,7 @@ def _build(doc: Fields) -> Config:
         handover=v["handover"].build(),
         reload_watch_interval_s=v["reload"].values["watch_interval_s"],
         metrics_coredns_names=v["metrics"].values["coredns_names"],
+        workers=v["workers"],
     )
 
 

@@ -197,3 +197,6 @@ class Config:
     # Also export the metric names of CoreDNS and node-cache (coredns_*), so that existing
     # NodeLocal DNSCache dashboards and alerts keep working.
     metrics_coredns_names: bool = False
+    # Processes answering queries: 1 is one process; N > 1 a supervisor and N workers,
+    # each with its own cache, reading the listeners' SO_REUSEPORT groups (dnsproxy.workers).
+    workers: int = 1

@@ -10,7 +10,8 @@ has in flight on the shared sockets, says ``done`` and leaves rules and addresse
 
 The conversation (protocol version 1); every message is one frame, see :class:`Channel`::
 
-    new -> old  hello    {protocol, version, pid, cache: {max_entries, max_bytes} | null}
+    new -> old  hello    {protocol, version, pid, cache: {max_entries, max_bytes} | null,
+                          groups: true}
     old -> new  hello    {protocol, version, pid}   or   refuse {reason}
     old -> new  cache    {format, entries, time} + payload      (only when asked and enabled)
     old -> new  sockets  {sockets: [{kind, addr}], fds} + the descriptors
@@ -20,6 +21,12 @@ The conversation (protocol version 1); every message is one frame, see :class:`C
 Versions must match exactly; a mismatch is refused with both numbers named and the new
 instance starts as usual. Frames stay the same in every version, so that a refusal can
 always be read.
+
+An instance with ``workers: N`` serves each address with N sockets of one SO_REUSEPORT
+group (see :mod:`dnsproxy.workers`): ``sockets`` then names an address once per socket.
+A successor says it takes that with ``groups: true`` in its hello; one that does not (an
+older dnsproxy, which would keep one socket and close the others with what is queued in
+them) is refused by an instance that has more than one socket for an address.
 """
 
 from __future__ import annotations
@@ -56,7 +63,11 @@ _READ_SIZE = 256 * 1024
 _ENTRY = struct.Struct("!HHHBHdd")
 _YIELD_EVERY = 2048  # entries encoded or decoded between two turns of the event loop
 
-Sockets = dict[tuple[str, HostPort], socket.socket]
+# Listening sockets by kind ("udp", "tcp", "http") and the address they are bound to: one
+# each, or the members of an SO_REUSEPORT group (workers).
+Sockets = dict[tuple[str, HostPort], list[socket.socket]]
+# (max entries, max bytes) -> a cache snapshot payload and its number of entries.
+Snapshot = Callable[[int, int], Awaitable[tuple[bytes, int]]]
 
 
 class HandoverError(DnsproxyError):
@@ -288,7 +299,7 @@ class Offer:
     """What a running instance hands over, gathered when a successor asks."""
 
     sockets: Sockets
-    cache: Cache | None  # None: the cache does not travel (handover.cache is off)
+    snapshot: Snapshot | None  # None: the cache does not travel (handover.cache is off)
 
 
 async def give(
@@ -316,22 +327,32 @@ async def give(
         await channel.send("refuse", {"reason": reason, **_hello()})
         return False
     what = offer()
+    if not isinstance(what, str) and not hello.header.get("groups"):
+        grouped = [(key, len(socks)) for key, socks in what.sockets.items() if len(socks) > 1]
+        if grouped:
+            (kind, hp), count = grouped[0]
+            what = (
+                f"this instance serves {kind} {hp} with {count} sockets (workers) and the "
+                "successor takes one per address: upgrade it, or stop this instance first"
+            )
     if isinstance(what, str):
         log.warning("handover: refused %s: %s", peer, what)
         await channel.send("refuse", {"reason": what, **_hello()})
         return False
     await channel.send("hello", _hello())
     wanted = hello.header.get("cache")
-    if what.cache is not None and isinstance(wanted, dict):
+    if what.snapshot is not None and isinstance(wanted, dict):
         max_entries = _bounded(wanted.get("max_entries"), 1 << 24)
         max_bytes = _bounded(wanted.get("max_bytes"), 1 << 32)
         taken_at = time.time()
-        payload, count = await encode_cache(what.cache, time.monotonic(), max_entries, max_bytes)
+        payload, count = await what.snapshot(max_entries, max_bytes)
         fields = {"format": CACHE_FORMAT, "entries": count, "time": taken_at}
         await channel.send("cache", fields, payload)
         log.info("handover: sent %d cache entries (%d bytes) to %s", count, len(payload), peer)
-    described = [{"kind": kind, "addr": str(hp)} for kind, hp in what.sockets]
-    fds = [sock.fileno() for sock in what.sockets.values()]
+    described = [
+        {"kind": kind, "addr": str(hp)} for (kind, hp), socks in what.sockets.items() for _ in socks
+    ]
+    fds = [sock.fileno() for socks in what.sockets.values() for sock in socks]
     await channel.send("sockets", {"sockets": described}, fds=fds)
     async with asyncio.timeout(taken_timeout_s):
         answer = await channel.recv()
@@ -386,8 +407,9 @@ class Taken:
         return message.header if message.kind == "done" else None
 
     def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close()
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
         self.sockets.clear()
         self.channel.close()
 
@@ -432,7 +454,7 @@ async def take_over(
 async def _receive(
     channel: Channel, timeout_s: float, cache_bounds: tuple[int, int] | None
 ) -> Taken | str:
-    hello = dict(_hello())
+    hello = {**_hello(), "groups": True}
     if cache_bounds is not None:
         hello["cache"] = {"max_entries": cache_bounds[0], "max_bytes": cache_bounds[1]}
     await channel.send("hello", hello)
@@ -485,7 +507,7 @@ def _sockets(message: Message) -> Sockets:
             name = sock.getsockname()
             if sock.type != _KINDS[kind] or (name[0], name[1]) != (hp.host, hp.port):
                 raise HandoverError(f"the descriptor for {kind} {hp} is a socket on {name}")
-            out[kind, hp] = sock
+            out.setdefault((kind, hp), []).append(sock)
     except BaseException:
         for sock in opened:
             sock.close()

@@ -167,11 +167,14 @@ class HttpEndpoint:
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         sock: socket.socket | None = None,
+        problem: Callable[[], str | None] | None = None,
     ) -> None:
         """Bind ``host:port``, or serve the listening ``sock`` taken over from the instance
-        this one replaces. Raises OSError naming the address when it cannot be bound."""
+        this one replaces. ``problem`` may name a reason for /health to fail besides a
+        stalled event loop. Raises OSError naming the address when it cannot be bound."""
         self._metrics = make_wsgi_app(registry)
         self._ready = ready
+        self._problem = problem
         self.heartbeat = time.monotonic()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("_Server", (_HttpServer,), {"address_family": family})
@@ -211,8 +214,11 @@ class HttpEndpoint:
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/health":
-            ok = time.monotonic() - self.heartbeat < self.STALL_S
-            return _plain(start_response, ok, b"ok\n" if ok else b"event loop stalled\n")
+            problem = None if self._problem is None else self._problem()
+            if time.monotonic() - self.heartbeat >= self.STALL_S:
+                problem = "event loop stalled"
+            body = b"ok\n" if problem is None else f"{problem}\n".encode()
+            return _plain(start_response, problem is None, body)
         if path == "/ready":
             ok = self._ready()
             return _plain(start_response, ok, b"ready\n" if ok else b"not ready\n")

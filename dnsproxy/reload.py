@@ -6,8 +6,8 @@ change without a restart, which cached entries lost their meaning, and whether t
 changed since it was read.
 
 A reload applies the whole new configuration or nothing. Restart-only settings (the node
-role's addresses, interface and rules backend, the handover path) are refused with a
-reason, so that the running configuration is always one file, never a mix.
+role's addresses, interface and rules backend, the handover path, the number of workers)
+are refused with a reason, so that the running configuration is always one file, never a mix.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def restart_only(old: Config, new: Config) -> list[str]:
                     f"node.{key}: changing it ({_show(before)} -> {_show(after)}) needs a "
                     "restart (the node's addresses and rules would have to move)"
                 )
+    if old.workers != new.workers:
+        problems.append(
+            f"workers: changing it ({old.workers} -> {new.workers}) needs a restart (a "
+            "handover to an instance started with the new value loses no query)"
+        )
     if old.handover.path != new.handover.path:
         problems.append(
             f"handover.path: changing it ({_show(old.handover.path)} -> "

@@ -582,9 +582,27 @@ def _read_udp_drops(inodes: dict[int, str]) -> dict[str, int]:
             # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
             if len(fields) >= 13:
                 label = inodes.get(int(fields[9]))
-                if label is not None:
-                    drops[label] = int(fields[-1])
+                if label is not None:  # an address's sockets (workers) add up
+                    drops[label] = drops.get(label, 0) + int(fields[-1])
     return drops
+
+
+def udp_receive_drops(socks: Iterable[socket.socket]) -> dict[str, int]:
+    """Kernel drops at the UDP sockets ``socks``, by the address they are bound to (the
+    members of a group added up); for a scrape."""
+    return _read_udp_drops({os.fstat(s.fileno()).st_ino: str(_local(s)) for s in socks})
+
+
+def udp_drops_family(drops: dict[str, int]) -> CounterMetricFamily:
+    """``dnsproxy_udp_receive_drops_total{listener}`` from :func:`udp_receive_drops`."""
+    family = CounterMetricFamily(
+        "dnsproxy_udp_receive_drops",
+        "Queries the kernel dropped at a UDP listener's socket (receive buffer full).",
+        labels=["listener"],
+    )
+    for listener, count in drops.items():
+        family.add_metric([listener], count)
+    return family
 
 
 class _ClientConnection(asyncio.Protocol):
@@ -784,7 +802,8 @@ class _ClientConnection(asyncio.Protocol):
 
 @dataclass(slots=True)
 class _Listener:
-    """The UDP and TCP sockets of one listen address, and what serves them."""
+    """A UDP and a TCP socket of one listen address, and what serves them (an address has
+    several when it was taken over from an instance with workers, see :func:`bind_group`)."""
 
     udp: _UdpListener
     tcp: asyncio.Server
@@ -801,10 +820,12 @@ class DnsServer:
         self._per_source: dict[str, int] = {}  # client slots held, by source address
         self._max_tcp_clients = config.limits.max_tcp_clients
         self._max_per_source = config.limits.max_tcp_clients_per_source
-        self._listeners: dict[HostPort, _Listener] = {}  # by configured address
+        self._listeners: dict[HostPort, list[_Listener]] = {}  # by configured address
         # Listeners taken out of service (a reload dropped their address) that still send
         # the answers to queries they read before (see remove_listeners).
         self._retired: list[_Listener] = []
+        # Where inherited sockets come from, for the log: a handover, or a supervisor.
+        self.inherited_from = "taken over"
 
     def take_slot(self, conn: _ClientConnection) -> str | None:
         """Give ``conn`` a client slot; None, or the reason (a drop counter) it gets none."""
@@ -853,14 +874,7 @@ class DnsServer:
         yield by_reason(
             "dnsproxy_dropped", "Packets dropped without a reply, by reason.", s.dropped
         )
-        udp_drops = CounterMetricFamily(
-            "dnsproxy_udp_receive_drops",
-            "Queries the kernel dropped at a UDP listener's socket (receive buffer full).",
-            labels=["listener"],
-        )
-        for listener, count in self.udp_receive_drops().items():
-            udp_drops.add_metric([listener], count)
-        yield udp_drops
+        yield udp_drops_family(self.udp_receive_drops())
         yield by_reason(
             "dnsproxy_invalid_queries",
             "Queries answered with FORMERR, NOTIMP or BADVERS, by reason.",
@@ -886,7 +900,7 @@ class DnsServer:
     @property
     def bound(self) -> list[HostPort]:
         """The addresses served, with port 0 of the config resolved to the real port."""
-        return [_local(listener.udp.sock) for listener in self._listeners.values()]
+        return [_local(pairs[0].udp.sock) for pairs in self._listeners.values()]
 
     async def start(self, inherited: Inherited | None = None) -> list[HostPort]:
         """Serve every configured address: adopt (and take out of ``inherited``) the
@@ -917,7 +931,8 @@ class DnsServer:
                 added.append(hp)
         except BaseException:
             for hp in added:
-                self._close_listener(self._listeners.pop(hp))
+                for listener in self._listeners.pop(hp):
+                    self._close_listener(listener)
             raise
         return added
 
@@ -926,12 +941,13 @@ class DnsServer:
         answers still in flight. Returns what closes them, once those are out."""
         removed: list[_Listener] = []
         for hp in addresses:
-            listener = self._listeners.pop(hp, None)
-            if listener is not None:
+            pairs = self._listeners.pop(hp, [])
+            for listener in pairs:
                 listener.udp.pause()
                 listener.tcp.close()
                 removed.append(listener)
-                log.info("stopped listening on %s", _local(listener.udp.sock))
+            if pairs:
+                log.info("stopped listening on %s", _local(pairs[0].udp.sock))
         self._retired += removed
 
         def close_removed() -> None:
@@ -942,37 +958,81 @@ class DnsServer:
 
         return close_removed
 
+    async def adopt(self, inherited: Inherited) -> list[_Listener]:
+        """Read the sockets of ``inherited`` too, beside this server's own for the same
+        addresses (a sibling worker's, while it restarts; see :mod:`dnsproxy.workers`).
+        Sockets of addresses not served here, or not paired, are closed. Returns the
+        listeners added, for :meth:`release`."""
+        loop = asyncio.get_running_loop()
+        adopted: list[_Listener] = []
+        for hp, pairs in self._listeners.items():
+            udps, tcps = inherited.get(("udp", hp), []), inherited.get(("tcp", hp), [])
+            if udps and len(udps) == len(tcps):
+                added = await self._listen(loop, hp, inherited)
+                pairs.extend(added)
+                adopted.extend(added)
+        for socks in inherited.values():
+            for sock in socks:
+                sock.close()
+        inherited.clear()
+        return adopted
+
+    def release(self, listeners: list[_Listener], close_after_s: float) -> None:
+        """Stop reading and accepting on ``listeners`` (from :meth:`adopt`); close them
+        ``close_after_s`` later, when the answers to what they read are out."""
+        for pairs in self._listeners.values():
+            pairs[:] = [listener for listener in pairs if listener not in listeners]
+        for listener in listeners:
+            listener.udp.pause()
+            listener.tcp.close()
+        self._retired += listeners
+
+        def close() -> None:
+            for listener in listeners:
+                if listener in self._retired:
+                    self._retired.remove(listener)
+                    self._close_listener(listener)
+
+        asyncio.get_running_loop().call_later(close_after_s, close)
+
     async def _listen(
         self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
-    ) -> _Listener:
-        udp = inherited.pop(("udp", hp), None)
-        tcp = inherited.pop(("tcp", hp), None)
-        adopted = udp is not None and tcp is not None
-        if udp is None or tcp is None:
-            # A half handed over (never sent, but cheap to allow) is bound afresh.
-            for sock in (udp, tcp):
-                if sock is not None:
-                    sock.close()
+    ) -> list[_Listener]:
+        udps = inherited.pop(("udp", hp), [])
+        tcps = inherited.pop(("tcp", hp), [])
+        adopted = bool(udps) and len(udps) == len(tcps)
+        if not adopted:
+            # Unpaired sockets (never sent, but cheap to allow) are bound afresh.
+            for sock in (*udps, *tcps):
+                sock.close()
             udp, tcp = _bind_pair(hp)
+            udps, tcps = [udp], [tcp]
+        pairs: list[_Listener] = []
         try:
-            server = await loop.create_server(
-                lambda: _ClientConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
-            )
+            for udp, tcp in zip(udps, tcps, strict=True):
+                server = await loop.create_server(
+                    lambda: _ClientConnection(self.handler, self), sock=tcp, backlog=_TCP_BACKLOG
+                )
+                pairs.append(_Listener(_UdpListener(self.handler, udp), server, tcp))
         except BaseException:
-            udp.close()
-            tcp.close()
+            for listener in pairs:
+                self._close_listener(listener)
+            for sock in (*udps[len(pairs) :], *tcps[len(pairs) :]):
+                sock.close()
             raise
-        where = _local(udp)
-        log.info("listening on %s (udp, tcp%s)", where, ", taken over" if adopted else "")
-        return _Listener(_UdpListener(self.handler, udp), server, tcp)
+        how = f", {self.inherited_from}" if adopted else ""
+        if len(pairs) > 1:
+            how += f", {len(pairs)} sockets of one SO_REUSEPORT group"
+        log.info("listening on %s (udp, tcp%s)", _local(udps[0]), how)
+        return pairs
 
-    def sockets(self) -> dict[tuple[str, HostPort], socket.socket]:
+    def sockets(self) -> dict[tuple[str, HostPort], list[socket.socket]]:
         """The listening sockets by kind and bound address, for a handover."""
-        out: dict[tuple[str, HostPort], socket.socket] = {}
-        for listener in self._listeners.values():
-            hp = _local(listener.udp.sock)
-            out["udp", hp] = listener.udp.sock
-            out["tcp", hp] = listener.tcp_sock
+        out: dict[tuple[str, HostPort], list[socket.socket]] = {}
+        for pairs in self._listeners.values():
+            hp = _local(pairs[0].udp.sock)
+            out["udp", hp] = [listener.udp.sock for listener in pairs]
+            out["tcp", hp] = [listener.tcp_sock for listener in pairs]
         return out
 
     def reconfigure(self, config: Config, cache: Cache, forwarder: Forwarder) -> None:
@@ -988,8 +1048,9 @@ class DnsServer:
         h = self.handler
         rcvbuf = config.limits.udp_rcvbuf
         if rcvbuf != h.config.limits.udp_rcvbuf:
-            for listener in self._listeners.values():
-                _set_receive_buffer(listener.udp.sock, rcvbuf, listener.udp.label)
+            for pairs in self._listeners.values():
+                for listener in pairs:
+                    _set_receive_buffer(listener.udp.sock, rcvbuf, listener.udp.label)
         h.config = config
         h.cache = cache
         h.forwarder = forwarder
@@ -1010,20 +1071,22 @@ class DnsServer:
     def pause(self) -> None:
         """Stop reading UDP and accepting TCP, keeping the sockets: after a handover the
         new instance reads what is queued. Answers still in flight go out as usual."""
-        for listener in self._listeners.values():
-            listener.udp.pause()
-            listener.tcp.close()
+        for pairs in self._listeners.values():
+            for listener in pairs:
+                listener.udp.pause()
+                listener.tcp.close()
 
     def udp_receive_drops(self) -> dict[str, int]:
         """Kernel drops at each UDP listener's socket, by listener; for a scrape."""
-        listeners = [*self._listeners.values(), *self._retired]
+        listeners = [*(x for pairs in self._listeners.values() for x in pairs), *self._retired]
         return _read_udp_drops({x.udp.inode: x.udp.label for x in listeners if not x.udp.closed})
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""
         self.handler.closing = True
-        for listener in self._listeners.values():
-            listener.tcp.close()
+        for pairs in self._listeners.values():
+            for listener in pairs:
+                listener.tcp.close()
 
     def _close_listener(self, listener: _Listener) -> None:
         listener.tcp.close()
@@ -1031,7 +1094,7 @@ class DnsServer:
 
     async def close(self) -> None:
         self.handler.closing = True
-        listeners = [*self._listeners.values(), *self._retired]
+        listeners = [*(lr for pairs in self._listeners.values() for lr in pairs), *self._retired]
         for listener in listeners:
             listener.tcp.close()
         for conn in list(self.connections):
@@ -1044,9 +1107,10 @@ class DnsServer:
         self._retired.clear()
 
 
-# Listening sockets handed over between instances, by kind ("udp", "tcp", "http") and the
-# address they are bound to. A listener that adopts one takes it out of the mapping.
-Inherited = dict[tuple[str, HostPort], socket.socket]
+# Listening sockets handed over between instances (or from a supervisor to its workers), by
+# kind ("udp", "tcp", "http") and the address they are bound to: one each, or the members of
+# an SO_REUSEPORT group. A listener that adopts them takes them out of the mapping.
+Inherited = dict[tuple[str, HostPort], list[socket.socket]]
 
 
 def _local(sock: socket.socket) -> HostPort:
@@ -1071,13 +1135,61 @@ def _bind_pair(hp: HostPort) -> tuple[socket.socket, socket.socket]:
     raise OSError(f"could not bind UDP and TCP to one port on {hp.host}")
 
 
-def _socket(family: int, kind: int, hp: HostPort, name: str) -> socket.socket:
+def bind_group(
+    hp: HostPort, count: int, udps: list[socket.socket], tcps: list[socket.socket]
+) -> tuple[list[socket.socket], list[socket.socket]]:
+    """UDP and listening TCP sockets on ``hp`` in one SO_REUSEPORT group, ``count`` of each
+    where the kernel allows it; the kernel spreads datagrams and connections over a group's
+    members by a hash of the client's address and port.
+
+    ``udps`` and ``tcps`` are the members already there (taken over, possibly a single
+    pair bound without SO_REUSEPORT, which joins the group); with none, the first pair is
+    bound as a single process binds it, so that an address in use is refused as always
+    and port 0 resolved, and the others join it. Where the kernel refuses a new member the
+    group stays as it is and a warning says its sockets are shared. Returns the members;
+    raises OSError naming the address when the first pair cannot be bound.
+    """
+    if not udps or len(udps) != len(tcps):
+        for sock in (*udps, *tcps):
+            sock.close()
+        udp, tcp = _bind_pair(hp)
+        udps, tcps = [udp], [tcp]
+    where = _local(udps[0])
+    family = udps[0].family
+    while len(udps) < count:
+        try:
+            for sock in (*udps, *tcps):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            udp = _socket(family, socket.SOCK_DGRAM, where, "UDP", reuseport=True)
+            try:
+                tcp = _socket(family, socket.SOCK_STREAM, where, "TCP", reuseport=True)
+            except OSError:
+                udp.close()
+                raise
+        except OSError as exc:
+            log.warning(
+                "%s: no more SO_REUSEPORT members (%s); its %d socket pair(s) are shared",
+                where,
+                exc,
+                len(udps),
+            )
+            break
+        udps.append(udp)
+        tcps.append(tcp)
+    return udps, tcps
+
+
+def _socket(
+    family: int, kind: int, hp: HostPort, name: str, *, reuseport: bool = False
+) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setblocking(False)
         sock.bind((hp.host, hp.port))
         if kind == socket.SOCK_STREAM:

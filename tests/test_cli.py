@@ -46,6 +46,7 @@ def test_check_config_good_file(tmp_path: Path) -> None:
     assert "127.0.0.1:5353, [::1]:5353" in summary
     assert ". -> tcp://127.0.0.1:5300" in summary
     assert "cluster.local. -> tcp://169.254.0.10:53 udp://[::1]:5301" in summary
+    assert summary.endswith("; workers: 1")
 
 
 def test_check_config_bad_file_lists_every_problem(tmp_path: Path) -> None:
@@ -160,6 +161,7 @@ def test_every_flag_reaches_its_key(capsys: pytest.CaptureFixture[str]) -> None:
         "--log-level": "loud",
         "--log-format": "xml",
         "--lameduck": "-1",
+        "--workers": "two",
         "--local-ip": "bogus",
         "--interface": "a/b",
         "--rules": "ipchains",

@@ -137,7 +137,9 @@ async def test_refusals_and_errors_carry_no_ra_but_badvers_does() -> None:
 
 
 def _listener_socket(app: App) -> socket.socket:
-    (sock,) = [sock for (kind, _), sock in app.server.sockets().items() if kind == "udp"]
+    (sock,) = [
+        sock for (kind, _), socks in app.server.sockets().items() if kind == "udp" for sock in socks
+    ]
     return sock
 
 

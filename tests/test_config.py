@@ -338,7 +338,8 @@ def _zone(**entry: object) -> Mutation:
 ERROR_CASES: list[tuple[Mutation, str]] = [
     # top level
     (_set("zone", []), "zone: unknown key (did you mean 'zones'?)"),
-    (_set("workers", 2), "workers: unknown key"),
+    (_set("threads", 2), "threads: unknown key"),
+    (_set("workers", 0), "workers: must be an integer >= 1 and <= 256 (got 0)"),
     # listen
     (_set("listen", ["127.0.0.1"]), "listen[0]: '127.0.0.1' needs a port (ADDR:PORT)"),
     (_set("listen", ["::1"]), "listen[0]: '::1' needs a port ([ADDR]:PORT)"),
@@ -1041,6 +1042,7 @@ def test_shipped_config_is_valid() -> None:
     assert config.handover == HandoverConfig()
     assert config.reload_watch_interval_s == 5.0
     assert config.metrics_coredns_names is False
+    assert config.workers == 1
 
 
 def test_shipped_config_lists_every_key() -> None:
@@ -1048,6 +1050,7 @@ def test_shipped_config_lists_every_key() -> None:
     assert set(raw) == {
         "listen",
         "http_listen",
+        "workers",
         "acl",
         "cache",
         "upstream",

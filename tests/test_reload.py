@@ -65,6 +65,10 @@ def test_restart_only_settings_are_named_and_others_are_not() -> None:
         with_node, node=dataclasses.replace(node, sync_interval_s=5.0, teardown=False)
     )
     assert reload.restart_only(with_node, tuned) == []
+    assert reload.restart_only(base, dataclasses.replace(base, workers=4)) == [
+        "workers: changing it (1 -> 4) needs a restart (a handover to an instance started "
+        "with the new value loses no query)"
+    ]
     elsewhere = dataclasses.replace(base, handover=HandoverConfig(path="/run/x.sock"))
     (problem,) = reload.restart_only(base, elsewhere)
     assert problem.startswith("handover.path: changing it (null -> /run/x.sock) needs a restart")
