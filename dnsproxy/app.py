@@ -52,7 +52,7 @@ from dnsproxy.compat import NodeCacheNames
 from dnsproxy.config import ConfigError, Overrides, load_config
 from dnsproxy.config_types import Config, HostPort
 from dnsproxy.engine import Engine, Serving
-from dnsproxy.forwarder import Forwarder
+from dnsproxy.forwarder import Forwarder, LoopError
 from dnsproxy.metrics import BuildInfo, HttpEndpoint, StatsCollector
 from dnsproxy.node import NodeCollector, NodeError, NodeManager, detect_backend
 from dnsproxy.runtime import loop_factory, setup_logging, tune_gc
@@ -181,6 +181,13 @@ class App:
             self.health = self._endpoint(
                 self.config.health_listen, "/health /ready /metrics", inherited
             )
+            if taken is None:
+                await self.check_loops(self.config, starting=True)
+            else:
+                # Both instances read the sockets until the old one is told to stop: a
+                # probe coming back could reach either. The old one checked at its start,
+                # and a reload checks.
+                log.info("loop check skipped: the listeners were taken over from %s", taken.peer)
         except BaseException:
             if taken is not None:
                 taken.close()  # the running instance goes on serving, addresses and all
@@ -203,6 +210,33 @@ class App:
         else:
             log.warning("node rules not in place yet; not ready until a sync succeeds")
         self._sync_task = asyncio.create_task(self._sync_loop(), name="dnsproxy-node-sync")
+
+    async def check_loops(self, config: Config, *, starting: bool = False) -> None:
+        """Raise :class:`LoopError` when an upstream of ``config`` sends a probe back to
+        this instance's listeners (see :meth:`Forwarder.find_loops`).
+
+        For a configuration about to be served: ``starting``, through the forwarder that
+        starts (its pools then hold a connection to each upstream, and an ``auto`` one has
+        found its transport); for a reload, through a forwarder of its own, with a cache
+        of its own so that nothing of the running one changes. Probes coming back reach
+        the running forwarder. Takes an upstream's reply time, or its zone's deadline_s
+        for one that does not answer. Nothing when ``config`` turns ``loop_check`` off,
+        nor with ``workers`` > 1: a probe coming back would reach any worker's listener.
+        """
+        if not config.loop_check:
+            return
+        if not isinstance(self.engine, Engine):
+            log.info("loop check skipped: the queries are answered by worker processes")
+            return
+        running = self.engine.forwarder
+        prober = running if starting else Forwarder(config, Cache(1))
+        try:
+            problems = await prober.find_loops(listening=running)
+        finally:
+            if prober is not running:
+                await prober.close()
+        if problems:
+            raise LoopError(problems)
 
     async def _take_over(self) -> handover.Taken | None:
         """The running instance's sockets (and cache), or None: bind as usual."""
@@ -446,6 +480,10 @@ class App:
             problems = reloading.restart_only(self.config, new)
             if problems:
                 return self._refuse(why, problems)
+            try:
+                await self.check_loops(new)
+            except LoopError as exc:
+                return self._refuse(why, exc.problems)
             try:
                 await self._apply(new, why)
             except OSError as exc:
@@ -768,6 +806,10 @@ def run(config: Config, path: str | None = None, overrides: Overrides | None = N
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(_serve(config, name, path, overrides))
+    except LoopError as exc:
+        for problem in exc.problems:
+            log.error("refusing the configuration: %s", problem)
+        return 2  # as for any configuration refused
     except (OSError, NodeError, WorkerError) as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -7,12 +7,19 @@ offsets of its TTL fields, so a hit is answered by splicing (:func:`dnsproxy.wir
 without parsing. The TTL offsets also locate every record, so a reply too long for a UDP
 client is cut to whole records without parsing either (:func:`dnsproxy.wire.truncate`).
 The store is an LRU bounded by entry count and bytes; evictions are counted.
+
+Expired entries stay in the store (still bounded by the LRU) so that the forwarder can
+serve them stale when a refresh fails (RFC 8767, :meth:`Entry.stale_copy`). Prefetch
+bookkeeping rides on the hit path at the price of one increment per hit
+(``Entry.hits``); whether an entry has entered the last tenth of its TTL is checked where
+the hit path already re-cuts the entry once a second (:meth:`Entry.prepare`), and a due
+entry is handed to ``Cache.on_due`` (the forwarder) once in its lifetime.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -32,19 +39,35 @@ NEGATIVE = 1
 SERVFAIL = 2
 KIND_NAMES = ("success", "denial", "servfail")
 
+# TTL of every record in a stale answer (RFC 8767 §4 recommends 30 s), and the failure
+# recheck timer: a name whose refresh failed is served stale without asking again for
+# this long (unless one of its servers comes back meanwhile).
+STALE_TTL_S = 30
+# An age no entry reaches: the refresh age of an entry not due for prefetch.
+_NEVER_AGE = 1 << 62
+_NEVER_FAILED = -float("inf")
+
 
 class Entry:
-    """One cached reply. Immutable by convention once stored."""
+    """One cached reply. Immutable by convention once stored, apart from the prefetch
+    and serve-stale bookkeeping."""
+
+    key: bytes
 
     __slots__ = (
         "age",
         "body",
         "cuts",
         "expires_at",
+        "failed_at",
+        "hits",
+        "key",
         "kind",
         "offsets",
+        "owner",
         "prepared",
         "rcode",
+        "refresh_age",
         "stored_at",
         "ttls",
     )
@@ -72,13 +95,31 @@ class Entry:
         self.prepared: wire.Prepared = (b"", b"", b"", b"", b"")
         # Cuts for clients whose UDP size the reply exceeds, by room (see truncate).
         self.cuts: dict[int, wire.Cut] | None = None
+        # self.key, the key the entry is cached under, is set by Cache.put with owner.
+        self.hits = 0  # cache hits, counted by the hit paths (prefetch wants popular ones)
+        # From this age on (whole seconds) a refresh is due; set by Cache.put, with the
+        # entry's key and the cache that holds it (owner), when that cache prefetches.
+        self.refresh_age = _NEVER_AGE
+        self.owner: Cache | None = None
+        # When a refresh of this (expired) entry last failed and it was served stale.
+        self.failed_at = _NEVER_FAILED
 
     def prepare(self, age: int, qend: int, opts: wire.Opts) -> wire.Prepared:
         """Prepare the reply for splicing at ``age`` seconds old, with the server's OPT
-        records ``opts``; kept until the age changes."""
+        records ``opts``; kept until the age changes (the hit path does this once a second
+        at most). Entering the last tenth of the TTL, see whether a refresh is due."""
         self.age = age
         self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend, opts)
+        if age >= self.refresh_age:
+            self._refresh_due()
         return self.prepared
+
+    def _refresh_due(self) -> None:
+        owner = self.owner
+        if owner is not None and self.hits >= owner.prefetch_min_hits:
+            self.refresh_age = _NEVER_AGE  # one refresh per entry
+            owner.refresh_due(self)
+        # Else not popular enough yet: looked at again at the next second's cut, if any.
 
     def answer(
         self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
@@ -86,6 +127,7 @@ class Entry:
         """This entry answered to ``query`` (see :func:`wire.splice`), for a cache hit:
         cut to ``limit`` bytes when ``limit`` > 0 and it is longer; ``opts`` are the
         server's OPT records (:func:`wire.client_opts`)."""
+        self.hits += 1
         age = int(now - self.stored_at)
         prepared = self.prepared if age == self.age else self.prepare(age, qend, opts)
         out = wire.splice(prepared, query, qend, edns)
@@ -124,6 +166,32 @@ class Entry:
             if len(cuts) < _MAX_CUTS:
                 cuts[room] = cut
         return wire.apply_cut(reply, cut, edns)
+
+    def stale_copy(self, now: float, ede: bool) -> Entry:
+        """This (expired) entry as a stale answer: every TTL 30, and with ``ede`` an
+        Extended DNS Error "Stale Answer" for EDNS clients. Not for the cache."""
+        ttls = (STALE_TTL_S,) * len(self.ttls)
+        body = wire.with_ttls(self.body, self.offsets, ttls)
+        cls = _StaleEntry if ede else Entry
+        return cls(body, self.offsets, ttls, now, STALE_TTL_S, self.kind, self.rcode)
+
+
+class _StaleEntry(Entry):
+    """A stale answer whose OPT record carries EDE 3 (RFC 8914) for an EDNS client."""
+
+    __slots__ = ()
+
+    def answer_once(
+        self, query: bytes, qend: int, edns: int, now: float, limit: int, opts: wire.Opts
+    ) -> bytes:
+        age = int(now - self.stored_at)
+        args = (self.body, self.offsets, self.ttls, age, query, qend, edns)
+        reply = wire.render(*args, 0, wire.with_ede_stale(opts))
+        if limit and len(reply) > limit:
+            # Cut to the client's size without the option (a cut keeps our plain OPT):
+            # its TCP retry gets the whole reply, option and all.
+            return wire.render(*args, limit, opts)
+        return reply
 
 
 def _clamped(ttls: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:
@@ -219,6 +287,11 @@ class Cache:
         self.bytes = 0  # reply bytes held, counting the per-client cuts (see _footprint)
         self.evictions = 0
         self.by_kind = [0, 0, 0]
+        # Prefetch, set by whoever carries the refreshes out (the forwarder): entries
+        # stored from now on with at least this many hits when they enter the last tenth
+        # of their TTL are handed to on_due, once each; 0 turns prefetch off.
+        self.prefetch_min_hits = 0
+        self.on_due: Callable[[Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self.store)
@@ -241,6 +314,13 @@ class Cache:
             old = self.store.get(key)
             if old is not None and old.kind != SERVFAIL and old.expires_at > now:
                 return False
+        elif self.prefetch_min_hits:
+            # The last tenth of the TTL, in the whole seconds the hit path ages by, and at
+            # least the last second: a TTL of 3 is due from age 2, one of 30 from 27.
+            ttl_s = int(entry.expires_at - entry.stored_at)
+            entry.refresh_age = ttl_s - (ttl_s + 9) // 10
+            entry.key = key
+            entry.owner = self
         self._set(key, entry)
         if entry.rcode == wire.NXDOMAIN and entry.body[6:8] == b"\x00\x00":
             # Only a bare NXDOMAIN is about the name itself; behind a CNAME it is
@@ -262,6 +342,11 @@ class Cache:
             self.evictions += 1
             self.by_kind[evicted.kind] -= 1
             self.bytes -= _footprint(evicted)
+
+    def refresh_due(self, entry: Entry) -> None:
+        """``entry`` entered the last tenth of its TTL popular enough: hand it on."""
+        if self.on_due is not None and self.prefetch_min_hits:
+            self.on_due(entry)
 
     def clear(self) -> None:
         self.store.clear()

@@ -97,6 +97,17 @@ class CoreDnsNames:
         g.add_metric(["denial"], kinds[NEGATIVE] + kinds[SERVFAIL])
         yield g
 
+        yield CounterMetricFamily(
+            "coredns_cache_served_stale",
+            "Answers served from expired entries (RFC 8767).",
+            value=forwarder.stats.stale_served,
+        )
+        yield CounterMetricFamily(
+            "coredns_cache_prefetch",
+            "Refreshes of popular entries before their expiry.",
+            value=forwarder.stats.prefetches,
+        )
+
         yield from self._forward(forwarder)
         yield CounterMetricFamily(
             "coredns_forward_max_concurrent_rejects",

@@ -39,7 +39,9 @@ from dnsproxy.config_types import (
     HostPort,
     LogConfig,
     NodeConfig,
+    PrefetchConfig,
     ServerLimits,
+    ServeStaleConfig,
     TlsConfig,
     Transport,
     UpstreamConfig,
@@ -52,6 +54,7 @@ DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 _MAX_TTL_S = 604800  # one week, the RFC 8767 ceiling on stale data and a sane cap on any TTL
 _MAX_SERVFAIL_TTL_S = 300  # RFC 2308 §7.1: SERVFAIL must not be cached longer than 5 minutes
 _DNS_PORT = 53  # the port the node rules cover, so the one a local IP must be served on
+_MAX_PIPELINED = 65535  # queries in flight on one connection: their IDs are 16 bits
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 _MAX_WORKERS = 256  # far more than any node has cores; a typo of 10000 is refused
 
@@ -1088,6 +1091,8 @@ def _ttl(name: str, hi: int, help: str) -> Key:
     return Key(name, Integer(0, hi), help)
 
 
+# The cache keys a zone's cache section may override (the top cache section's values are
+# their defaults).
 _TTL_KEYS = (
     _ttl(
         "min_ttl_s",
@@ -1112,7 +1117,15 @@ _TTL_KEYS = (
         "How long, seconds, an upstream failure (SERVFAIL) is remembered, so that a dead "
         "upstream is not asked again for every retry; 0 disables (RFC 2308 §7.1: <= 300).",
     ),
+    _ttl(
+        "max_stale_s",
+        _MAX_TTL_S,
+        "How long past its TTL an answer may still be served, with TTL 30, when the "
+        "upstreams fail or are slow (RFC 8767 serve-stale), seconds; 0 disables.",
+    ),
 )
+
+_GLOBAL_ONLY = "the cache is shared; set {} in the top cache section"
 
 _TLS_KEYS = (
     Key(
@@ -1227,11 +1240,12 @@ _ZONE = Section(
                 target=CachePolicy,
                 inherit="cache",
                 hints={
-                    "max_entries": "the cache is shared; set max_entries in the top cache section"
+                    name: _GLOBAL_ONLY.format(name)
+                    for name in ("max_entries", "serve_stale", "prefetch")
                 },
             ),
             "Overrides of the top cache section's TTL keys for this zone only "
-            "(min_ttl_s, max_ttl_s, denial_max_ttl_s, servfail_ttl_s).",
+            "(min_ttl_s, max_ttl_s, denial_max_ttl_s, servfail_ttl_s, max_stale_s).",
         ),
     ),
 )
@@ -1297,6 +1311,50 @@ DOCUMENT = Section(
                         default=_field_default(Config, "cache_max_entries"),
                     ),
                     *_TTL_KEYS,
+                    Key(
+                        "serve_stale",
+                        Section(
+                            target=ServeStaleConfig,
+                            keys=(
+                                Key(
+                                    "answer_after_s",
+                                    Seconds(),
+                                    "A client waiting this long for the refresh of an expired "
+                                    "name gets the stale answer while the refresh goes on "
+                                    "(RFC 8767's client-response timer), seconds.",
+                                ),
+                                Key(
+                                    "ede",
+                                    Boolean(),
+                                    "Mark a stale reply to an EDNS client with Extended DNS "
+                                    'Error 3 "Stale Answer" (RFC 8914).',
+                                ),
+                            ),
+                        ),
+                        "Serving expired answers when the upstreams fail (RFC 8767); how "
+                        "long past the TTL is max_stale_s, per zone.",
+                    ),
+                    Key(
+                        "prefetch",
+                        Section(
+                            target=PrefetchConfig,
+                            keys=(
+                                Key(
+                                    "min_hits",
+                                    Integer(0),
+                                    "Cache hits an entry needs in its lifetime to be refreshed "
+                                    "in the last tenth of its TTL; 0 turns prefetch off.",
+                                ),
+                                Key(
+                                    "max_inflight",
+                                    Integer(1),
+                                    "Refreshes under way at once; an entry due beyond it "
+                                    "waits for its expiry.",
+                                ),
+                            ),
+                        ),
+                        "Refreshing popular entries before they expire.",
+                    ),
                 ),
                 target=CachePolicy,
             ),
@@ -1316,9 +1374,11 @@ DOCUMENT = Section(
                     Key(
                         "max_inflight_per_connection",
                         # Query IDs are 16 bits and allocated per connection.
-                        Integer(1, 65535),
+                        Integer(1, _MAX_PIPELINED),
                         "Queries in flight at once on one connection (RFC 7766 "
-                        "pipelining); query IDs are 16 bits.",
+                        "pipelining); query IDs are 16 bits. tcp_connections times this "
+                        "must be at least limits.max_inflight; left out, it is 500 or as "
+                        "many as that takes.",
                     ),
                     Key(
                         "connect_timeout_s",
@@ -1369,14 +1429,24 @@ DOCUMENT = Section(
                     Key(
                         "max_inflight",
                         Integer(1),
-                        "Distinct queries waiting for an upstream at once; beyond it "
-                        "clients get SERVFAIL.",
+                        "Distinct queries waiting for an upstream at once (prefetches "
+                        "included), the one limit on misses in flight; beyond it clients "
+                        "get SERVFAIL at once.",
                     ),
                     Key(
                         "max_waiters_per_query",
                         Integer(1),
                         "Clients waiting on one identical in-flight query; beyond it "
                         "clients get SERVFAIL.",
+                    ),
+                    Key(
+                        "shed_after_s",
+                        Seconds(zero_ok=True),
+                        "A UDP listener whose oldest queued query has waited this long, for "
+                        "20 ms on end, is overloaded: the misses it reads get SERVFAIL (or a "
+                        "stale answer) at once instead of being forwarded, until its queue is "
+                        "shorter again, so that cache hits keep their latency; seconds, 0 "
+                        "never sheds.",
                     ),
                     Key(
                         "udp_payload_size",
@@ -1410,6 +1480,14 @@ DOCUMENT = Section(
             "Where queries are forwarded, by domain: the zone with the longest suffix "
             "matching the name; a name outside every zone is REFUSED. No zone twice.",
             required="at least one zone is required (usually '.' for all names)",
+        ),
+        Key(
+            "loop_check",
+            Boolean(),
+            "At start, send <random>.<random>.<zone> HINFO to every upstream of every zone "
+            "and refuse to run (exit 2, naming the zone and upstream) if one comes back to "
+            "this proxy: a forwarding loop.",
+            default=_field_default(Config, "loop_check"),
         ),
         Key(
             "log",
@@ -1681,6 +1759,40 @@ def _ttl_bounds(ctx: _Context, doc: Fields) -> None:
             ctx.problem(cache.given[key], f"min_ttl_s ({low}) must be <= max_ttl_s ({high})")
 
 
+def _pool_capacity(ctx: _Context, doc: Fields) -> None:
+    # One limit on queries in flight: a query the forwarder admitted must find room in the
+    # pool of whichever server it goes to, or the pool would be a second, hidden limit.
+    pool: Fields = doc.values["upstream"]
+    limits: Fields = doc.values["limits"]
+    if pool.failed & {"tcp_connections", "max_inflight_per_connection"} or (
+        "max_inflight" in limits.failed
+    ):
+        return
+    connections = pool.values["tcp_connections"]
+    per_connection = pool.values["max_inflight_per_connection"]
+    inflight = limits.values["max_inflight"]
+    if connections * per_connection >= inflight:
+        return
+    if "max_inflight_per_connection" not in pool.given:
+        # Left to its default: sized to carry the limit, so that raising the limit alone
+        # is enough.
+        needed = -(-inflight // connections)
+        if needed <= _MAX_PIPELINED:
+            pool.values["max_inflight_per_connection"] = needed
+            return
+    given = [key for key in ("max_inflight_per_connection", "tcp_connections") if key in pool.given]
+    path = (
+        pool.given[given[0]] if given else limits.given.get("max_inflight", "limits.max_inflight")
+    )
+    ctx.problem(
+        path,
+        f"the pool of {connections} connections of {per_connection} queries each carries "
+        f"{connections * per_connection} queries, fewer than limits.max_inflight ({inflight}): "
+        "raise upstream.tcp_connections or max_inflight_per_connection, or lower "
+        "limits.max_inflight (every query admitted must find room in the pool)",
+    )
+
+
 def _loops(ctx: _Context, doc: Fields) -> None:
     listen: list[HostPort] = [hp for _, hp in doc.values["listen"]]
     for _, zone in _zones(doc):
@@ -1777,6 +1889,7 @@ CHECKS: tuple[Callable[[_Context, Fields], None], ...] = (
     _upstream_duplicates,
     _timeouts,
     _ttl_bounds,
+    _pool_capacity,
     _loops,
     _local_ips,
     _fallback,
@@ -1818,9 +1931,12 @@ def _build(doc: Fields) -> Config:
         allow=_plain(v["acl"].values["allow"]),
         cache_max_entries=cache.values["max_entries"],
         cache=CachePolicy(**{k.name: cache.values[k.name] for k in _TTL_KEYS}),
+        cache_serve_stale=cache.values["serve_stale"].build(),
+        cache_prefetch=cache.values["prefetch"].build(),
         upstream=v["upstream"].build(),
         limits=v["limits"].build(),
         log=v["log"].build(),
+        loop_check=v["loop_check"],
         shutdown_grace_s=shutdown.values["grace_s"],
         shutdown_lameduck_s=shutdown.values["lameduck_s"],
         node=None if node is None else node.build(),

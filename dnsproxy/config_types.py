@@ -65,6 +65,30 @@ class CachePolicy:
     max_ttl_s: int = 86400
     denial_max_ttl_s: int = 1800
     servfail_ttl_s: int = 5  # 0 disables SERVFAIL caching; at most 300 (RFC 2308 §7.1)
+    # How long past its TTL an answer may still be served when the upstreams fail
+    # (RFC 8767 serve-stale); 0 disables. Per zone: an evicted pod must not live on long.
+    max_stale_s: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStaleConfig:
+    """When an expired answer is served (RFC 8767); how long, per zone: ``max_stale_s``."""
+
+    # The client-response timer: a client waiting this long for the refresh of an expired
+    # name gets the stale answer, while the refresh goes on. Below glibc's 5 s retry.
+    answer_after_s: float = 1.8
+    # EDE 3 "Stale Answer" (RFC 8914) in the OPT of a stale reply to an EDNS client.
+    ede: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """Refreshing popular entries before they expire."""
+
+    # Cache hits an entry needs in its lifetime to be refreshed in the last tenth of its
+    # TTL; 0 turns prefetch off.
+    min_hits: int = 2
+    max_inflight: int = 100  # refreshes under way at once; more wait for expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +104,9 @@ class ZoneConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamPoolConfig:
     tcp_connections: int = 2  # persistent connections per upstream server
-    max_inflight_per_connection: int = 100  # pipelined queries on one connection
+    # Pipelined queries on one connection; tcp_connections times this must carry
+    # limits.max_inflight, so that the pool never refuses a query the forwarder admitted.
+    max_inflight_per_connection: int = 500
     connect_timeout_s: float = 1.0
     connection_max_age_s: float = 30.0  # rotate so traffic spreads over the pods
     idle_timeout_s: float = 30.0  # close a connection unused this long
@@ -91,10 +117,15 @@ class ServerLimits:
     max_tcp_clients: int = 1024
     tcp_idle_timeout_s: float = 10.0
     max_pipelined_per_client: int = 100
-    max_inflight: int = 10000  # distinct queries waiting for an upstream
+    # Distinct queries waiting for an upstream: the one limit on misses in flight (beyond
+    # it, SERVFAIL at once). Prefetches count too.
+    max_inflight: int = 1000
     max_waiters_per_query: int = 1000  # clients coalesced onto one upstream query
     udp_payload_size: int = 1232  # largest UDP reply we send and advertise to clients
     max_tcp_clients_per_source: int = 256  # so that one address cannot take every slot
+    # A UDP listener whose oldest queued datagram has waited this long (for 20 ms on end)
+    # sheds the misses it reads (SERVFAIL, or stale) until the queue is shorter; 0 never.
+    shed_after_s: float = 0.003
     # Receive buffer of each UDP listener, bytes (0: the kernel's default). 4 MiB holds
     # about 10,000 queued queries: a burst of a tenth of a second at full speed.
     udp_rcvbuf: int = 4 * 1024 * 1024
@@ -149,9 +180,13 @@ class Config:
     allow: tuple[IPNetwork, ...] = ()  # empty means every source is allowed
     cache_max_entries: int = 10000
     cache: CachePolicy = field(default_factory=CachePolicy)
+    cache_serve_stale: ServeStaleConfig = field(default_factory=ServeStaleConfig)
+    cache_prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     upstream: UpstreamPoolConfig = field(default_factory=UpstreamPoolConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
     log: LogConfig = field(default_factory=LogConfig)
+    # At start, a random-name probe to every upstream must not come back here.
+    loop_check: bool = True
     shutdown_grace_s: float = 5.0  # bound on finishing in-flight queries at exit
     # After SIGTERM, /ready is 503 but queries are still served for this long.
     shutdown_lameduck_s: float = 0.0

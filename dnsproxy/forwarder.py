@@ -9,13 +9,29 @@ this module feeds them the clock and the upstreams' outcomes and carries out wha
 ask. A miss costs no task and no coroutine: each try hands the query to an upstream with
 :meth:`~dnsproxy.upstream.Upstream.send`, whose callback finishes the question or starts
 the next try. Probes of a server marked down are sent from a timer, with no task either.
+
+Besides: serving expired entries stale (RFC 8767) when the refresh fails, when the
+client-response timer runs out first (one loop timer for every question, since they all
+wait the same time), or while the name's refresh recheck timer holds; refreshing popular
+entries before they expire (prefetch: a question with no waiters, started when the cache
+reports an entry due); admitting or shedding each miss (:meth:`Forwarder.submit` is the
+one place: beyond ``limits.max_inflight`` or while the listeners report a backlog, a
+miss gets SERVFAIL at once, or its stale answer); and finding forwarding loops
+(:meth:`Forwarder.find_loops`).
+
+The interface to the upstreams is :meth:`~dnsproxy.upstream.Upstream.send` and the error
+its callback gets: :class:`~dnsproxy.upstream.UpstreamBusy` (not sent, for a reason on
+our side) says nothing about the server; any other error is a failed try at it. However
+a pool connects, backs off or retries, health here depends on nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +46,7 @@ from prometheus_client.core import (
 from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, Cache, Entry
 from dnsproxy.config_types import Config, UpstreamConfig
+from dnsproxy.errors import DnsproxyError
 from dnsproxy.metrics import buckets, by_reason, labelled
 from dnsproxy.resolution import (
     LATENCY_BUCKETS,
@@ -40,11 +57,21 @@ from dnsproxy.resolution import (
 )
 from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
 
-__all__ = ["Deliver", "Forwarder", "ForwarderStats"]
+__all__ = ["Deliver", "Forwarder", "ForwarderStats", "LoopError"]
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[Entry], None]
+
+_TYPE_HINFO = 13  # what a loop probe asks, as CoreDNS's loop plugin does
+
+
+class LoopError(DnsproxyError):
+    """Queries sent to an upstream come back to this proxy; ``problems`` says where."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
 @dataclass(slots=True)
@@ -52,10 +79,15 @@ class ForwarderStats:
     coalesced: int = 0  # clients that joined a resolution already in flight
     nxdomain_hits: int = 0  # answered by an NXDOMAIN cached for another type of the name
     inflight_rejects: int = 0  # max_inflight reached: SERVFAIL
+    overload_rejects: int = 0  # shed while the listeners fall behind: SERVFAIL
     waiter_rejects: int = 0  # max_waiters_per_query reached: SERVFAIL
     no_zone: int = 0  # name outside every configured zone: REFUSED
     servfail_sent: int = 0  # resolutions that ended without a usable reply
     bad_replies: int = 0  # replies that failed the wire walk
+    stale_served: int = 0  # answers from expired entries (RFC 8767)
+    prefetches: int = 0  # refreshes of popular entries started before their expiry
+    prefetch_skipped: int = 0  # due but not refreshed: too many at once, or overloaded
+    loop_probes_back: int = 0  # loop probes that came back to this proxy
 
 
 class _Server(ServerState):
@@ -104,11 +136,13 @@ class _Server(ServerState):
 class _Question(Resolution[_Server]):
     """One distinct question on its way upstream, and the clients waiting for it."""
 
-    __slots__ = ("done", "request", "waiters")
+    __slots__ = ("done", "prefetch", "request", "stale_answer", "waiters")
 
     waiters: list[Deliver]
     request: Request | None  # the try in flight
     done: bool
+    prefetch: bool  # a refresh nobody waits for
+    stale_answer: Entry | None  # sent at the client-response timer; later joiners get it too
 
 
 class Forwarder:
@@ -119,7 +153,7 @@ class Forwarder:
     """
 
     def __init__(self, config: Config, cache: Cache) -> None:
-        self._config = config
+        self.config = config
         self._cache = cache
         self._max_inflight = config.limits.max_inflight
         self._max_waiters = config.limits.max_waiters_per_query
@@ -127,11 +161,31 @@ class Forwarder:
         self.upstreams: dict[str, Upstream] = {}
         self.servers: dict[str, _Server] = {}
         self._zones: dict[bytes, Zone[_Server]] = {}
+        stale = config.cache_serve_stale
+        self._ede = stale.ede
         for zone in config.zones:
             servers = [self._server(u) for u in zone.upstreams]
-            self._zones[wire.name_to_wire(zone.zone)] = Zone(zone, servers)
+            self._zones[wire.name_to_wire(zone.zone)] = Zone(zone, servers, stale=stale)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Question] = {}
+        # Set by a UDP listener for the batch it reads while its queue is too old: the
+        # misses of that batch are shed. shedding_until (monotonic) is when the last
+        # listener that shed stops shedding at once; prefetch waits for it.
+        self.overloaded = False
+        self.shedding_until = -1.0
+        # Questions with a stale answer ready, in the order their client-response timers
+        # run out (they all wait the same time): one loop timer serves them all.
+        self._stale_due: OrderedDict[bytes, _Question] = OrderedDict()
+        self._stale_timer: asyncio.TimerHandle | None = None
+        # Prefetch: entries the cache reported due, refreshed at the next loop turn.
+        self._prefetch_max = config.cache_prefetch.max_inflight
+        self._prefetching = 0
+        self._due: list[Entry] = []
+        self._due_handle: asyncio.Handle | None = None
+        cache.prefetch_min_hits = config.cache_prefetch.min_hits
+        cache.on_due = self._refresh_due
+        # Loop probes under way (see find_loops): probe name -> [zone, upstream, came back].
+        self._loop_probes: dict[bytes, list[str | bool]] = {}
         # The upstream whose reply (or failure) is being delivered, for the query log
         # lines written inside the deliver callbacks; None outside a delivery. Kept only
         # when queries are logged.
@@ -145,7 +199,7 @@ class Forwarder:
     def _server(self, config: UpstreamConfig) -> _Server:
         server = self.servers.get(config.label)
         if server is None:
-            up = make_upstream(config, self._config.upstream)
+            up = make_upstream(config, self.config.upstream)
             self.upstreams[config.label] = up
             server = self.servers[config.label] = _Server(up)
         return server
@@ -172,17 +226,36 @@ class Forwarder:
         )
         yield by_reason(
             "dnsproxy_forward_rejects",
-            "Misses not forwarded, by reason (answered SERVFAIL or REFUSED).",
+            "Misses not forwarded, by reason (answered SERVFAIL, or stale where an expired "
+            "answer is at hand; REFUSED for no_zone and loop).",
             {
                 "max_inflight": f.inflight_rejects,
+                "overload": f.overload_rejects,
                 "max_waiters": f.waiter_rejects,
                 "no_zone": f.no_zone,
+                "loop": f.loop_probes_back,
             },
         )
         yield CounterMetricFamily(
             "dnsproxy_upstream_servfail",
             "Resolutions that ended without a usable upstream reply (SERVFAIL sent).",
             value=f.servfail_sent,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_served_stale",
+            "Answers served from expired entries (RFC 8767), with TTL 30.",
+            value=f.stale_served,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_prefetch",
+            "Refreshes of popular entries started in the last tenth of their TTL.",
+            value=f.prefetches,
+        )
+        yield CounterMetricFamily(
+            "dnsproxy_cache_prefetch_skipped",
+            "Entries due for a refresh and left to expire: too many refreshes at once, "
+            "queries in flight at their limit, or the listeners falling behind.",
+            value=f.prefetch_skipped,
         )
         for server in list(self.servers.values()):
             yield from server.collect()
@@ -207,39 +280,73 @@ class Forwarder:
 
         ``now``: the monotonic clock, when the caller has just read it.
         """
+        stats = self.stats
         pending = self._inflight.get(key)
         if pending is not None:
+            if pending.stale_answer is not None:
+                # Its client-response timer has run out: no more waiting for the refresh.
+                stats.stale_served += 1
+                deliver(pending.stale_answer)
+                return
             if len(pending.waiters) >= self._max_waiters:
-                self.stats.waiter_rejects += 1
+                stats.waiter_rejects += 1
                 deliver(self._synth(query, qend, key, wire.SERVFAIL))
                 return
-            self.stats.coalesced += 1
+            stats.coalesced += 1
             pending.waiters.append(deliver)
             return
         if now < 0:
             now = time.monotonic()
-        nx = self._cache.get_nxdomain(key, now)
+        cache = self._cache
+        nx = cache.get_nxdomain(key, now)
         if nx is not None:
-            self.stats.nxdomain_hits += 1
+            stats.nxdomain_hits += 1
             deliver(nx)
+            return
+        if self._loop_probes and self._probe_came_back(key):
+            deliver(self._synth(query, qend, key, wire.REFUSED))
             return
         # With only the root zone configured every name is in it: no suffix walk.
         zone = self._only_zone or self.zone_for(wire.key_qname(key))
         if zone is None:
-            self.stats.no_zone += 1
+            stats.no_zone += 1
             deliver(self._synth(query, qend, key, wire.REFUSED))
             return
-        if len(self._inflight) >= self._max_inflight:
-            self.stats.inflight_rejects += 1
-            deliver(self._synth(query, qend, key, wire.SERVFAIL))
+        stale = cache.store.get(key)  # a miss: expired or absent
+        if stale is not None:
+            stale = zone.stale_candidate(stale, now)
+            if stale is not None and zone.stale_held(stale, now):
+                # Its refresh failed less than 30 s ago: answer stale, do not ask again.
+                cache.store.move_to_end(key)
+                stats.stale_served += 1
+                deliver(stale.stale_copy(now, self._ede))
+                return
+        if self.overloaded or len(self._inflight) >= self._max_inflight:
+            # Shed before any work upstream: a stale answer if there is one, else SERVFAIL
+            # (not cached), which a client acts on at once; see the README on overload.
+            if self.overloaded:
+                stats.overload_rejects += 1
+            else:
+                stats.inflight_rejects += 1
+            if stale is not None:
+                stats.stale_served += 1
+                deliver(stale.stale_copy(now, self._ede))
+            else:
+                deliver(self._synth(query, qend, key, wire.SERVFAIL))
             return
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        q = _Question(key, query[wire.HEADER_LEN : qend], zone, now)
+        q = _Question(key, query[wire.HEADER_LEN : qend], zone, now, stale)
         q.waiters = [deliver]
         q.request = None
         q.done = False
+        q.prefetch = False
+        q.stale_answer = None
         self._inflight[key] = q
+        if stale is not None:
+            self._stale_due[key] = q
+            if self._stale_timer is None:
+                self._arm_stale(q.stale_at)
         self._next(q, now)
 
     async def resolve(self, key: bytes, query: bytes, qend: int) -> Entry:
@@ -306,8 +413,11 @@ class Forwarder:
         self._finish(q, entry)
 
     def _failure(self, q: _Question, now: float) -> Entry:
-        self.stats.servfail_sent += 1
         entry, cacheable = q.failure(now)
+        if q.stale is not None:
+            self.stats.stale_served += len(q.waiters)
+        elif not q.prefetch:
+            self.stats.servfail_sent += 1
         if cacheable:
             self._cache.put(q.key, entry, now)
         return entry
@@ -321,8 +431,13 @@ class Forwarder:
         q.done = True
         q.request = None
         inflight = self._inflight
-        if inflight.get(q.key) is q:
-            del inflight[q.key]
+        key = q.key
+        if inflight.get(key) is q:
+            del inflight[key]
+        if q.stale is not None and self._stale_due.get(key) is q:
+            del self._stale_due[key]
+        if q.prefetch:
+            self._prefetching -= 1
         log_queries = self._log_queries
         if log_queries:
             self.answering = q.server.label if q.server is not None else None
@@ -354,6 +469,9 @@ class Forwarder:
         assert loop is not None
         probe = server.handle_timer(loop.time())
         if probe is None:
+            if server.up:
+                # A real query's reply marked it up since (not logged on the reply path).
+                log.warning("upstream %s answers queries again; marked up", server.label)
             self._arm_probe(server)  # the timer fired a little early, or the server is up
             return
         server.probe_request = server.upstream.send(
@@ -365,14 +483,146 @@ class Forwarder:
         loop = self._loop
         if self._closed or loop is None:
             return
-        if server.probed(reply, loop.time()):
+        if server.probed(reply, loop.time(), isinstance(error, UpstreamBusy)):
             log.warning("upstream %s answers again; marked up", server.label)
         self._arm_probe(server)
+
+    # -- serve-stale: the client-response timer
+
+    def _arm_stale(self, when: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._stale_timer = loop.call_at(when, self._stale_timers)
+
+    def _stale_timers(self) -> None:
+        """Hand the stale answer to the waiters of every question whose timer ran out."""
+        self._stale_timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        due = self._stale_due
+        while due:
+            key, q = next(iter(due.items()))
+            when = q.timer()
+            if when is not None and when > now:
+                self._arm_stale(when)
+                return
+            del due[key]
+            entry = q.handle_timer(now)
+            if entry is None or q.done:
+                continue
+            q.stale_answer = entry
+            waiters, q.waiters = q.waiters, []
+            self.stats.stale_served += len(waiters)
+            for deliver in waiters:
+                try:
+                    deliver(entry)
+                except Exception:
+                    log.exception("delivering an answer failed")
+
+    # -- prefetch
+
+    def _refresh_due(self, entry: Entry) -> None:
+        """The cache's report that ``entry`` is popular and near its expiry (from the hit
+        path: only noted here, refreshed at the next turn of the loop)."""
+        self._due.append(entry)
+        if self._due_handle is None and not self._closed:
+            if self._loop is None:  # no miss yet: the entries came with a handover
+                self._loop = asyncio.get_running_loop()
+            self._due_handle = self._loop.call_soon(self._prefetch)
+
+    def _prefetch(self) -> None:
+        self._due_handle = None
+        due, self._due = self._due, []
+        now = time.monotonic()
+        store = self._cache.store
+        for entry in due:
+            key = entry.key
+            if store.get(key) is not entry or entry.expires_at <= now or key in self._inflight:
+                continue  # replaced, expired or being asked already: nothing to refresh
+            if (
+                self._prefetching >= self._prefetch_max
+                or len(self._inflight) >= self._max_inflight
+                or now < self.shedding_until
+            ):
+                self.stats.prefetch_skipped += 1
+                continue
+            zone = self._only_zone or self.zone_for(wire.key_qname(key))
+            if zone is None:
+                continue
+            body = entry.body
+            try:
+                question = body[wire.HEADER_LEN : wire.question_end(body)]
+            except wire.WireError:
+                continue
+            q = _Question(key, question, zone, now)
+            q.waiters = []
+            q.request = None
+            q.done = False
+            q.prefetch = True
+            q.stale_answer = None
+            self._inflight[key] = q
+            self._prefetching += 1
+            self.stats.prefetches += 1
+            self._next(q, now)
+
+    # -- loop detection
+
+    async def find_loops(self, listening: Forwarder | None = None) -> list[str]:
+        """Send ``<random>.<random>.<zone> HINFO`` to every upstream of every zone, as
+        CoreDNS's ``loop`` plugin does, and see whether it comes back to this proxy.
+
+        ``listening`` is the forwarder behind the listeners that would receive a probe
+        coming back (this one by default; the running one when checking a configuration
+        before taking it). Each probe waits for its upstream's answer (or the zone's
+        ``deadline_s``): an upstream that forwards it back has sent it here before it
+        answers. Returns one problem line per zone and upstream that loops, naming both;
+        an upstream that does not answer is not a loop (it may be down for now).
+        """
+        watch = listening or self
+        probes: list[tuple[bytes, list[str | bool]]] = []
+        sends = []
+        for zone in self._zones.values():
+            suffix = wire.name_to_wire(zone.config.zone)
+            for server in zone.servers:
+                labels = b"".join(b"\x10" + secrets.token_hex(8).encode() for _ in range(2))
+                qname = labels + suffix
+                record: list[str | bool] = [zone.config.zone, server.label, False]
+                watch._loop_probes[qname] = record
+                probes.append((qname, record))
+                query = (
+                    secrets.token_bytes(2)
+                    + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+                    + qname
+                    + _TYPE_HINFO.to_bytes(2, "big")
+                    + b"\x00\x01"
+                )
+                sends.append(server.upstream.query(query, zone.config.deadline_s))
+        try:
+            await asyncio.gather(*sends, return_exceptions=True)
+        finally:
+            for qname, _ in probes:
+                watch._loop_probes.pop(qname, None)
+        return [
+            f"zone {zone}: upstream {label} sends queries back to this proxy "
+            f"(a probe for {wire.read_name(qname, 0)} HINFO came back): a forwarding loop"
+            for qname, (zone, label, back) in probes
+            if back
+        ]
+
+    def _probe_came_back(self, key: bytes) -> bool:
+        record = self._loop_probes.get(wire.key_qname(key))
+        if record is None:
+            return False
+        record[2] = True
+        self.stats.loop_probes_back += 1
+        return True
 
     # -- lifecycle
 
     def abandon(self) -> int:
-        """Answer every question still in flight with SERVFAIL; how many there were.
+        """Answer every question still in flight with SERVFAIL (or its stale answer); how
+        many there were.
 
         For the end of a shutdown, once the grace period is over: a client told
         SERVFAIL retries elsewhere at once, one left unanswered waits out its timeout.
@@ -381,6 +631,10 @@ class Forwarder:
         for q in pending:
             if q.request is not None:
                 q.request.cancel()
+            if q.stale is not None:
+                self.stats.stale_served += len(q.waiters)
+                self._finish(q, q.stale.stale_copy(time.monotonic(), self._ede))
+                continue
             self.stats.servfail_sent += 1
             self._finish(q, self._servfail(q))
         return len(pending)
@@ -393,6 +647,14 @@ class Forwarder:
             if q.request is not None:
                 q.request.cancel()
         self._inflight.clear()
+        self._stale_due.clear()
+        for handle in (self._stale_timer, self._due_handle):
+            if handle is not None:
+                handle.cancel()
+        self._stale_timer = self._due_handle = None
+        self._due.clear()
+        if self._cache.on_due == self._refresh_due:
+            self._cache.on_due = None
         for server in self.servers.values():
             if server.probe_timer is not None:
                 server.probe_timer.cancel()

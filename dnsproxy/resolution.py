@@ -3,10 +3,16 @@
 - :class:`ServerState`: one upstream server as the resolutions see it — consecutive
   failures, marked down after :data:`MAX_FAILS`, the probe schedule while down (each probe
   is a "please send this" output of :meth:`ServerState.handle_timer`), reply latency.
-- :class:`Zone`: the servers of one zone in the order its policy asks for, healthy first.
+  Health reflects real service: any well-formed reply (a probe's or a real query's, of
+  any rcode) means alive, and a failed try does not count against a server that answered
+  anything since that try was sent.
+- :class:`Zone`: the servers of one zone in the order its policy asks for, healthy first,
+  and which expired entries it may serve stale (RFC 8767).
 - :class:`Resolution`: the tries of one question — every server once and at least two
   tries in all, each bounded by the zone's ``try_timeout_s`` and all by its
-  ``deadline_s`` — and the entry it ends with.
+  ``deadline_s`` — and the entry it ends with; for an expired name, the stale answer
+  when no server answers, or the client-response timer (:meth:`Resolution.timer`) runs
+  out first.
 
 Nothing here reads a clock, sleeps or touches a socket: ``now`` comes in, and what to send
 and when a timer is due go out. The forwarder (``forwarder.py``) is the asyncio adapter:
@@ -22,14 +28,15 @@ from bisect import bisect_left
 from typing import Generic, TypeVar
 
 from dnsproxy import wire
-from dnsproxy.cache import Entry, make_entry, servfail_entry
-from dnsproxy.config_types import ZoneConfig
+from dnsproxy.cache import SERVFAIL, STALE_TTL_S, Entry, make_entry, servfail_entry
+from dnsproxy.config_types import ServeStaleConfig, ZoneConfig
 from dnsproxy.framing import NEVER
 
 __all__ = [
     "LATENCY_BUCKETS",
     "MAX_FAILS",
     "PROBE_INTERVAL_S",
+    "PROBE_MAX_INTERVAL_S",
     "PROBE_QUERY",
     "PROBE_TIMEOUT_S",
     "LatencyHistogram",
@@ -38,10 +45,14 @@ __all__ = [
     "Zone",
 ]
 
-# A server that failed this many times in a row is marked down: tried only after the
-# healthy ones, and probed with ". IN NS" every PROBE_INTERVAL_S until it answers.
+# A server that failed this many tries in a row, with no reply to anything meanwhile, is
+# marked down: tried only after the healthy ones, and probed with ". IN NS" until it
+# answers. Probes back off exponentially from PROBE_INTERVAL_S to PROBE_MAX_INTERVAL_S,
+# each interval drawn from its upper half at random so that many nodes that lost the
+# same server do not probe it in step.
 MAX_FAILS = 2
 PROBE_INTERVAL_S = 0.5
+PROBE_MAX_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 1.0
 PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
 
@@ -79,37 +90,73 @@ class LatencyHistogram:
 class ServerState:
     """Health and latency of one upstream server, shared by every zone that uses it.
 
-    Down after :data:`MAX_FAILS` failures in a row; any well-formed reply to a real query
-    resets the count. While down it is probed: :meth:`timer` says when the next probe is
-    due, :meth:`handle_timer` hands out the probe query to send (with
-    :data:`PROBE_TIMEOUT_S`), and :meth:`probed` takes its outcome.
+    Down after :data:`MAX_FAILS` failed tries in a row, counting only tries the server
+    answered nothing at all after (:meth:`failed`): a server that answers other queries
+    is serving, whatever happened to one of them. Any well-formed reply, whatever its
+    rcode, means alive (:meth:`succeeded`): a server that says REFUSED or SERVFAIL is
+    still there and still serving its other names. While down it is probed:
+    :meth:`timer` says when the next probe is due, :meth:`handle_timer` hands out the
+    probe query to send (with :data:`PROBE_TIMEOUT_S`), and :meth:`probed` takes its
+    outcome. ``rng`` draws the probe intervals' jitter (tests seed it).
     """
 
-    __slots__ = ("fails", "label", "latency", "probe_at", "probe_failures", "probing", "rcodes")
+    __slots__ = (
+        "fails",
+        "label",
+        "last_reply",
+        "latency",
+        "probe_at",
+        "probe_failures",
+        "probe_interval",
+        "probing",
+        "rcodes",
+        "recovered_at",
+        "rng",
+    )
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, rng: random.Random | None = None) -> None:
         self.label = label
         self.fails = 0
         self.latency = LatencyHistogram()
         self.rcodes = [0] * 16  # well-formed replies by rcode (the header's 4 bits)
+        self.last_reply = -NEVER  # when the server last sent a well-formed reply
+        self.recovered_at = -NEVER  # when it was last marked up after being down
         self.probe_at = NEVER  # when the next probe is due
+        self.probe_interval = PROBE_INTERVAL_S  # the next interval's upper bound
         self.probing = False  # a probe is out
         self.probe_failures = 0
+        self.rng = rng or random.Random()
 
     @property
     def up(self) -> bool:
         return self.fails < MAX_FAILS
 
-    def failed(self, now: float) -> bool:
-        """A try at this server failed (no reply, or a malformed one).
+    def failed(self, now: float, sent_at: float = NEVER) -> bool:
+        """A try sent at ``sent_at`` got no well-formed reply (timeout, connection
+        refused or lost for good, malformed reply). It counts towards marking the
+        server down only if the server has not replied to anything since ``sent_at``.
 
         True when this marks the server down: probing starts, and :meth:`timer` is due.
         """
+        if self.last_reply >= sent_at:
+            return False
         self.fails += 1
         if self.fails >= MAX_FAILS and self.probe_at == NEVER and not self.probing:
-            self.probe_at = now
+            self.probe_interval = PROBE_INTERVAL_S
+            self._next_probe(now)
             return True
         return False
+
+    def succeeded(self, now: float) -> bool:
+        """A well-formed reply came, to a real query or a probe. True: up again."""
+        self.last_reply = now
+        if self.fails < MAX_FAILS:
+            self.fails = 0
+            return False
+        self.fails = 0
+        self.recovered_at = now
+        self.probe_at = NEVER
+        return True
 
     def timer(self) -> float | None:
         """When :meth:`handle_timer` is next due, or None."""
@@ -125,23 +172,28 @@ class ServerState:
         self.probing = True
         return PROBE_QUERY
 
-    def probed(self, reply: bytes | None, now: float) -> bool:
-        """The outcome of the probe sent (``None``: no valid reply). True: up again."""
+    def probed(self, reply: bytes | None, now: float, local: bool = False) -> bool:
+        """The outcome of the probe sent: its reply (any rcode, checked to be well
+        formed), or ``None`` for none. ``local``: it could not be sent for a reason on
+        our side (a full pool), which is not held against the server. True: up again."""
         self.probing = False
-        ok = False
         if reply is not None:
             try:
-                ok = wire.inspect_response(reply).rcode not in TRY_NEXT_RCODES
+                wire.inspect_response(reply)
             except wire.WireError:
                 pass
-        if ok:
-            was_down = not self.up
-            self.fails = 0
-            return was_down
-        self.probe_failures += 1
+            else:
+                return self.succeeded(now)
+        if not local:
+            self.probe_failures += 1
         if not self.up:
-            self.probe_at = now + PROBE_INTERVAL_S
+            self._next_probe(now)
         return False
+
+    def _next_probe(self, now: float) -> None:
+        interval = self.probe_interval
+        self.probe_at = now + interval * (0.5 + 0.5 * self.rng.random())
+        self.probe_interval = min(interval * 2, PROBE_MAX_INTERVAL_S)
 
 
 S = TypeVar("S", bound=ServerState)
@@ -150,18 +202,47 @@ S = TypeVar("S", bound=ServerState)
 class Zone(Generic[S]):
     """A configured zone and its servers; :meth:`order` applies the policy.
 
-    ``rng`` draws the order of the ``random`` policy (tests seed it).
+    ``rng`` draws the order of the ``random`` policy (tests seed it). ``stale`` says when
+    an expired answer is served (the zone's ``cache.max_stale_s`` says how long).
     """
 
-    __slots__ = ("config", "next_index", "rng", "servers")
+    __slots__ = ("config", "max_stale_s", "next_index", "rng", "servers", "stale")
 
     def __init__(
-        self, config: ZoneConfig, servers: list[S], rng: random.Random | None = None
+        self,
+        config: ZoneConfig,
+        servers: list[S],
+        rng: random.Random | None = None,
+        stale: ServeStaleConfig | None = None,
     ) -> None:
         self.config = config
         self.servers = servers
         self.next_index = 0
         self.rng = rng or random.Random()
+        self.stale = stale or ServeStaleConfig()
+        self.max_stale_s = config.cache.max_stale_s
+
+    def stale_candidate(self, entry: Entry | None, now: float) -> Entry | None:
+        """``entry`` when it is expired but within the zone's maximum staleness, so that
+        it may be served stale should the refresh fail; else None."""
+        if entry is None or entry.kind == SERVFAIL:
+            return None
+        expires_at = entry.expires_at
+        if expires_at <= now < expires_at + self.max_stale_s:
+            return entry
+        return None
+
+    def stale_held(self, entry: Entry, now: float) -> bool:
+        """Is ``entry`` (a stale candidate) to be served stale without asking upstream?
+
+        For :data:`~dnsproxy.cache.STALE_TTL_S` after its refresh failed (RFC 8767's
+        failure recheck timer), unless a server of the zone has been marked up since:
+        then the name is worth asking again at once.
+        """
+        failed_at = entry.failed_at
+        if now >= failed_at + STALE_TTL_S:
+            return False
+        return all(server.recovered_at <= failed_at for server in self.servers)
 
     def order(self) -> list[S]:
         """The servers in the order to try them: by policy, and servers that are down last."""
@@ -198,12 +279,16 @@ class Resolution(Generic[S]):
         "query",
         "question",
         "server",
+        "stale",
+        "stale_at",
         "started",
         "timeout_s",
         "zone",
     )
 
-    def __init__(self, key: bytes, question: bytes, zone: Zone[S], now: float) -> None:
+    def __init__(
+        self, key: bytes, question: bytes, zone: Zone[S], now: float, stale: Entry | None = None
+    ) -> None:
         self.key = key
         self.question = question
         self.zone = zone
@@ -216,6 +301,25 @@ class Resolution(Generic[S]):
         self.timeout_s = 0.0
         self.last: wire.ResponseInfo | None = None  # the last SERVFAIL/REFUSED/... reply
         self.local_failure = False  # a try failed on our side (pool full), not the server
+        # The expired entry (see Zone.stale_candidate) the waiters get if no fresh answer
+        # comes, and when (the client-response timer) they get it anyway.
+        self.stale = stale
+        self.stale_at = NEVER if stale is None else now + zone.stale.answer_after_s
+
+    def timer(self) -> float | None:
+        """When :meth:`handle_timer` is due (the client-response timer), or None."""
+        return None if self.stale_at == NEVER else self.stale_at
+
+    def handle_timer(self, now: float) -> Entry | None:
+        """The stale answer for the clients waiting so far, or None (not due, or none).
+
+        The tries go on: a fresh answer still replaces the cached entry.
+        """
+        stale = self.stale
+        if stale is None or now < self.stale_at:
+            return None
+        self.stale_at = NEVER
+        return stale.stale_copy(now, self.zone.stale.ede)
 
     def next_try(self, now: float) -> S | None:
         """The server to send :attr:`query` to, with ``timeout_s`` for it; None: done."""
@@ -242,7 +346,7 @@ class Resolution(Generic[S]):
             return False
         server = self.server
         assert server is not None
-        return server.failed(now)
+        return server.failed(now, self.started)
 
     def answered(self, reply: bytes, now: float) -> tuple[Entry, bool] | None:
         """The try got ``reply`` (matched to our question by the upstream).
@@ -256,7 +360,10 @@ class Resolution(Generic[S]):
         server.latency.observe(now - self.started)
         # The upstream checked that the reply's question is ours.
         info = wire.inspect_response(reply, wire.HEADER_LEN + len(self.question))
-        server.fails = 0
+        # Well formed, whatever the rcode: the server is serving.
+        server.last_reply = now
+        if server.fails:
+            server.succeeded(now)
         server.rcodes[info.rcode] += 1
         if info.rcode in TRY_NEXT_RCODES:
             # Another server of the group may do better; keep this one as a fallback.
@@ -265,12 +372,18 @@ class Resolution(Generic[S]):
         return make_entry(info, self.zone.config.cache, now)
 
     def failure(self, now: float) -> tuple[Entry, bool]:
-        """The answer when no server gave a usable one: the last SERVFAIL/REFUSED or ours.
+        """The answer when no server gave a usable one: the stale entry if there is one
+        (marked as failed now, for the recheck timer; see :meth:`Zone.stale_held`), else
+        the last SERVFAIL/REFUSED or ours.
 
         Our own SERVFAIL (an upstream FORMERR/NOTIMP to a valid query is ours to report,
         not the client's) is cached like an upstream SERVFAIL, so that a dead upstream is
         not asked again for every retry, unless the cause was local.
         """
+        stale = self.stale
+        if stale is not None:
+            stale.failed_at = now
+            return stale.stale_copy(now, self.zone.stale.ede), False
         policy = self.zone.config.cache
         last = self.last
         if last is not None and last.rcode in (wire.SERVFAIL, wire.REFUSED):

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import time
 from bisect import bisect_left
 from collections import deque
@@ -42,6 +43,17 @@ _TCP_MAX_REPLY = 65535
 _TCP_BACKLOG = 1024
 _UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
 _UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
+# Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; the generic value, as on x86-64 and arm64,
+# which the socket module does not name): each datagram carries the time the kernel
+# queued it, so the listener can see how long its oldest datagram has waited.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+# Shedding starts once the queue has stayed older than limits.shed_after_s this long (a
+# standing queue, not a stall that a batch or two clears: a GC pause, a handover); after
+# that, while the listener keeps meeting old queues, it sheds from the first batch.
+_SHED_STANDING_S = 0.02
+_SHED_MEMORY_S = 1.0
 _ACL_MEMO_MAX = 4096
 _MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
@@ -155,6 +167,11 @@ class _Handler:
         self.acl: Acl | None = Acl(config.allow) if config.allow else None
         self.max_udp = config.limits.udp_payload_size
         self.opts = wire.client_opts(self.max_udp)
+        # A UDP socket whose oldest datagram has waited this long is falling behind: the
+        # misses read from it are shed (answered SERVFAIL, or stale, by the forwarder)
+        # until its queue is shorter, so that the queue, where cache hits wait too, stays
+        # about this short. NEVER: never shed.
+        self.shed_after_s = config.limits.shed_after_s or NEVER
         self.log_queries = config.log.queries
         # Client-facing request durations. UDP queries answered in a read batch are each
         # recorded with that batch's duration (see _UdpListener._readable); a forwarded query
@@ -348,6 +365,16 @@ class _UdpListener:
         # The key of this socket in /proc/net/udp{,6}, where the kernel counts its drops.
         self.inode = os.fstat(sock.fileno()).st_ino
         _set_receive_buffer(sock, handler.config.limits.udp_rcvbuf, self.label)
+        # When the last batch found the socket empty (the start of that batch); since when
+        # the queue has stayed older than shed_after_s; until when it sheds at once.
+        self.empty_at = time.monotonic()
+        self.old_since = NEVER
+        self.shedding_until = -NEVER
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            self.timestamps = True
+        except OSError:
+            self.timestamps = False  # then the time since the socket was last empty
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def pause(self) -> None:
@@ -378,6 +405,14 @@ class _UdpListener:
         # One clock read per batch: ages are in whole seconds and a batch takes
         # well under a millisecond.
         now = monotonic()
+        # Shedding is decided per batch, for the misses read in it (the hits in it are
+        # answered all the same), from how long the oldest datagram in the socket has
+        # waited: nothing can have waited longer than the time since the socket was last
+        # read empty, and only when that is longer is it looked at (_shed). The
+        # forwarder's flag is set for this batch only (TCP misses are never shed).
+        forwarder = h.forwarder
+        shed = now - self.empty_at > h.shed_after_s and self._shed(now)
+        forwarder.overloaded = shed
         # Queries answered in this batch, not forwarded, go in the duration histogram at
         # the end, each with the whole batch's duration: an upper bound on its own time in
         # dnsproxy, for one more clock read per batch instead of two per query.
@@ -386,6 +421,7 @@ class _UdpListener:
             try:
                 data, addr = recvfrom(_UDP_MAX_QUERY)
             except (BlockingIOError, InterruptedError):
+                self.empty_at = now
                 break
             except OSError:
                 # ICMP errors for earlier replies surface here; the socket is fine.
@@ -402,6 +438,7 @@ class _UdpListener:
                     touch(key)
                     stats.udp_requests += 1
                     hits[entry.kind] += 1
+                    entry.hits += 1
                     qtypes[qtype] += 1
                     rcodes[entry.rcode] += 1
                     age = int(now - entry.stored_at)
@@ -430,9 +467,40 @@ class _UdpListener:
                 # A bug must cost one query, not the rest of the batch or the listener.
                 _count(stats.dropped, "internal_error")
                 log.exception("query from %s failed", addr)
+        if shed:
+            forwarder.overloaded = False
         answered = stats.udp_requests - stats.misses - answered
         if answered:
             h.durations.observe_many(monotonic() - now, answered)
+
+    def _shed(self, now: float) -> bool:
+        """Shed this batch's misses? Yes when the oldest datagram is older than
+        shed_after_s and has stayed so for _SHED_STANDING_S, or shedding went on less
+        than _SHED_MEMORY_S ago."""
+        if self._queued_s(now) <= self.h.shed_after_s:
+            self.old_since = NEVER
+            return False
+        if self.old_since == NEVER or self.empty_at >= self.old_since:
+            self.old_since = now  # the queue was empty (or young) in between: a new episode
+        if now < self.shedding_until or now - self.old_since >= _SHED_STANDING_S:
+            self.shedding_until = self.h.forwarder.shedding_until = now + _SHED_MEMORY_S
+            return True
+        return False
+
+    def _queued_s(self, now: float) -> float:
+        """How long the oldest datagram in the socket has waited there (0 if none)."""
+        if not self.timestamps:
+            return now - self.empty_at
+        try:
+            _, ancillary, _, _ = self.sock.recvmsg(1, _CMSG_SPACE, socket.MSG_PEEK)
+        except OSError:
+            return 0.0
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                queued_at: float = sec + nsec * 1e-9  # the wall clock, as time.time()
+                return time.time() - queued_at
+        return 0.0
 
     def _send_failed(self, exc: OSError) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):
@@ -990,6 +1058,7 @@ class DnsServer:
         h.forwarder = forwarder
         h.acl = Acl(config.allow) if config.allow else None
         h.max_udp = config.limits.udp_payload_size
+        h.shed_after_s = config.limits.shed_after_s or NEVER
         opts = wire.client_opts(h.max_udp)
         if opts != h.opts:
             h.opts = opts

@@ -621,6 +621,17 @@ def client_opts(udp_size: int) -> Opts:
 
 DEFAULT_OPTS = client_opts(DEFAULT_UDP_PAYLOAD)
 
+# EDNS option 15, Extended DNS Error (RFC 8914), INFO-CODE 3 "Stale Answer", no text.
+EDE_STALE = b"\x00\x0f\x00\x02\x00\x03"
+
+
+def with_ede_stale(opts: Opts) -> Opts:
+    """``opts`` (:func:`client_opts`) carrying EDE 3 "Stale Answer", for a stale reply.
+    Longer than ``_OPT_LEN``: not for replies that :func:`truncate` cuts."""
+    plain, do = opts
+    rdata = _U16.pack(len(EDE_STALE)) + EDE_STALE
+    return plain[:-2] + rdata, do[:-2] + rdata
+
 
 def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int) -> bytes:
     """``body`` with every TTL lowered by ``age`` seconds, never below 0."""

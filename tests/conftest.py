@@ -90,6 +90,9 @@ def make_config(
         http_listen=HostPort("127.0.0.1", 0) if http else None,
         cache=policy,
         limits=limits or ServerLimits(),
+        # The loop probe would be one more query at the fake upstream; tests/test_loop.py
+        # checks it.
+        loop_check=False,
     )
     return dataclasses.replace(config, **overrides)
 

@@ -79,9 +79,11 @@ async def test_make_run_answers_through_a_resolver_that_closes_tcp(
             assert [rd.to_text() for rrset in reply.answer for rd in rrset] == [
                 f"169.254.3.{i + 1}"
             ]
-        # Two TCP connections (the first query's, and its one retry), then UDP only.
+        # Two TCP connections (the first query's, and its one retry), then UDP only. The
+        # first query is the loop check's probe at start; the 22 queries then all go over
+        # UDP.
         assert resolver.tcp_connections == 2
-        assert [t for t, _ in resolver.queries].count("udp") == 22
+        assert [t for t, _ in resolver.queries].count("udp") == 1 + 22
         _, page = http_get(proxy.url + "/metrics")
         label = f"auto://{resolver.host}:53"
         sample = f'dnsproxy_upstream_transport{{transport="%s",upstream="{label}"}}'

@@ -37,6 +37,8 @@ COREDNS_CONTRACT = {
     ("coredns_cache_entries", ("type",)),
     ("coredns_cache_hits_total", ("type",)),
     ("coredns_cache_misses_total", ()),
+    ("coredns_cache_prefetch_total", ()),
+    ("coredns_cache_served_stale_total", ()),
     ("coredns_dns_request_duration_seconds_bucket", ("le",)),
     ("coredns_dns_request_duration_seconds_count", ()),
     ("coredns_dns_request_duration_seconds_sum", ()),

@@ -26,7 +26,9 @@ from dnsproxy.config import (
     HostPort,
     LogConfig,
     Overrides,
+    PrefetchConfig,
     ServerLimits,
+    ServeStaleConfig,
     TlsConfig,
     UpstreamConfig,
     UpstreamPoolConfig,
@@ -1054,6 +1056,7 @@ def test_shipped_config_lists_every_key() -> None:
         "upstream",
         "limits",
         "zones",
+        "loop_check",
         "log",
         "shutdown",
         "handover",
@@ -1062,7 +1065,14 @@ def test_shipped_config_lists_every_key() -> None:
     }
     assert set(raw["metrics"]) == {"coredns_names"}
     assert set(raw["acl"]) == {"allow"}
-    assert set(raw["cache"]) == {"max_entries", *(f.name for f in fields(CachePolicy))}
+    assert set(raw["cache"]) == {
+        "max_entries",
+        "serve_stale",
+        "prefetch",
+        *(f.name for f in fields(CachePolicy)),
+    }
+    assert set(raw["cache"]["serve_stale"]) == {f.name for f in fields(ServeStaleConfig)}
+    assert set(raw["cache"]["prefetch"]) == {f.name for f in fields(PrefetchConfig)}
     assert set(raw["upstream"]) == {f.name for f in fields(UpstreamPoolConfig)}
     assert set(raw["limits"]) == {f.name for f in fields(ServerLimits)}
     assert set(raw["log"]) == {f.name for f in fields(LogConfig)}

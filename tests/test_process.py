@@ -27,6 +27,7 @@ from pathlib import Path
 import dns.asyncquery
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import pytest
 from conftest import dnsproxy_cmd
 from fakeupstream import Delay, FakeUpstream, zone_handler
@@ -224,6 +225,11 @@ def answers(response: dns.message.Message) -> list[str]:
     return sorted(rd.to_text() for rrset in response.answer for rd in rrset)
 
 
+def client_queries(fake: FakeUpstream) -> list[dns.message.Message]:
+    """The queries ``fake`` received, without the loop probe dnsproxy sends at start."""
+    return [q for _, q in fake.queries if q.question[0].rdtype != dns.rdatatype.HINFO]
+
+
 # -- version
 
 
@@ -275,9 +281,11 @@ async def test_answers_queries_and_serves_health_ready_metrics(tmp_path: Path) -
     assert metric_value(metrics, build_info) == 1.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="udp"}') == 2.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="tcp"}') == 1.0
-    assert metric_value(metrics, f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}}') == 3
+    # The three queries, and the loop probe sent at start.
+    assert metric_value(metrics, f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}}') == 4
+    assert [q.question[0].rdtype for _, q in fake.queries].count(dns.rdatatype.HINFO) == 1
     # The default transport towards the upstream is TCP, whatever the client used.
-    assert [transport for transport, _ in fake.queries] == ["tcp"] * 3
+    assert [transport for transport, _ in fake.queries] == ["tcp"] * 4
 
 
 @pytest.mark.parametrize("proto", ["udp", "tcp"])
@@ -301,10 +309,10 @@ async def test_sigterm_finishes_inflight_query_then_exits_0(tmp_path: Path, prot
         ) as proxy:
             pending = asyncio.create_task(ask(proxy.port, "www.example.", proto=proto))
             for _ in range(250):  # until the proxy has forwarded it: at most 5 s
-                if fake.queries or pending.done():
+                if client_queries(fake) or pending.done():
                     break
                 await asyncio.sleep(0.02)
-            assert fake.queries, "the query never reached the upstream"
+            assert client_queries(fake), "the query never reached the upstream"
             signalled = time.monotonic()
             proxy.proc.send_signal(signal.SIGTERM)
 
@@ -332,7 +340,7 @@ async def test_sigterm_finishes_inflight_query_then_exits_0(tmp_path: Path, prot
             elapsed = time.monotonic() - signalled
 
     assert answers(response) == ["169.254.1.1"], "the in-flight query lost its answer"
-    assert len(fake.queries) == 1
+    assert len(client_queries(fake)) == 1
     assert code == 0, proxy.stderr
     assert elapsed < 5.0  # the 1 s delay plus shutdown, well under the 5 s grace
     assert not_ready, "/ready did not turn 503 during the shutdown"
@@ -438,12 +446,12 @@ async def test_shipped_config_with_flag_overrides(tmp_path: Path) -> None:
             response = await ask(proxy.port, "www.example.")
             _, metrics = await asyncio.to_thread(http_get, proxy.url + "/metrics")
     assert answers(response) == ["169.254.1.1"]
-    assert [transport for transport, _ in fake.queries] == ["tcp"]
+    assert [transport for transport, _ in fake.queries] == ["tcp"] * 2  # and the loop probe
     # --upstream replaced the file's resolv.conf upstream: the fake is the only upstream.
     upstream_lines = [
         line for line in metrics.splitlines() if line.startswith("dnsproxy_upstream_queries_total{")
     ]
-    assert upstream_lines == [f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}} 1.0']
+    assert upstream_lines == [f'dnsproxy_upstream_queries_total{{upstream="{upstream}"}} 2.0']
     # The file's [::1]:5353 listener was replaced by --listen (port 5353 may be anyone's).
     assert f"listening on {HOST}:{proxy.port}" in proxy.stderr
     assert ":5353" not in proxy.stderr

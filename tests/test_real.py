@@ -130,7 +130,12 @@ def unbound_server_lines(directory: Path) -> list[str]:
     ]
 
 
-def unbound_conf(directory: Path, port: int, extra: Sequence[str] = ()) -> str:
+def unbound_conf(
+    directory: Path,
+    port: int,
+    extra: Sequence[str] = (),
+    local_data: Sequence[str] = LOCAL_DATA,
+) -> str:
     """Unbound's configuration; ``extra``: more lines of its server section."""
     lines = [
         *unbound_server_lines(directory),
@@ -145,7 +150,7 @@ def unbound_conf(directory: Path, port: int, extra: Sequence[str] = ()) -> str:
         '  local-zone: "." refuse',
         '  local-zone: "test." static',
         '  local-zone: "254.169.in-addr.arpa." static',
-        *(f"  local-data: '{rr}'" for rr in LOCAL_DATA),
+        *(f"  local-data: '{rr}'" for rr in local_data),
         *(f"  {line}" for line in extra),
         "remote-control:",
         "  control-enable: yes",
@@ -165,14 +170,21 @@ def tcp_probe(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def start_unbound(directory: Path, extra: Sequence[str] = ()) -> Iterator[Unbound]:
-    """Unbound serving the test zone on a free port (``extra``: more server lines)."""
+def start_unbound(
+    directory: Path,
+    extra: Sequence[str] = (),
+    *,
+    port: int = 0,
+    local_data: Sequence[str] = LOCAL_DATA,
+) -> Iterator[Unbound]:
+    """Unbound serving ``local_data`` (zones ``test.`` and ``254.169.in-addr.arpa.``) on
+    ``port`` (a free one when 0), stopped on the way out; ``extra``: more server lines."""
     binary = tool("unbound", "unbound")
     control = tool("unbound-control", "unbound")
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     conf = directory / "unbound.conf"
-    conf.write_text(unbound_conf(directory, port, extra))
+    conf.write_text(unbound_conf(directory, port, extra, local_data))
     log = (directory / "unbound.log").open("wb")
     proc = subprocess.Popen(
         [binary, "-d", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -347,8 +359,8 @@ def test_udp_upstream_is_seen_as_udp(tmp_path: Path) -> None:
         assert dig(proxy.port, "www.test", "A", "+tcp", "+short") == "169.254.1.1\n"
         assert dig(proxy.port, "test", "MX", "+short") == "10 mail.test.\n"
         total, tcp, udp = unbound.queries()
-    assert udp == 2
-    assert tcp == total - 2 == 1  # only the TCP readiness probe of start_unbound
+    assert udp == 3  # the two queries and the loop probe sent at start
+    assert tcp == total - 3 == 1  # only the TCP readiness probe of start_unbound
 
 
 def _odd_queries() -> list[tuple[str, bytes, bool]]:
@@ -424,23 +436,28 @@ def test_answers_what_unbound_answers_to_queries_it_turns_away(
     assert {v["rcode"] for v in ours.values()} == {1, 4, 5, 16}  # every kind was tried
 
 
-def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def start_dnsmasq(directory: Path, *args: str, port: int = 0) -> Iterator[int]:
+    """dnsmasq on ``port`` (a free one when 0) answering dm.test (169.254.9.9) itself, with
+    no upstream servers (every other name REFUSED) unless ``args`` give one; yields its
+    port and stops it on the way out."""
     binary = tool("dnsmasq", "dnsmasq-base")
-    port = free_port()
-    log = (tmp_path / "dnsmasq.log").open("wb")
+    port = port or free_port()
+    log = (directory / "dnsmasq.log").open("wb")
     proc = subprocess.Popen(
         [
             binary,
             "--keep-in-foreground",
             "--conf-file=/dev/null",
-            "--no-resolv",  # no upstream servers: names it does not know are REFUSED
+            "--no-resolv",
             "--no-hosts",
             f"--port={port}",
             f"--listen-address={HOST}",
             "--bind-interfaces",
-            f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+            f"--pid-file={directory / 'dnsmasq.pid'}",
             "--address=/dm.test/169.254.9.9",
             "--log-facility=-",
+            *args,
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -456,12 +473,19 @@ def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
             except (OSError, dns.exception.Timeout):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(
-                        "dnsmasq did not start:\n" + (tmp_path / "dnsmasq.log").read_text()
+                        "dnsmasq did not start:\n" + (directory / "dnsmasq.log").read_text()
                     ) from None
                 time.sleep(0.02)
-        with start_proxy(tmp_path / "proxy", f"tcp://{HOST}:{port}") as proxy:
-            assert dig(proxy.port, "dm.test", "A", "+short") == "169.254.9.9\n"
-            assert kdig(proxy.port, "dm.test", "A", "+tcp", "+short") == "169.254.9.9\n"
-            assert "status: REFUSED" in dig(proxy.port, "elsewhere.example", "A")
+        yield port
     finally:
         stop(proc, log)
+
+
+def test_dnsmasq_as_upstream(tmp_path: Path) -> None:
+    with (
+        start_dnsmasq(tmp_path) as port,
+        start_proxy(tmp_path / "proxy", f"tcp://{HOST}:{port}") as proxy,
+    ):
+        assert dig(proxy.port, "dm.test", "A", "+short") == "169.254.9.9\n"
+        assert kdig(proxy.port, "dm.test", "A", "+tcp", "+short") == "169.254.9.9\n"
+        assert "status: REFUSED" in dig(proxy.port, "elsewhere.example", "A")

@@ -19,6 +19,7 @@ from dnsproxy.config import CachePolicy, Policy, UpstreamConfig, ZoneConfig
 from dnsproxy.resolution import (
     MAX_FAILS,
     PROBE_INTERVAL_S,
+    PROBE_MAX_INTERVAL_S,
     PROBE_QUERY,
     Resolution,
     ServerState,
@@ -198,29 +199,78 @@ def test_local_failure_spares_the_server_and_is_not_cached() -> None:
     assert entry.rcode == dns.rcode.SERVFAIL and not cacheable
 
 
-def test_health_down_probed_and_up_again() -> None:
-    server = ServerState("tcp://169.254.0.1:53")
+def test_health_down_probed_with_backoff_and_up_again_on_any_rcode() -> None:
+    server = ServerState("tcp://169.254.0.1:53", random.Random(3))
     assert server.up and server.timer() is None
     assert not server.failed(1.0)
     assert server.failed(2.0), "the second failure in a row marks it down"
-    assert not server.up and server.timer() == 2.0
+    assert not server.up
+    first = server.timer()
+    assert first is not None and 2.0 + PROBE_INTERVAL_S / 2 <= first <= 2.0 + PROBE_INTERVAL_S
     assert not server.failed(2.1), "already down: no second probe schedule"
-    assert server.handle_timer(1.9) is None, "not due yet"
-    assert server.handle_timer(2.0) == PROBE_QUERY
+    assert server.timer() == first
+    assert server.handle_timer(first - 0.01) is None, "not due yet"
+    assert server.handle_timer(first) == PROBE_QUERY
     assert server.timer() is None, "one probe out at a time"
-    # No reply: probed again after the interval.
-    assert not server.probed(None, 3.0)
-    assert server.probe_failures == 1 and server.timer() == 3.0 + PROBE_INTERVAL_S
-    # A REFUSED probe reply does not count as healthy.
-    assert server.handle_timer(3.5) == PROBE_QUERY
+    # No reply: probed again, each interval twice the last (drawn from its upper half),
+    # up to PROBE_MAX_INTERVAL_S.
+    now = first
+    intervals = []
+    for _ in range(8):
+        assert not server.probed(None, now)
+        due = server.timer()
+        assert due is not None
+        intervals.append(due - now)
+        assert server.handle_timer(due) == PROBE_QUERY
+        now = due
+    assert server.probe_failures == 8
+    bounds = [min(PROBE_INTERVAL_S * 2 ** (i + 1), PROBE_MAX_INTERVAL_S) for i in range(8)]
+    assert all(b / 2 <= got <= b for got, b in zip(intervals, bounds, strict=True)), intervals
+    assert len({round(i, 6) for i in intervals[-4:]}) == 4, "jittered, not in lockstep"
+    # A REFUSED reply to the probe is a well-formed reply: the server is serving.
     probe = dns.message.from_wire(PROBE_QUERY)
     refused = reply_to(probe, rcode=dns.rcode.REFUSED).to_wire()
-    assert not server.probed(refused, 3.6)
-    assert server.probe_failures == 2
-    assert server.handle_timer(4.1) == PROBE_QUERY
-    ns = reply_to(probe, [rrset(".", 300, "NS", "a.root.example.")]).to_wire()
-    assert server.probed(ns, 4.2)
-    assert server.up and server.timer() is None
+    assert server.probed(refused, now + 0.1)
+    assert server.up and server.timer() is None and server.recovered_at == now + 0.1
+    # Down again later: the backoff starts over from PROBE_INTERVAL_S.
+    server.failed(now + 1)
+    assert server.failed(now + 2)
+    again = server.timer()
+    assert again is not None and again - (now + 2) <= PROBE_INTERVAL_S
+
+
+def test_a_malformed_probe_reply_or_none_is_a_failed_probe_a_local_one_is_not() -> None:
+    server = ServerState("tcp://169.254.0.1:53")
+    server.failed(0.0)
+    server.failed(0.0)
+    server.handle_timer(1.0)
+    assert not server.probed(PROBE_QUERY[:-3], 1.0)  # cut short: not well formed
+    assert server.probe_failures == 1 and not server.up
+    server.handle_timer(10.0)
+    assert not server.probed(None, 10.0, local=True)
+    assert server.probe_failures == 1, "a probe our own pool refused says nothing"
+    assert server.timer() is not None
+
+
+def test_a_failure_does_not_count_when_the_server_answered_since_the_try_was_sent() -> None:
+    z = zone(1)
+    server = z.servers[0]
+    slow = resolution(z, now=0.0)
+    assert slow.next_try(0.0) is server
+    quick = resolution(z, now=0.5)
+    assert quick.next_try(0.5) is server
+    assert quick.answered(reply(quick), 0.6) is not None
+    # The first try times out after the server answered the second: it is serving.
+    assert not slow.failed(False, 1.0)
+    assert not slow.failed(False, 1.0)
+    assert server.fails == 0 and server.up
+    # Tries sent after its last reply that fail do count.
+    late = resolution(z, now=2.0)
+    late.next_try(2.0)
+    late.failed(False, 3.0)
+    late.next_try(3.0)
+    assert late.failed(False, 4.0)
+    assert not server.up
 
 
 def test_a_real_answer_marks_a_down_server_up_and_cancels_its_probe() -> None:

@@ -1,0 +1,54 @@
+"""A random-subdomain flood, small and bounded: cached names must not be lost behind it.
+
+Runs the flood benchmark (``benchmarks/flood.py``) with a small name count: dnsproxy's miss
+capacity is measured first, then 40,000 unique names arrive at three times it while a side
+client asks a cached name every 10 ms. The pass/fail is what a user would notice: not one
+side query unanswered, and the misses that could not be resolved in time shed and counted.
+The side client's latencies are printed with ``pytest -s``; the full-size benchmark and
+its comparison with Unbound are ``python -m benchmarks.flood`` (README, Reliability).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_real import SBIN_PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(300)
+def test_a_flood_at_three_times_the_miss_capacity_loses_no_cached_query(tmp_path: Path) -> None:
+    for tool, package in (("dnsperf", "dnsperf"), ("unbound", "unbound")):
+        if shutil.which(tool, path=SBIN_PATH) is None:
+            pytest.skip(f"{tool} not installed (apt-get install {package})")
+    out = tmp_path / "flood.json"
+    args = ["--systems", "dnsproxy", "--names", "40000", "--factor", "3", "--capacity-s", "2"]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.flood", *args, "--no-pin", "--json", str(out)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (dnsproxy,) = result["systems"]
+    side, flood = dnsproxy["side"], dnsproxy["flood"]
+    print(
+        f"\nflood of {flood['sent']} names at {result['rate']}/s (3 x {result['capacity_qps']:.0f}"
+        f"/s): side p50 {side['p50_ms']} ms, p99 {side['p99_ms']} ms, max {side['max_ms']} ms; "
+        f"shed {dnsproxy['dnsproxy']['shed_overload']:.0f}"
+    )
+    assert side["sent"] >= 100
+    assert side["lost"] == 0 and side["errors"] == {}
+    assert side["answered"] == side["sent"]
+    assert dnsproxy["dnsproxy"]["shed_overload"] > 0, "the misses beyond capacity were shed"
+    assert flood["rcodes"].get("SERVFAIL", 0) >= dnsproxy["dnsproxy"]["shed_overload"]
