@@ -32,7 +32,7 @@ endif
 $(STAMP): pyproject.toml dnsproxy/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	DNSPROXY_MYPYC=0 $(BIN)/pip install --quiet -e '.[test]'  # the compiled build: $(NATIVE)
 	touch $(STAMP)
 
 venv: $(STAMP)
