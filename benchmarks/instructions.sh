@@ -100,10 +100,17 @@ PYTHONPATH=$src valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
     "$PY" -P -m dnsproxy --config "$work/dnsproxy.yaml" > "$work/dnsproxy.log" 2>&1 &
 vg=$!
 pids+=($vg)
+started=no
 for _ in $(seq 1 240); do
-    dig +short +time=1 +tries=1 -p "$dp_port" @127.0.0.1 "warm.$tag.bench.test" > /dev/null 2>&1 && break
+    dig +short +time=1 +tries=1 -p "$dp_port" @127.0.0.1 "warm.$tag.bench.test" > /dev/null 2>&1 && { started=yes; break; }
+    kill -0 "$vg" 2>/dev/null || break
     sleep 0.5
 done
+if [ $started = no ]; then
+    echo "dnsproxy did not answer; its log:" >&2
+    tail -20 "$work/dnsproxy.log" >&2
+    exit 1
+fi
 callgrind_control --zero "$vg" > /dev/null 2>&1
 dnsperf -s 127.0.0.1 -p "$dp_port" -d "$work/names.txt" -n 1 -Q "$QPS" -c 1 -q 200 -t 10 > "$work/dnsperf.txt"
 callgrind_control --dump=miss "$vg" > /dev/null 2>&1

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -76,17 +76,17 @@ __all__ = [
     "make_upstream",
 ]
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-_ID = struct.Struct(">H")
-_TC = 0x02
-_MAX_MESSAGE = 0xFFFF
+_ID: Final = struct.Struct(">H")
+_TC: Final = 0x02
+_MAX_MESSAGE: Final = 0xFFFF
 
 # Over TCP the ID only demultiplexes (spoofing would need the TCP sequence numbers), so the
 # fast Mersenne Twister is enough. Over UDP the ID is half of the defence against forged
 # replies (RFC 5452), so it comes from the OS.
-_tcp_id = random.getrandbits
-_udp_id = random.SystemRandom().getrandbits
+_tcp_id: Final = random.getrandbits
+_udp_id: Final = random.SystemRandom().getrandbits
 
 # Reconnect backoff of a pool whose connections keep failing: the first failure in a row
 # costs nothing (the query's one retry goes out at once), each further one doubles the
