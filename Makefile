@@ -50,7 +50,7 @@ $(COMPILED)/.built: $(STAMP) setup.py build_support/backend.py $(wildcard dnspro
 	touch $@
 
 $(NATIVE): $(COMPILED)/.built
-	cp $(COMPILED)/*.so dnsproxy/
+	cp --remove-destination $(COMPILED)/*.so dnsproxy/  # new files: a running process keeps its own
 
 compiled: $(NATIVE)
 

@@ -280,13 +280,15 @@ def _brief(r: dict[str, Any]) -> str:
 
 
 def write_outputs(data: dict[str, Any], out_dir: Path) -> Path:
-    """The JSON, the PNG and the Markdown of a run into ``out_dir``; the Markdown of a full
-    run into benchmarks/RESULTS.md instead when ``out_dir`` is benchmarks/results."""
+    """The JSON, the PNG and the Markdown of a run into ``out_dir``, and the README's
+    benchmark paragraph as ``<name>-headline.md``. A full run into benchmarks/results
+    instead rewrites the generated block of benchmarks/RESULTS.md and the headline block
+    of README.md (report.splice_block), keeping the notes around them."""
     name = data["name"]
     json_path = out_dir / f"{name}.json"
     png_path = out_dir / f"{name}.png"
-    full = data["mode"] == "full"
-    md_path = HERE / "RESULTS.md" if full and out_dir == RESULTS else out_dir / f"{name}.md"
+    in_place = data["mode"] == "full" and out_dir == RESULTS
+    md_path = HERE / "RESULTS.md" if in_place else out_dir / f"{name}.md"
     skipped = report.plot(data, png_path)
     if skipped:
         data["notes"] = [*data["notes"], skipped]
@@ -299,8 +301,23 @@ def write_outputs(data: dict[str, Any], out_dir: Path) -> Path:
         except ValueError:
             return str(p)
 
-    md_path.write_text(report.markdown(data, rel(json_path), None if skipped else rel(png_path)))
-    say(f"wrote {json_path}, {md_path}" + ("" if skipped else f", {png_path}"))
+    text = report.markdown(data, rel(json_path), None if skipped else rel(png_path), not in_place)
+    headline = report.headline(data)
+    written = [json_path, md_path]
+    if in_place:
+        md_path.write_text(report.splice_block(md_path.read_text(), report.RESULTS_BLOCK, text))
+        readme = HERE.parent / "README.md"
+        readme.write_text(report.splice_block(readme.read_text(), report.README_BLOCK, headline))
+        written.append(readme)
+    else:
+        md_path.write_text(text)
+        headline_path = out_dir / f"{name}-headline.md"
+        headline_path.write_text(headline + "\n")
+        written.append(headline_path)
+    if not skipped:
+        written.append(png_path)
+    say(f"wrote {', '.join(map(str, written))}")
+    say(f"goals: {report.goals_summary(data)}")
     return json_path
 
 

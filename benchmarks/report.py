@@ -14,7 +14,7 @@ import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.scenarios import COST_WORKLOADS
 from benchmarks.systems import BASELINE, CACHE_ENTRIES
@@ -192,26 +192,52 @@ def _counted(r: dict[str, Any] | None, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def goals(data: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
-    """Issue 12's goals for one core: (goal, required, dnsproxy compiled, pure Python,
-    met). Ratios of the same run; a flagged or failed figure is not counted."""
+class Goal(NamedTuple):
+    """One goal of one core, as a run measured it (see :func:`goals`)."""
+
+    goal: str
+    required: str
+    compiled: str  # dnsproxy's figure over the peer's, compiled build
+    pure: str  # the same for the pure-Python build
+    met: bool | None  # None: not measured (a figure missing, failed or flagged)
+    gap: str  # how far from the goal when not met (a dash when met)
+
+
+def _gap(ratio: float | None, need: float, at_least: bool) -> str:
+    if ratio is None:
+        return "not measured (a figure is missing, failed or flagged)"
+    if at_least:
+        return (
+            "–"
+            if ratio >= need
+            else f"needs {(need / ratio - 1) * 100:.0f} % more to reach {need:.1f} ×"
+        )
+    return "–" if ratio <= need else f"{(ratio / need - 1) * 100:.0f} % over {need:.1f} ×"
+
+
+def goals(data: dict[str, Any]) -> list[Goal]:
+    """The goals for one core: ratios of the same run, dnsproxy's figure over the peer's;
+    a flagged or failed figure is not counted. The goal is the compiled build's (what the
+    image ships); the pure-Python build's ratio is shown beside it."""
     sc = data["scenarios"]
-    rows: list[tuple[str, str, str, str, bool | None]] = []
+    rows: list[Goal] = []
 
     def ratio(results: dict[str, Any], key: str, peer: float | None, who: str) -> float | None:
         mine = _counted(results.get(who), key)
         return mine / peer if mine is not None and peer else None
 
-    def add(goal: str, need: str, results: dict[str, Any], key: str, peer: float | None,
-            ok: Callable[[float], bool]) -> None:  # fmt: skip
+    def add(goal: str, need_text: str, results: dict[str, Any], key: str, peer: float | None,
+            need: float, at_least: bool) -> None:  # fmt: skip
         compiled, pure = (ratio(results, key, peer, who) for who in (BASELINE, "dnsproxy-pure"))
+        met = None if compiled is None else compiled >= need if at_least else compiled <= need
         rows.append(
-            (
+            Goal(
                 goal,
-                need,
+                need_text,
                 "–" if compiled is None else f"{compiled:.2f} ×",
                 "–" if pure is None else f"{pure:.2f} ×",
-                None if compiled is None else ok(compiled),
+                met,
+                _gap(compiled, need, at_least),
             )
         )
 
@@ -221,18 +247,134 @@ def goals(data: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
         default=None,
     )
     add("cache hits", "≥ 1.0 × the faster of Unbound and dnsdist", hits, "qps", fastest,
-        lambda v: v >= 1.0)  # fmt: skip
+        1.0, True)  # fmt: skip
     for scenario, label, need in (("miss", "misses over TCP", 1.5), ("mix", "Kubernetes mix", 1.2)):
         results = sc.get(scenario, {})
         add(label, f"≥ {need} × Unbound", results, "qps", _counted(results.get("unbound"), "qps"),
-            lambda v, need=need: v >= need)  # fmt: skip
+            need, True)  # fmt: skip
     for workload, label in (("hits", "hits"), ("miss", "misses"), ("mix", "mix")):
         results = sc.get("cost", {}).get(workload, {})
         unbound = _counted(results.get("unbound"), "cpu_s_per_million")
-        offered = next((r.get("offered_qps") for r in results.values() if "offered_qps" in r), 0)
+        offered = next(
+            (r["offered_qps"] for r in results.values() if "offered_qps" in r),
+            data["settings"].get("cost_qps", 20_000),
+        )
         add(f"CPU per query at {offered:,} QPS offered, {label}", "≤ 1.0 × Unbound's",
-            results, "cpu_s_per_million", unbound, lambda v: v <= 1.0)  # fmt: skip
+            results, "cpu_s_per_million", unbound, 1.0, False)  # fmt: skip
     return rows
+
+
+def goals_summary(data: dict[str, Any]) -> str:
+    """One sentence: how many goals the run met, and each one missed with its gap."""
+    rows = goals(data)
+    met = [g for g in rows if g.met]
+    missed = [f"{g.goal} {g.compiled} ({g.gap})" for g in rows if g.met is False]
+    unmeasured = [g.goal for g in rows if g.met is None]
+    text = f"{len(met)} of {len(rows)} goals met"
+    if missed:
+        text += "; missed: " + "; ".join(missed)
+    if unmeasured:
+        text += "; not measured: " + ", ".join(unmeasured)
+    return text + "."
+
+
+def _qps_k(r: dict[str, Any] | None) -> str:
+    value = _counted(r, "qps")
+    return "–" if value is None else f"{value / 1000:.0f}k QPS"
+
+
+def _times(r: dict[str, Any] | None, peer: dict[str, Any] | None, key: str = "qps") -> str:
+    mine, theirs = _counted(r, key), _counted(peer, key)
+    return "–" if mine is None or not theirs else f"{mine / theirs:.2f}"
+
+
+def _pure(results: dict[str, Any]) -> str:
+    pure = results.get("dnsproxy-pure")
+    return "" if pure is None else f"; pure Python {_qps_k(pure)}"
+
+
+def headline(data: dict[str, Any]) -> str:
+    """The README's benchmark paragraph from one run: its date and command, the compiled
+    build's figures against the peers (pure Python's beside them) and the goals."""
+    sc = data["scenarios"]
+    label = data["systems"].get(BASELINE, {}).get("label", BASELINE)
+
+    def of(scenario: str, key: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = sc.get(scenario, {}).get(key)
+        return result
+
+    parts: list[str] = []
+    hits, miss, mix = (sc.get(name, {}) for name in ("hits", "miss", "mix"))
+    if hits:
+        peers = ", ".join(
+            f"{_times(hits.get(BASELINE), hits.get(p))} × {label}"
+            for p, label in (("unbound", "Unbound"), ("dnsdist", "dnsdist"), ("dnsmasq", "dnsmasq"))
+            if p in hits
+        )
+        parts.append(f"cache hits {_qps_k(hits.get(BASELINE))} ({peers}{_pure(hits)})")
+    if miss:
+        parts.append(
+            f"cache misses forwarded over TCP {_qps_k(miss.get(BASELINE))} "
+            f"({_times(miss.get(BASELINE), miss.get('unbound'))} × Unbound{_pure(miss)})"
+        )
+    if mix:
+        parts.append(
+            "the Kubernetes mix (Zipf names, `ndots:5` NXDOMAIN bursts, 5 s TTLs) at "
+            f"{_times(mix.get(BASELINE), mix.get('unbound'))} × Unbound"
+        )
+    cost = sc.get("cost", {})
+    if cost:
+        offered = data["settings"].get("cost_qps", 20_000)
+        figures = []
+        for workload, label in (("hits", "hit"), ("miss", "miss"), ("mix", "mix query")):
+            mine = _counted(cost.get(workload, {}).get(BASELINE), "cpu_s_per_million")
+            theirs = _counted(cost.get(workload, {}).get("unbound"), "cpu_s_per_million")
+            if mine is not None:
+                figures.append(
+                    f"{mine:.1f} µs per {label}"
+                    + (f" (Unbound {theirs:.1f})" if theirs is not None else "")
+                )
+        if figures:
+            parts.append(f"CPU at {offered:,} QPS offered: " + ", ".join(figures))
+    p99 = _counted(of("latency", BASELINE), "p99_ms")
+    if p99 is not None:
+        parts.append(f"p99 {p99:.2f} ms at {data['settings'].get('latency_qps', 20_000):,} QPS")
+    mem = of("memory", BASELINE) or {}
+    if isinstance(mem.get("bytes_per_entry"), int | float):
+        unbound = (of("memory", "unbound") or {}).get("bytes_per_entry")
+        parts.append(
+            f"{mem['bytes_per_entry']:,.0f} bytes per cached entry"
+            + (f" (Unbound {unbound:,.0f})" if isinstance(unbound, int | float) else "")
+        )
+    if isinstance(mem.get("idle_rss_kib"), int | float):
+        parts.append(f"idle {mem['idle_rss_kib'] / 1024:.0f} MiB")
+    startup = (of("startup", BASELINE) or {}).get("median_ms")
+    if isinstance(startup, int | float):
+        parts.append(f"start-up {startup / 1000:.2f} s")
+    return (
+        "Benchmarks ([benchmarks/RESULTS.md](benchmarks/RESULTS.md); one server core, dnsperf "
+        f"on the other, same-run ratios; {label}): "
+        + "; ".join(parts)
+        + f". {goals_summary(data)} From the run of {data['started']}: `{data['command']}` "
+        "(`make bench` reproduces it)."
+    )
+
+
+# The parts of RESULTS.md and README.md that a full run rewrites: between a line
+# `<!-- begin NAME ... -->` and a line `<!-- end NAME -->`; everything else is kept.
+RESULTS_BLOCK = "generated-results"
+README_BLOCK = "benchmark-headline"
+
+
+def splice_block(text: str, name: str, body: str) -> str:
+    """``text`` with the lines between its ``name`` markers replaced by ``body``; raises
+    ValueError when the markers are missing."""
+    lines = text.splitlines(keepends=True)
+    begin = next((i for i, x in enumerate(lines) if x.startswith(f"<!-- begin {name}")), None)
+    end = next((i for i, x in enumerate(lines) if x.startswith(f"<!-- end {name}")), None)
+    if begin is None or end is None or end < begin:
+        raise ValueError(f"no <!-- begin {name} --> ... <!-- end {name} --> lines")
+    return "".join([*lines[: begin + 1], body.rstrip("\n") + "\n", *lines[end:]])
 
 
 def _scenario_loads(data: dict[str, Any]) -> str:
@@ -281,11 +423,14 @@ def _other_cpu(data: dict[str, Any]) -> str:
     )
 
 
-def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
+def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None, title: bool = True) -> str:
+    """The Markdown report of a run; ``title``: with the document's title (without, for
+    the generated block of RESULTS.md, under its own title and notes)."""
     d = _Doc(data)
     m = data["machine"]
     st = data["settings"]
-    d.add("# dnsproxy benchmark results", "")
+    if title:
+        d.add("# dnsproxy benchmark results", "")
     d.add(
         f"Run `{data['name']}` of {data['started']} ({data['mode']} mode), raw figures in "
         f"[`{json_rel}`]({json_rel})" + (f", plot [`{png_rel}`]({png_rel})." if png_rel else "."),
@@ -324,15 +469,13 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         "gives). A peer's figure that is flagged (errors, lost queries, questions run out, "
         "a fixed load not sustained) is not counted.",
         "",
-        "| goal | required | dnsproxy (compiled) | pure Python | met |",
-        "|---|---|---|---|---|",
+        "| goal | required | dnsproxy (compiled) | pure Python | met | gap |",
+        "|---|---|---|---|---|---|",
     )
-    for goal, need, compiled, pure, ok in goals(data):
-        d.add(
-            f"| {goal} | {need} | {compiled} | {pure} | "
-            f"{'–' if ok is None else 'yes' if ok else 'NO'} |"
-        )
-    d.add("")
+    for g in goals(data):
+        met = "–" if g.met is None else "yes" if g.met else "NO"
+        d.add(f"| {g.goal} | {g.required} | {g.compiled} | {g.pure} | {met} | {g.gap} |")
+    d.add("", goals_summary(data), "")
     d.add("## Targets (dnsproxy compiled, uvloop, same run)", "")
     d.add("| target | required | measured | met |", "|---|---|---|---|")
     for name, target, value, ok in _targets(data):

@@ -642,7 +642,10 @@ def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int)
     if age <= 0:
         return body
     buf = bytearray(body)
-    for off, ttl in zip(offsets, ttls, strict=False):
+    # No strict=: mypyc compiles a plain zip of two tuples into an indexed loop, and a call
+    # with a keyword argument into a generic call and an iterator (offsets and ttls come
+    # from the same walk, equally long).
+    for off, ttl in zip(offsets, ttls):  # noqa: B905
         ttl -= age
         _pack_u32_into(buf, off, ttl if ttl > 0 else 0)
     return bytes(buf)
