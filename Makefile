@@ -13,12 +13,13 @@ CONFIG ?= config/dnsproxy.yaml
 
 .PHONY: run test lint typecheck unit venv clean schema wheels image compiled pure
 
-# DNSPROXY_MYPYC=1 on any target (`make test DNSPROXY_MYPYC=1`, `make run DNSPROXY_MYPYC=1`):
+# DNSPROXY_MYPYC=1 on a target (`make run DNSPROXY_MYPYC=1`, `make unit DNSPROXY_MYPYC=1`):
 # the query-path modules (dnsproxy.NATIVE_MODULES) compiled with mypyc, built in place next
 # to their sources (dnsproxy/*.so, which Python imports before the .py) and rebuilt when a
 # source changed; needs gcc and Python's headers (Debian: python3-dev). Without it, every
 # target runs the pure-Python modules and removes compiled ones left in place, so that
-# what runs is always what the sources say. `make compiled` only builds them.
+# what runs is always what the sources say. `make compiled` only builds them; `make test`
+# runs both builds whatever it says.
 DNSPROXY_MYPYC ?= 0
 EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 NATIVE := dnsproxy/_native__mypyc$(EXT_SUFFIX)
