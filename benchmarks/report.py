@@ -290,7 +290,7 @@ def _times(r: dict[str, Any] | None, peer: dict[str, Any] | None, key: str = "qp
 
 def _pure(results: dict[str, Any]) -> str:
     pure = results.get("dnsproxy-pure")
-    return "" if pure is None else f"; pure Python {_qps_k(pure)}"
+    return "" if pure is None else f"pure Python {_qps_k(pure)}"
 
 
 def headline(data: dict[str, Any]) -> str:
@@ -311,11 +311,13 @@ def headline(data: dict[str, Any]) -> str:
             for p, label in (("unbound", "Unbound"), ("dnsdist", "dnsdist"), ("dnsmasq", "dnsmasq"))
             if p in hits
         )
-        parts.append(f"cache hits {_qps_k(hits.get(BASELINE))} ({peers}{_pure(hits)})")
+        extra = "; ".join(x for x in (peers, _pure(hits)) if x)
+        parts.append(f"cache hits {_qps_k(hits.get(BASELINE))}" + (f" ({extra})" if extra else ""))
     if miss:
         parts.append(
             f"cache misses forwarded over TCP {_qps_k(miss.get(BASELINE))} "
-            f"({_times(miss.get(BASELINE), miss.get('unbound'))} × Unbound{_pure(miss)})"
+            f"({_times(miss.get(BASELINE), miss.get('unbound'))} × Unbound"
+            + (f"; {_pure(miss)})" if _pure(miss) else ")")
         )
     if mix:
         parts.append(
@@ -353,7 +355,7 @@ def headline(data: dict[str, Any]) -> str:
         parts.append(f"start-up {startup / 1000:.2f} s")
     return (
         "Benchmarks ([benchmarks/RESULTS.md](benchmarks/RESULTS.md); one server core, dnsperf "
-        f"on the other, same-run ratios; {label}): "
+        f"on the other, same-run ratios; figures of {label}): "
         + "; ".join(parts)
         + f". {goals_summary(data)} From the run of {data['started']}: `{data['command']}` "
         "(`make bench` reproduces it)."

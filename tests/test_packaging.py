@@ -151,3 +151,18 @@ def test_installed_wheel_prints_its_configs(wheel: Path, tmp_path: Path) -> None
     path = Path(result.stdout.strip())
     assert path.is_relative_to(target)
     assert path.read_text() == (CONFIG / "nodelocal.yaml").read_text()
+
+
+def test_compiled_build_check_says_what_is_missing(tmp_path: Path) -> None:
+    # What `make test` prints when it skips the compiled build (an error under CI=true).
+    check = [sys.executable, str(ROOT / "build_support" / "compiler.py")]
+    no_tools = subprocess.run(
+        check, capture_output=True, text=True, timeout=30, check=False, env={"PATH": str(tmp_path)}
+    )
+    assert no_tools.returncode == 1
+    assert no_tools.stdout.startswith("no C compiler (")
+    assert "apt-get install gcc" in no_tools.stdout
+    here = subprocess.run(check, capture_output=True, text=True, timeout=30, check=False)
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed here (CI installs it)")
+    assert (here.returncode, here.stdout) == (0, ""), here.stdout
