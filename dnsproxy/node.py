@@ -8,11 +8,12 @@ local IP) kube-proxy's DNAT never applies, so pods reach this cache instead of C
 
 Fail-safe (``node.fallback``, on by default): the NOTRACK of arriving queries matches only
 while a socket is bound to the local IP itself (``-m socket --nowildcard``; nft ``socket
-wildcard 0``, for TCP ``socket transparent 0``, see :meth:`Rule.nft_line`), so when the proxy dies without teardown its rules stop applying at once: a
-ClusterIP is kube-proxy's again, and ``node.fallback_ip`` (nftables only) sends queries for
-a link-local IP to the cluster DNS by a stateless rewrite between conntrack and kube-proxy's
-DNAT. The node's own queries pass OUTPUT, where the kernel has no receiving socket to look
-up: that rule stays unconditional. The first sync reports rules a previous instance left.
+wildcard 0``, for TCP ``socket transparent 0``, see :meth:`Rule.nft_line`), so when the
+proxy dies without teardown its rules stop applying at once: a ClusterIP is kube-proxy's
+again, and ``node.fallback_ip`` (nftables only) sends queries for a link-local IP to the
+cluster DNS by a stateless rewrite between conntrack and kube-proxy's DNAT. The node's own
+queries pass OUTPUT, where the kernel has no receiving socket to look up: that rule stays
+unconditional. The first sync reports rules a previous instance left.
 
 Each rules backend implements :class:`RulesBackend` (``plan``, ``sync``, ``remove``,
 ``check_tools``); :class:`NodeManager` drives whichever the configuration chose:
