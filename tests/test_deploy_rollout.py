@@ -17,6 +17,7 @@ over 10 s per overlay; every container is removed, also when the test fails.
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 import threading
@@ -312,10 +313,5 @@ def test_rolling_update_surge_pod_takes_over_and_no_query_is_lost(
 
 def summarise(samples: list[tuple[float, int | None]]) -> str:
     """Runs of equal probe results: ``200 x12, 503 x1, 200 x30``."""
-    runs: list[list[object]] = []
-    for _, status in samples:
-        if runs and runs[-1][0] == status:
-            runs[-1][1] = int(str(runs[-1][1])) + 1
-        else:
-            runs.append([status, 1])
-    return ", ".join(f"{s} x{n}" for s, n in runs)
+    statuses = (status for _, status in samples)
+    return ", ".join(f"{s} x{len(list(run))}" for s, run in itertools.groupby(statuses))
