@@ -942,21 +942,10 @@ class DnsServer:
         removed: list[_Listener] = []
         for hp in addresses:
             pairs = self._listeners.pop(hp, [])
-            for listener in pairs:
-                listener.udp.pause()
-                listener.tcp.close()
-                removed.append(listener)
+            removed += pairs
             if pairs:
                 log.info("stopped listening on %s", _local(pairs[0].udp.sock))
-        self._retired += removed
-
-        def close_removed() -> None:
-            for listener in removed:
-                if listener in self._retired:
-                    self._retired.remove(listener)
-                    self._close_listener(listener)
-
-        return close_removed
+        return self._retire(removed)
 
     async def adopt(self, inherited: Inherited) -> list[_Listener]:
         """Read the sockets of ``inherited`` too, beside this server's own for the same
@@ -982,6 +971,12 @@ class DnsServer:
         ``close_after_s`` later, when the answers to what they read are out."""
         for pairs in self._listeners.values():
             pairs[:] = [listener for listener in pairs if listener not in listeners]
+        asyncio.get_running_loop().call_later(close_after_s, self._retire(listeners))
+
+    def _retire(self, listeners: list[_Listener]) -> Callable[[], None]:
+        """Stop reading and accepting on ``listeners`` (already out of ``_listeners``);
+        their UDP sockets stay open for the answers still in flight. Returns what closes
+        them, once those are out (a shutdown closes them too, whichever comes first)."""
         for listener in listeners:
             listener.udp.pause()
             listener.tcp.close()
@@ -993,7 +988,7 @@ class DnsServer:
                     self._retired.remove(listener)
                     self._close_listener(listener)
 
-        asyncio.get_running_loop().call_later(close_after_s, close)
+        return close
 
     async def _listen(
         self, loop: asyncio.AbstractEventLoop, hp: HostPort, inherited: Inherited
