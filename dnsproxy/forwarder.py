@@ -334,7 +334,9 @@ class Forwarder:
             stats.nxdomain_hits += 1
             deliver(nx)
             return
-        if key[0] == 16 and key.startswith(self._loop_prefix):  # first: cheap, rarely true
+        # A loop probe asks HINFO (the low byte of the key's qtype), which clients hardly
+        # do: one index and compare per miss, and the prefix test only for those.
+        if key[-4] == 13 and key.startswith(self._loop_prefix):
             self.stats.loop_probes_back += 1
             deliver(self._came_back(query, qend, key))
             return
