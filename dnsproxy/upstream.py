@@ -249,8 +249,7 @@ def make_upstream(
     for a server that is still configured. Both count in them while the replaced one
     drains, so the gauges (connections, queries in flight) are the server's totals.
     """
-    kinds: dict[str, Callable[[UpstreamConfig, UpstreamPoolConfig, UpstreamStats | None], Upstream]]
-    kinds = {
+    kinds: dict[str, type[TcpUpstream] | type[UdpUpstream] | type[AutoUpstream]] = {
         "tcp": TcpUpstream,
         "tls": TlsUpstream,
         "udp": UdpUpstream,
@@ -259,9 +258,10 @@ def make_upstream(
     kind = kinds.get(config.transport)
     if kind is None:
         raise ValueError(f"unsupported upstream transport {config.transport!r}")
-    same = counting_on is not None and counting_on.label == config.label
-    upstream = kind(config, pool, counting_on.stats if same and counting_on else None)
-    if same and isinstance(upstream, TlsUpstream) and isinstance(counting_on, TlsUpstream):
+    if counting_on is None or counting_on.label != config.label:
+        return kind(config, pool)
+    upstream = kind(config, pool, stats=counting_on.stats)
+    if isinstance(upstream, TlsUpstream) and isinstance(counting_on, TlsUpstream):
         upstream.tls_stats = counting_on.tls_stats
     return upstream
 
@@ -331,8 +331,8 @@ class TcpUpstream(Upstream):
         self,
         config: UpstreamConfig,
         pool: UpstreamPoolConfig,
-        stats: UpstreamStats | None = None,
         label: str = "",
+        stats: UpstreamStats | None = None,
     ) -> None:
         super().__init__(config, label, stats)
         self.pool = pool
@@ -738,10 +738,10 @@ class TlsUpstream(TcpUpstream):
         self,
         config: UpstreamConfig,
         pool: UpstreamPoolConfig,
-        stats: UpstreamStats | None = None,
         label: str = "",
+        stats: UpstreamStats | None = None,
     ) -> None:
-        super().__init__(config, pool, stats, label)
+        super().__init__(config, pool, label, stats)
         if config.tls is None:
             raise ValueError(f"{self.label}: a tls upstream needs its TLS settings")
         settings = config.tls
@@ -936,8 +936,8 @@ class UdpUpstream(Upstream):
         self,
         config: UpstreamConfig,
         pool: UpstreamPoolConfig,
-        stats: UpstreamStats | None = None,
         label: str = "",
+        stats: UpstreamStats | None = None,
     ) -> None:
         super().__init__(config, label, stats)
         self.pool = pool
@@ -1054,10 +1054,10 @@ class AutoUpstream(Upstream):
     ) -> None:
         super().__init__(config, stats=stats)
         tcp = UpstreamConfig("tcp", config.host, config.port)
-        self.tcp = TcpUpstream(tcp, pool, self.stats, self.label)
+        self.tcp = TcpUpstream(tcp, pool, self.label, self.stats)
         self.tcp.fallback = self._udp_instead
         udp = UpstreamConfig("udp", config.host, config.port)
-        self.udp = UdpUpstream(udp, pool, self.stats, self.label)
+        self.udp = UdpUpstream(udp, pool, self.label, self.stats)
         self.using_udp = False
         self._recheck_at = NEVER  # when to probe TCP again (on UDP)
         self._recheck: Request | None = None  # the probe out, for close()
