@@ -8,11 +8,12 @@ local IP) kube-proxy's DNAT never applies, so pods reach this cache instead of C
 
 Fail-safe (``node.fallback``, on by default): the NOTRACK of arriving queries matches only
 while a socket is bound to the local IP itself (``-m socket --nowildcard``; nft ``socket
-wildcard 0``), so when the proxy dies without teardown its rules stop applying at once: a
-ClusterIP is kube-proxy's again, and ``node.fallback_ip`` (nftables only) sends queries for
-a link-local IP to the cluster DNS by a stateless rewrite between conntrack and kube-proxy's
-DNAT. The node's own queries pass OUTPUT, where the kernel has no receiving socket to look
-up: that rule stays unconditional. The first sync reports rules a previous instance left.
+wildcard 0``, for TCP ``socket transparent 0``, see :meth:`Rule.nft_line`), so when the
+proxy dies without teardown its rules stop applying at once: a ClusterIP is kube-proxy's
+again, and ``node.fallback_ip`` (nftables only) sends queries for a link-local IP to the
+cluster DNS by a stateless rewrite between conntrack and kube-proxy's DNAT. The node's own
+queries pass OUTPUT, where the kernel has no receiving socket to look up: that rule stays
+unconditional. The first sync reports rules a previous instance left.
 
 Each rules backend implements :class:`RulesBackend` (``plan``, ``sync``, ``remove``,
 ``check_tools``); :class:`NodeManager` drives whichever the configuration chose:
@@ -208,7 +209,17 @@ class Rule:
             )
         addr = "daddr" if self.direction == "dst" else "saddr"
         port = "dport" if self.direction == "dst" else "sport"
-        bound = "socket wildcard 0 " if self.bound else ""
+        bound = ""
+        if self.bound and self.proto == "tcp":
+            # nft's `socket wildcard` matches full sockets only, not a connection still in
+            # its handshake (a request socket): the handshake's last ACK would be tracked,
+            # rewritten to the fallback (or DNATed by kube-proxy) and the connection reset.
+            # `socket transparent 0` is true of every ordinary socket, request ones too; it
+            # also counts someone else's TCP listener on 0.0.0.0:53. iptables' --nowildcard
+            # matches request sockets as they are.
+            bound = "socket transparent 0 "
+        elif self.bound:
+            bound = "socket wildcard 0 "
         verdict = "notrack" if self.target == "NOTRACK" else "accept"
         return (
             f"{family} {addr} {self.ip} {self.proto} {port} {self.port} {bound}{verdict} {comment}"

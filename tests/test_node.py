@@ -242,6 +242,9 @@ def test_fail_safe_rules_match_queries_only_while_a_socket_is_bound() -> None:
         f"ip daddr {IP4} udp dport 53 socket wildcard 0 notrack "
         f'comment "dnsproxy: notrack queries to {IP4} udp/53 while bound"'
     )
+    # nft's wildcard key misses TCP handshakes in progress: TCP counts any socket.
+    tcp4 = next(r for r in bound if r.ip == IP4 and r.proto == "tcp")
+    assert " socket transparent 0 notrack " in tcp4.nft_line()
 
 
 def test_fallback_rules_rewrite_new_connections_of_their_family_then_bind_them() -> None:

@@ -397,6 +397,10 @@ def test_glibc_pod_resolves_through_the_shipped_config_without_conntrack(
         )
         result = topo.pod.run(sys.executable, "-c", code)
         assert result.stdout.strip() == f"['{KUBERNETES_IP}']"
+        # TCP too (a truncated answer's retry): its handshake must skip conntrack as well.
+        query = dns.message.make_query("example.test.", "A")
+        reply = topo.pod.call(lambda: dns.query.tcp(query, LOCAL_IP, timeout=5))
+        assert [str(r) for rrset in reply.answer for r in rrset] == [EXTERNAL_IP]
 
         # ndots:5 tried the first search suffix first, and it reached the upstream from the
         # node's address: through the proxy.
