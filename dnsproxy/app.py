@@ -172,6 +172,8 @@ class App:
             snapshot = None
             if taken is not None:
                 snapshot, taken.cache = taken.cache, None
+                if taken.loop_id:
+                    self.engine.loop_id = taken.loop_id
             self.handover_entries = await self.engine.start(
                 inherited, snapshot, taken.cache_time if taken is not None else 0.0
             )
@@ -181,13 +183,10 @@ class App:
             self.health = self._endpoint(
                 self.config.health_listen, "/health /ready /metrics", inherited
             )
-            if taken is None:
-                await self.check_loops(self.config, starting=True)
-            else:
-                # Both instances read the sockets until the old one is told to stop: a
-                # probe coming back could reach either. The old one checked at its start,
-                # and a reload checks.
-                log.info("loop check skipped: the listeners were taken over from %s", taken.peer)
+            # Before the old instance is told to stop: a loop refuses this configuration
+            # and the old one goes on serving. A probe may come back to either; both know
+            # its first label (the old one's, taken over above).
+            await self.check_loops(self.config, starting=True)
         except BaseException:
             if taken is not None:
                 taken.close()  # the running instance goes on serving, addresses and all
@@ -215,23 +214,25 @@ class App:
         """Raise :class:`LoopError` when an upstream of ``config`` sends a probe back to
         this instance's listeners (see :meth:`Forwarder.find_loops`).
 
-        For a configuration about to be served: ``starting``, through the forwarder that
-        starts (its pools then hold a connection to each upstream, and an ``auto`` one has
-        found its transport); for a reload, through a forwarder of its own, with a cache
-        of its own so that nothing of the running one changes. Probes coming back reach
-        the running forwarder. Takes an upstream's reply time, or its zone's deadline_s
-        for one that does not answer. Nothing when ``config`` turns ``loop_check`` off,
-        nor with ``workers`` > 1: a probe coming back would reach any worker's listener.
+        For a configuration about to be served in this process: ``starting``, through the
+        forwarder that starts (its pools then hold a connection to each upstream, and an
+        ``auto`` one has found its transport); otherwise (a reload, or the workers'
+        configuration), through a forwarder of its own, with a cache of its own so that
+        nothing of the running one changes. A probe that comes back is answered by
+        whichever process reads it, this one, a worker or the instance handing over.
+        Takes an upstream's reply time, or its zone's deadline_s for one that does not
+        answer. Nothing when ``config`` turns ``loop_check`` off.
         """
         if not config.loop_check:
             return
-        if not isinstance(self.engine, Engine):
-            log.info("loop check skipped: the queries are answered by worker processes")
-            return
-        running = self.engine.forwarder
-        prober = running if starting else Forwarder(config, Cache(1))
+        engine = self.engine
+        running = engine.forwarder if isinstance(engine, Engine) else None
+        if starting and running is not None:
+            prober = running
+        else:
+            prober = Forwarder(config, Cache(1), loop_id=engine.loop_id)
         try:
-            problems = await prober.find_loops(listening=running)
+            problems = await prober.find_loops()
         finally:
             if prober is not running:
                 await prober.close()
@@ -415,7 +416,7 @@ class App:
                 host, port = endpoint.socket.getsockname()[:2]
                 sockets["http", HostPort(host, port)] = [endpoint.socket]
         snapshot = self.engine.snapshot if self.config.handover.cache else None
-        return handover.Offer(sockets, snapshot)
+        return handover.Offer(sockets, snapshot, self.engine.loop_id)
 
     async def _retire(self, channel: handover.Channel, pid: int) -> None:
         """The successor serves the sockets: stop reading, answer what is in flight."""
@@ -428,8 +429,8 @@ class App:
         if self._handover is not None:
             # The successor renames its own socket over the path: leave the path alone.
             self._handover.close(unlink=False)
-        # The endpoints' threads take up to half a second to stop, off the event loop; they
-        # still answer /ready 200 meanwhile, which is true of the address: it is served.
+        # The endpoints stop off the event loop while the drain goes on; they still
+        # answer /ready 200 meanwhile, which is true of the address: it is served.
         endpoints = asyncio.ensure_future(self._stop_endpoints())
         abandoned = await self.engine.drain()
         await endpoints
@@ -734,7 +735,7 @@ class App:
 
 
 async def _stopped(endpoint: HttpEndpoint) -> None:
-    """Stop ``endpoint`` off the event loop (its server thread polls twice a second)."""
+    """Stop ``endpoint`` off the event loop (it joins the endpoint's server thread)."""
     await asyncio.to_thread(endpoint.stop)
 
 

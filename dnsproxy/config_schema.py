@@ -1484,9 +1484,10 @@ DOCUMENT = Section(
         Key(
             "loop_check",
             Boolean(),
-            "At start, send <random>.<random>.<zone> HINFO to every upstream of every zone "
-            "and refuse to run (exit 2, naming the zone and upstream) if one comes back to "
-            "this proxy: a forwarding loop.",
+            "At start and before a reload, send <loop id>.<random>.<zone> HINFO to every "
+            "upstream of every zone and refuse the configuration (exit 2 at start, naming the "
+            "zone and upstream) if one comes back to this instance (any of its workers, or the "
+            "instance it takes over from): a forwarding loop.",
             default=_field_default(Config, "loop_check"),
         ),
         Key(

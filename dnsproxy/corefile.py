@@ -41,6 +41,9 @@ _PROBE_INTERVAL_S = 0.5  # dnsproxy probes a server marked down this often
 _MAX_FAILS = 2  # and marks it down after this many failures in a row
 _DEFAULT_CAPACITY = 9984  # CoreDNS cache's default capacity per kind
 _MAX_SERVFAIL_TTL_S = 300
+_DEFAULT_STALE_S = 3600.0  # serve_stale's default DURATION
+_MAX_STALE_S = 604800  # the bound of dnsproxy's max_stale_s
+_PREFETCH_PERCENT = 10  # dnsproxy refreshes in the last tenth of the TTL (CoreDNS's default)
 
 
 class CorefileError(DnsproxyError):
@@ -261,6 +264,7 @@ class _Importer:
         self.log_lines: list[int] = []
         self.notes: dict[str, list[int]] = {}  # directives mapped to nothing, and why
         self.capacity: tuple[int, int] | None = None
+        self.prefetch: tuple[int, int, str] | None = None  # min_hits, line, note
         self.globals: dict[str, tuple[float, int, str]] = {}  # key -> value, line, note
 
     def problem(self, line: int, reason: str) -> None:
@@ -571,11 +575,74 @@ class _Importer:
                     self.problem(o.line, f"servfail {' '.join(sub)}: whole seconds up to 300")
                 else:
                     zone.cache["servfail_ttl_s"] = int(seconds)
+            elif o.name == "prefetch":
+                self.cache_prefetch(o)
+            elif o.name == "serve_stale":
+                self.cache_serve_stale(o, zone)
             else:
                 self.problem(o.line, f"cache option '{o.name}' has no dnsproxy equivalent")
         capacity = capacity or _DEFAULT_CAPACITY
         if self.capacity is None or capacity > self.capacity[0]:
             self.capacity = (capacity, d.line)
+
+    def cache_prefetch(self, o: Directive) -> None:
+        """``prefetch AMOUNT [[DURATION] [PERCENTAGE%]]`` -> ``cache.prefetch.min_hits``."""
+        args = [a.text for a in o.args]
+        amount = _integer(args[0]) if args else None
+        rest = args[1:]
+        percent = rest.pop() if rest and rest[-1].endswith("%") else None
+        window = rest.pop(0) if rest else None
+        if amount is None or amount < 1 or rest or (window and _duration(window) is None):
+            self.problem(o.line, f"prefetch {' '.join(args)}: AMOUNT [[DURATION] [PERCENTAGE%]]")
+            return
+        if percent is not None and percent != f"{_PREFETCH_PERCENT}%":
+            self.problem(
+                o.line,
+                f"prefetch {percent}: dnsproxy refreshes in the last {_PREFETCH_PERCENT}% of the "
+                "TTL",
+            )
+            return
+        if self.prefetch is not None and self.prefetch[0] != amount:
+            self.problem(
+                o.line,
+                f"prefetch {amount} differs from line {self.prefetch[1]}: dnsproxy has one "
+                "cache.prefetch.min_hits",
+            )
+            return
+        # CoreDNS counts AMOUNT queries with no gap of DURATION (1m) between them; dnsproxy
+        # counts the hits in the entry's lifetime, which is at most the zone's TTL cap.
+        if self.prefetch is not None:
+            return  # the same amount as an earlier block: its line is named
+        gap = f"; CoreDNS's gap of {window} is not checked" if window else ""
+        self.prefetch = (
+            amount,
+            o.line,
+            f"prefetch (line {o.line}): entries with {amount} hits in their lifetime are "
+            f"refreshed in the last {_PREFETCH_PERCENT}% of their TTL, in every zone{gap}",
+        )
+
+    def cache_serve_stale(self, o: Directive, zone: _Zone) -> None:
+        """``serve_stale [DURATION] [REFRESH_MODE]`` -> the zone's ``max_stale_s``."""
+        args = [a.text for a in o.args]
+        mode = args.pop() if args and args[-1] in ("immediate", "verify") else "immediate"
+        seconds = _duration(args[0]) if len(args) == 1 else _DEFAULT_STALE_S
+        if len(args) > 1 or seconds is None or seconds != int(seconds) or seconds > _MAX_STALE_S:
+            self.problem(
+                o.line,
+                f"serve_stale {' '.join(a.text for a in o.args)}: [DURATION] [immediate|verify], "
+                f"whole seconds up to {_MAX_STALE_S}",
+            )
+            return
+        zone.cache["max_stale_s"] = int(seconds)
+        # dnsproxy asks the upstream first and answers stale when that fails or takes
+        # longer than cache.serve_stale.answer_after_s: verify's order. immediate's stale
+        # answer before any asking is not done; the refresh is asked at once either way.
+        how = "as verify" if mode == "verify" else "immediate is done as verify"
+        zone.cache_note += (
+            f"; serve_stale (line {o.line}): expired answers up to {int(seconds)} s past "
+            f"their TTL when the upstreams fail or take cache.serve_stale.answer_after_s "
+            f"({how}: asked first)"
+        )
 
     # -- directives that map to top-level keys or to nothing
 
@@ -701,7 +768,12 @@ class _Importer:
                 f"cache capacity (line {line}): the largest one written, for one LRU cache "
                 "that all zones share"
             )
-            out.key("cache", {"max_entries": capacity})
+            cache: dict[str, object] = {"max_entries": capacity}
+            if self.prefetch is not None:
+                min_hits, _line, note = self.prefetch
+                out.comment(note)
+                cache["prefetch"] = {"min_hits": min_hits}
+            out.key("cache", cache)
         for key, (value, _line, note) in sorted(self.globals.items()):
             section, name = key.split(".")
             out.blank()
@@ -784,7 +856,7 @@ class _Yaml:
         if isinstance(value, dict):
             self.lines.append(f"{name}:")
             for k, v in value.items():
-                self.lines.append(f"  {k}: {_scalar(v)}")
+                self.lines.append(f"  {k}: {_flow(v)}")
         elif isinstance(value, list):
             self.lines.append(f"{name}: {_flow(value)}")
         else:

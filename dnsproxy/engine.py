@@ -55,6 +55,16 @@ class Serving(Protocol):
         """The DNS listening sockets, for a successor."""
         ...
 
+    @property
+    def loop_id(self) -> str:
+        """The first label of this instance's loop probes, which every process that
+        answers its queries recognises (see ``Forwarder.find_loops``); set before
+        :meth:`start` to take over the id of the instance handing over."""
+        ...
+
+    @loop_id.setter
+    def loop_id(self, value: str) -> None: ...
+
     async def snapshot(self, max_entries: int, max_bytes: int) -> tuple[bytes, int]:
         """The cache as a handover snapshot (see :func:`handover.encode_cache`)."""
         ...
@@ -113,10 +123,10 @@ class Engine:
     them in; the replaced forwarder answers what it has in flight, then closes.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, loop_id: str | None = None) -> None:
         self.config = config
         self.cache = Cache(config.cache_max_entries)
-        self.forwarder = Forwarder(config, self.cache)
+        self.forwarder = Forwarder(config, self.cache, loop_id=loop_id)
         self.server = DnsServer(config, self.cache, self.forwarder)
         self._coredns: CoreDnsNames | None = None
         self._coredns_names(config)
@@ -129,6 +139,14 @@ class Engine:
     @property
     def serving(self) -> bool:
         return True
+
+    @property
+    def loop_id(self) -> str:
+        return self.forwarder.loop_id
+
+    @loop_id.setter
+    def loop_id(self, value: str) -> None:
+        self.forwarder.loop_id = value
 
     def _coredns_names(self, config: Config) -> None:
         if config.metrics_coredns_names and self._coredns is None:
@@ -197,8 +215,8 @@ class Engine:
             dropped = before - len(cache)
             detail = f"{dropped} cached entries of names with other upstreams now dropped"
         cache.max_entries = new.cache_max_entries
-        forwarder = Forwarder(new, cache)
         previous = self.forwarder
+        forwarder = Forwarder(new, cache, replacing=previous)
         self.server.reconfigure(new, cache, forwarder)
         self.cache, self.forwarder = cache, forwarder
         self.config = new

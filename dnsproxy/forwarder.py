@@ -65,6 +65,19 @@ log: Final = logging.getLogger(__name__)
 Deliver = Callable[[Entry], None]
 
 _TYPE_HINFO: Final = 13  # what a loop probe asks, as CoreDNS's loop plugin does
+# A loop probe is "<loop id>.<random>.<zone> HINFO". Every process of one instance shares
+# its loop id (workers, and a successor that took over the listeners), so whichever of
+# them a probe comes back to answers it with this record, TTL 0, and the prober finds the
+# record in the reply its upstream relays: a loop. Another dnsproxy further up, with an
+# id of its own, forwards the probe as any name (a chain of proxies is no loop).
+_LOOP_RDATA = b"\x08dnsproxy\x04loop"
+_LOOP_RECORD = (
+    b"\xc0\x0c"  # the question's name
+    + _TYPE_HINFO.to_bytes(2, "big")
+    + b"\x00\x01\x00\x00\x00\x00"  # IN, TTL 0
+    + len(_LOOP_RDATA).to_bytes(2, "big")
+    + _LOOP_RDATA
+)
 
 
 class LoopError(DnsproxyError):
@@ -153,7 +166,17 @@ class Forwarder:
     :meth:`close`, :attr:`inflight`); :meth:`collect` is its metrics source.
     """
 
-    def __init__(self, config: Config, cache: Cache) -> None:
+    def __init__(
+        self,
+        config: Config,
+        cache: Cache,
+        replacing: Forwarder | None = None,
+        loop_id: str | None = None,
+    ) -> None:
+        """``replacing``: the forwarder this one takes over from on a reload; the servers
+        both have go on counting in its counters (see :meth:`_server`), and its loop id
+        stays. ``loop_id``: otherwise the instance's (see :attr:`loop_id`); a new one when
+        None."""
         self.config = config
         self._cache = cache
         self._max_inflight = config.limits.max_inflight
@@ -164,8 +187,9 @@ class Forwarder:
         self._zones: dict[bytes, Zone[_Server]] = {}
         stale = config.cache_serve_stale
         self._ede = stale.ede
+        before = replacing.servers if replacing is not None else {}
         for zone in config.zones:
-            servers = [self._server(u) for u in zone.upstreams]
+            servers = [self._server(u, before.get(u.label)) for u in zone.upstreams]
             self._zones[wire.name_to_wire(zone.zone)] = Zone(zone, servers, stale=stale)
         self._only_zone = self._zones.get(b"\x00") if len(self._zones) == 1 else None
         self._inflight: dict[bytes, _Question] = {}
@@ -185,8 +209,9 @@ class Forwarder:
         self._due_handle: asyncio.Handle | None = None
         cache.prefetch_min_hits = config.cache_prefetch.min_hits
         cache.on_due = self._refresh_due
-        # Loop probes under way (see find_loops): probe name -> [zone, upstream, came back].
-        self._loop_probes: dict[bytes, list[str | bool]] = {}
+        if replacing is not None:
+            loop_id = replacing.loop_id
+        self.loop_id = loop_id or secrets.token_hex(8)
         # The upstream whose reply (or failure) is being delivered, for the query log
         # lines written inside the deliver callbacks; None outside a delivery. Kept only
         # when queries are logged.
@@ -197,12 +222,17 @@ class Forwarder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    def _server(self, config: UpstreamConfig) -> _Server:
+    def _server(self, config: UpstreamConfig, before: _Server | None) -> _Server:
         server = self.servers.get(config.label)
         if server is None:
-            up = make_upstream(config, self.config.upstream)
+            # A server the replaced forwarder had keeps its counters (a Prometheus counter
+            # must not go back for the same labels); its health starts afresh.
+            previous = before.upstream if before is not None else None
+            up = make_upstream(config, self.config.upstream, previous)
             self.upstreams[config.label] = up
             server = self.servers[config.label] = _Server(up)
+            if before is not None:
+                server.count_on(before)
         return server
 
     @property
@@ -228,7 +258,8 @@ class Forwarder:
         yield by_reason(
             "dnsproxy_forward_rejects",
             "Misses not forwarded, by reason (answered SERVFAIL, or stale where an expired "
-            "answer is at hand; REFUSED for no_zone and loop).",
+            "answer is at hand; REFUSED for no_zone; loop: a loop probe that came back, answered "
+            "with the loop record).",
             {
                 "max_inflight": f.inflight_rejects,
                 "overload": f.overload_rejects,
@@ -304,8 +335,11 @@ class Forwarder:
             stats.nxdomain_hits += 1
             deliver(nx)
             return
-        if self._loop_probes and self._probe_came_back(key):
-            deliver(self._synth(query, qend, key, wire.REFUSED))
+        # A loop probe asks HINFO (the low byte of the key's qtype), which clients hardly
+        # do: one index and compare per miss, and the prefix test only for those.
+        if key[-4] == 13 and key.startswith(self._loop_prefix):
+            self.stats.loop_probes_back += 1
+            deliver(self._came_back(query, qend, key))
             return
         # With only the root zone configured every name is in it: no suffix walk.
         zone = self._only_zone or self.zone_for(wire.key_qname(key))
@@ -360,6 +394,22 @@ class Forwarder:
 
         self.submit(key, query, qend, deliver)
         return await future
+
+    @property
+    def loop_id(self) -> str:
+        """The first label of this instance's loop probes (16 hex digits), shared by all
+        its processes: any of them answers a probe of another as one of its own."""
+        return self._loop_prefix[1:].decode()
+
+    @loop_id.setter
+    def loop_id(self, value: str) -> None:
+        self._loop_prefix = b"\x10" + value.lower().encode()
+
+    def _came_back(self, query: bytes, qend: int, key: bytes) -> Entry:
+        """The answer to a loop probe that came back: the marking record, not cached."""
+        body = self._synth(query, qend, key, wire.NOERROR).body
+        body = body[:6] + b"\x00\x01" + body[8:] + _LOOP_RECORD
+        return Entry(body, (), (), time.monotonic(), 0, SERVFAIL, wire.NOERROR)
 
     def _synth(self, query: bytes, qend: int, key: bytes, rcode: int) -> Entry:
         body = wire.synth_body(query[wire.HEADER_LEN : qend], rcode, wire.key_flags(key)[1])
@@ -475,7 +525,7 @@ class Forwarder:
                 log.warning("upstream %s answers queries again; marked up", server.label)
             self._arm_probe(server)  # the timer fired a little early, or the server is up
             return
-        server.probe_request = server.upstream.send(
+        server.probe_request = server.upstream.probe(
             probe, PROBE_TIMEOUT_S, partial(self._probed, server)
         )
 
@@ -569,28 +619,24 @@ class Forwarder:
 
     # -- loop detection
 
-    async def find_loops(self, listening: Forwarder | None = None) -> list[str]:
-        """Send ``<random>.<random>.<zone> HINFO`` to every upstream of every zone, as
-        CoreDNS's ``loop`` plugin does, and see whether it comes back to this proxy.
+    async def find_loops(self) -> list[str]:
+        """Send ``<loop id>.<random>.<zone> HINFO`` to every upstream of every zone, as
+        CoreDNS's ``loop`` plugin does, and see whether it comes back to this instance.
 
-        ``listening`` is the forwarder behind the listeners that would receive a probe
-        coming back (this one by default; the running one when checking a configuration
-        before taking it). Each probe waits for its upstream's answer (or the zone's
-        ``deadline_s``): an upstream that forwards it back has sent it here before it
-        answers. Returns one problem line per zone and upstream that loops, naming both;
-        an upstream that does not answer is not a loop (it may be down for now).
+        A probe that reaches any process of the instance (this one, a worker, the
+        instance it is taking over from) is answered with the loop record, which comes
+        back in the upstream's reply. Each probe waits for its upstream's answer (or the
+        zone's ``deadline_s``). Returns one problem line per zone and upstream that loops,
+        naming both; an upstream that does not answer is not a loop (it may be down for
+        now).
         """
-        watch = listening or self
-        probes: list[tuple[bytes, list[str | bool]]] = []
+        probes: list[tuple[str, str, bytes]] = []
         sends = []
         for zone in self._zones.values():
             suffix = wire.name_to_wire(zone.config.zone)
             for server in zone.servers:
-                labels = b"".join(b"\x10" + secrets.token_hex(8).encode() for _ in range(2))
-                qname = labels + suffix
-                record: list[str | bool] = [zone.config.zone, server.label, False]
-                watch._loop_probes[qname] = record
-                probes.append((qname, record))
+                qname = self._loop_prefix + b"\x10" + secrets.token_hex(8).encode() + suffix
+                probes.append((zone.config.zone, server.label, qname))
                 query = (
                     secrets.token_bytes(2)
                     + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -599,25 +645,13 @@ class Forwarder:
                     + b"\x00\x01"
                 )
                 sends.append(server.upstream.query(query, zone.config.deadline_s))
-        try:
-            await asyncio.gather(*sends, return_exceptions=True)
-        finally:
-            for qname, _ in probes:
-                watch._loop_probes.pop(qname, None)
+        replies = await asyncio.gather(*sends, return_exceptions=True)
         return [
             f"zone {zone}: upstream {label} sends queries back to this proxy "
             f"(a probe for {wire.read_name(qname, 0)} HINFO came back): a forwarding loop"
-            for qname, (zone, label, back) in probes
-            if back
+            for (zone, label, qname), reply in zip(probes, replies, strict=True)
+            if isinstance(reply, bytes) and _LOOP_RDATA in reply
         ]
-
-    def _probe_came_back(self, key: bytes) -> bool:
-        record = self._loop_probes.get(wire.key_qname(key))
-        if record is None:
-            return False
-        record[2] = True
-        self.stats.loop_probes_back += 1
-        return True
 
     # -- lifecycle
 

@@ -12,11 +12,15 @@ The conversation (protocol version 1); every message is one frame, see :class:`C
 
     new -> old  hello    {protocol, version, pid, cache: {max_entries, max_bytes} | null,
                           groups: true}
-    old -> new  hello    {protocol, version, pid}   or   refuse {reason}
+    old -> new  hello    {protocol, version, pid, loop_id}   or   refuse {reason}
     old -> new  cache    {format, entries, time} + payload      (only when asked and enabled)
     old -> new  sockets  {sockets: [{kind, addr}], fds} + the descriptors
     new -> old  taken    {}    (or decline {reason}: nothing it serves is among them)
     old -> new  done     {abandoned}   once the old one's in-flight queries are answered
+
+``loop_id`` (absent from older instances) is the first label of the old instance's loop
+probes: the new one takes it, so that a probe of either that comes back to the other
+while both read the sockets is recognised (see ``Forwarder.find_loops``).
 
 Versions must match exactly; a mismatch is refused with both numbers named and the new
 instance starts as usual. Frames stay the same in every version, so that a refusal can
@@ -36,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -300,6 +305,7 @@ class Offer:
 
     sockets: Sockets
     snapshot: Snapshot | None  # None: the cache does not travel (handover.cache is off)
+    loop_id: str = ""  # the first label of this instance's loop probes
 
 
 async def give(
@@ -339,7 +345,7 @@ async def give(
         log.warning("handover: refused %s: %s", peer, what)
         await channel.send("refuse", {"reason": what, **_hello()})
         return False
-    await channel.send("hello", _hello())
+    await channel.send("hello", {**_hello(), "loop_id": what.loop_id})
     wanted = hello.header.get("cache")
     if what.snapshot is not None and isinstance(wanted, dict):
         max_entries = _bounded(wanted.get("max_entries"), 1 << 24)
@@ -385,6 +391,7 @@ class Taken:
     sockets: Sockets
     cache: bytes | None
     cache_time: float
+    loop_id: str = ""  # the old instance's, or "" (an older version, or none sent)
 
     async def confirm(self) -> None:
         """Tell the old instance that this one reads the sockets now: it stops."""
@@ -485,9 +492,13 @@ async def _receive(
     if message.kind != "sockets":
         raise HandoverError(f"expected sockets, got {message.kind}")
     sockets = _sockets(message)
-    return Taken(channel, peer, sockets, cache, cache_time)
+    loop_id = reply.header.get("loop_id")
+    if not isinstance(loop_id, str) or not _LOOP_ID.fullmatch(loop_id):
+        loop_id = ""
+    return Taken(channel, peer, sockets, cache, cache_time, loop_id)
 
 
+_LOOP_ID = re.compile(r"[0-9a-f]{16}")
 _KINDS = {"udp": socket.SOCK_DGRAM, "tcp": socket.SOCK_STREAM, "http": socket.SOCK_STREAM}
 
 

@@ -49,10 +49,13 @@ __all__ = [
 # marked down: tried only after the healthy ones, and probed with ". IN NS" until it
 # answers. Probes back off exponentially from PROBE_INTERVAL_S to PROBE_MAX_INTERVAL_S,
 # each interval drawn from its upper half at random so that many nodes that lost the
-# same server do not probe it in step.
+# same server do not probe it in step. The longest interval bounds how late a server
+# that comes back is seen: its first probe is never held behind the connection pool's
+# reconnect backoff (Upstream.probe), so cached names are fresh again within it plus a
+# round trip, well inside 2 s of the server's return.
 MAX_FAILS: Final = 2
 PROBE_INTERVAL_S: Final = 0.5
-PROBE_MAX_INTERVAL_S: Final = 2.0
+PROBE_MAX_INTERVAL_S: Final = 1.5
 PROBE_TIMEOUT_S: Final = 1.0
 PROBE_QUERY: Final = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
 
@@ -130,6 +133,14 @@ class ServerState:
     @property
     def up(self) -> bool:
         return self.fails < MAX_FAILS
+
+    def count_on(self, older: ServerState) -> None:
+        """Go on with the counters of ``older``, the state of the same server that this
+        one replaces (a reload): its latency histogram, replies by rcode and failed
+        probes. Its health is not taken: the new configuration starts it afresh."""
+        self.latency = older.latency
+        self.rcodes = older.rcodes
+        self.probe_failures = older.probe_failures
 
     def failed(self, now: float, sent_at: float = NEVER) -> bool:
         """A try sent at ``sent_at`` got no well-formed reply (timeout, connection

@@ -178,6 +178,12 @@ class Upstream:
         """
         raise NotImplementedError
 
+    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+        """Send the health probe ``wire`` as :meth:`send` does, but never held behind a
+        reconnect backoff: the probe is how a server that comes back is seen at once.
+        ``done`` is called once with the outcome."""
+        return self.send(wire, timeout_s, done)
+
     async def query(self, wire: bytes, timeout_s: float) -> bytes:
         """Send the query ``wire``; return the validated reply carrying ``wire``'s ID."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -233,9 +239,17 @@ class Upstream:
         return f"<{type(self).__name__} {self.label}>"
 
 
-def make_upstream(config: UpstreamConfig, pool: UpstreamPoolConfig) -> Upstream:
-    """The upstream for ``config``'s transport; raises ValueError for an unknown one."""
-    kinds: dict[str, Callable[[UpstreamConfig, UpstreamPoolConfig], Upstream]] = {
+def make_upstream(
+    config: UpstreamConfig, pool: UpstreamPoolConfig, counting_on: Upstream | None = None
+) -> Upstream:
+    """The upstream for ``config``'s transport; raises ValueError for an unknown one.
+
+    ``counting_on``: the upstream of the same label that this one replaces (a reload),
+    whose counters it goes on counting in: a Prometheus counter must not go back to 0
+    for a server that is still configured. Both count in them while the replaced one
+    drains, so the gauges (connections, queries in flight) are the server's totals.
+    """
+    kinds: dict[str, type[TcpUpstream] | type[UdpUpstream] | type[AutoUpstream]] = {
         "tcp": TcpUpstream,
         "tls": TlsUpstream,
         "udp": UdpUpstream,
@@ -244,7 +258,12 @@ def make_upstream(config: UpstreamConfig, pool: UpstreamPoolConfig) -> Upstream:
     kind = kinds.get(config.transport)
     if kind is None:
         raise ValueError(f"unsupported upstream transport {config.transport!r}")
-    return kind(config, pool)
+    if counting_on is None or counting_on.label != config.label:
+        return kind(config, pool)
+    upstream = kind(config, pool, stats=counting_on.stats)
+    if isinstance(upstream, TlsUpstream) and isinstance(counting_on, TlsUpstream):
+        upstream.tls_stats = counting_on.tls_stats
+    return upstream
 
 
 def _question(wire: bytes) -> bytes:
@@ -302,8 +321,10 @@ class TcpUpstream(Upstream):
     timed out, refused by TLS, or closed by the server before it answered anything) put
     the pool in a backoff: no new connection before :data:`BACKOFF_FIRST_S`, doubling up
     to :data:`BACKOFF_MAX_S`, and a query that would need one fails at once with
-    :class:`UpstreamDown`. A reply ends the backoff. Whether the server counts as down is
-    the forwarder's decision, from the failures it sees.
+    :class:`UpstreamDown`. A reply ends the backoff, and a health probe (:meth:`probe`)
+    is never held behind it: the first reply after an outage is usually the probe's, and
+    the next query connects at once. Whether the server counts as down is the
+    forwarder's decision, from the failures it sees.
     """
 
     def __init__(
@@ -350,6 +371,16 @@ class TcpUpstream(Upstream):
         request = _TcpRequest(self, wire, question, now + timeout_s, done)
         self._dispatch(request, now)
         return request
+
+    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+        # The backoff is lifted for this one send only: the probe opens a connection
+        # now if it needs one; queries meanwhile share that connection, and its outcome
+        # (a reply ends the backoff, a failure extends it) decides what comes next.
+        retry_at, self._retry_at = self._retry_at, 0.0
+        try:
+            return self.send(wire, timeout_s, done)
+        finally:
+            self._retry_at = retry_at
 
     def _dispatch(self, request: _TcpRequest, now: float) -> None:
         if self._closed:
@@ -1019,8 +1050,10 @@ class AutoUpstream(Upstream):
     ``dnsproxy_upstream_transport`` says which one is in use.
     """
 
-    def __init__(self, config: UpstreamConfig, pool: UpstreamPoolConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: UpstreamConfig, pool: UpstreamPoolConfig, stats: UpstreamStats | None = None
+    ) -> None:
+        super().__init__(config, stats=stats)
         tcp = UpstreamConfig("tcp", config.host, config.port)
         self.tcp = TcpUpstream(tcp, pool, self.label, self.stats)
         self.tcp.fallback = self._udp_instead
@@ -1050,6 +1083,11 @@ class AutoUpstream(Upstream):
         if now >= self._recheck_at and not self._rechecking:
             self._recheck_tcp(now)
         return self.udp.send(wire, timeout_s, done, question, now)
+
+    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+        if not self.using_udp:
+            return self.tcp.probe(wire, timeout_s, done)
+        return self.send(wire, timeout_s, done)
 
     def transports(self) -> dict[str, int]:
         return {"tcp": 0, "udp": 1} if self.using_udp else {"tcp": 1, "udp": 0}
@@ -1088,7 +1126,7 @@ class AutoUpstream(Upstream):
     def _recheck_tcp(self, now: float) -> None:
         self._recheck_at = now + TCP_RECHECK_S
         self._rechecking = True
-        request = self.tcp.send(PROBE_QUERY, PROBE_TIMEOUT_S, self._rechecked, b"", now)
+        request = self.tcp.probe(PROBE_QUERY, PROBE_TIMEOUT_S, self._rechecked)
         if self._rechecking:  # else it already failed
             self._recheck = request
 

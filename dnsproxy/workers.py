@@ -32,7 +32,7 @@ Control channel: a Unix socket pair per worker, framed as the handover's (a JSON
 a payload, descriptors alongside: :class:`dnsproxy.handover.Channel`). The supervisor
 asks, the worker answers ``reply`` with the request's ``id`` (and ``error`` on failure)::
 
-    prepare   {index}, pickle of {config, cache, cache_time}    -> {restored}
+    prepare   {index}, pickle of {config, cache, cache_time, loop_id} -> {restored}
     start     {sockets: [[kind, host, port]...]} + descriptors  -> {pid}
     ping                                                        -> {}
     metrics                                                     -> JSON families
@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import pickle
+import secrets
 import signal
 import socket
 import subprocess
@@ -340,6 +341,9 @@ class WorkerPool:
         self._loop_thread = 0
         self._merged: list[Metric] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Given to every worker's forwarder: a loop probe coming back to any worker is
+        # recognised there (see Forwarder.find_loops).
+        self.loop_id = secrets.token_hex(8)
 
     # -- what the lifecycle asks
 
@@ -642,7 +646,12 @@ class WorkerPool:
             child.close()
         slot.proc, slot.link = proc, _Link(parent)
         self._slot_task(slot, self._exited(slot, proc, slot.link), "dnsproxy-worker-exit")
-        state = {"config": self.config, "cache": snapshot, "cache_time": taken_at}
+        state = {
+            "config": self.config,
+            "cache": snapshot,
+            "cache_time": taken_at,
+            "loop_id": self.loop_id,
+        }
         reply = await slot.link.ask(
             "prepare", {"index": slot.index}, pickle.dumps(state), timeout_s=_START_TIMEOUT_S
         )
@@ -929,7 +938,7 @@ class _Worker:
             state = pickle.loads(message.payload)
             config: Config = state["config"]
             setup_logging(config.log.level, config.log.format, worker=self.index)
-            self.engine = Engine(config)
+            self.engine = Engine(config, loop_id=state.get("loop_id"))
             self.engine.server.inherited_from = "from the supervisor"
             restored = 0
             if state["cache"] is not None:

@@ -289,6 +289,56 @@ def test_customised_corefile(tmp_path: Path) -> None:
     assert config.log.queries is True
 
 
+def test_prefetch_and_serve_stale_map_to_their_dnsproxy_keys(tmp_path: Path) -> None:
+    text = (
+        "cluster.local:53 {\n"
+        "    bind 169.254.20.10\n"
+        "    cache 30 {\n"
+        "        prefetch 5 10m 10%\n"
+        "        serve_stale 5m verify\n"
+        "    }\n"
+        "    forward . 169.254.25.10\n"
+        "}\n"
+        ".:53 {\n"
+        "    bind 169.254.20.10\n"
+        "    cache 30 {\n"
+        "        prefetch 5\n"
+        "        serve_stale\n"
+        "    }\n"
+        "    forward . 169.254.25.11\n"
+        "}\n"
+    )
+    path = run_import(tmp_path, text)
+    assert check_config(path).returncode == 0
+    config = load_config(path)
+    cluster, root = config.zones
+    assert cluster.cache.max_stale_s == 300  # serve_stale 5m
+    assert root.cache.max_stale_s == 3600  # serve_stale's default DURATION, 1h
+    assert config.cache_prefetch.min_hits == 5  # popular: AMOUNT hits
+    out = Path(path).read_text()
+    assert "prefetch (line 4): entries with 5 hits in their lifetime" in out
+    assert "CoreDNS's gap of 10m is not checked" in out
+    assert "serve_stale (line 5): expired answers up to 300 s past their TTL" in out
+    assert "serve_stale (line 13): expired answers up to 3600 s" in out
+    assert "immediate is done as verify" in out
+
+
+def test_prefetch_amounts_that_differ_between_blocks_are_refused(tmp_path: Path) -> None:
+    text = (
+        "a.example:53 {\n    cache 30 {\n        prefetch 5\n    }\n"
+        "    forward . 169.254.25.10\n}\n"
+        ".:53 {\n    cache 30 {\n        prefetch 3\n    }\n    forward . 169.254.25.11\n}\n"
+    )
+    corefile = tmp_path / "Corefile"
+    corefile.write_text(text)
+    result = dnsproxy_cmd("import-corefile", str(corefile))
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+        "line 9: prefetch 3 differs from line 3: dnsproxy has one cache.prefetch.min_hits"
+        in result.stderr
+    ), result.stderr
+
+
 @pytest.mark.parametrize(
     ("edit", "line", "reason"),
     [
@@ -310,14 +360,24 @@ def test_customised_corefile(tmp_path: Path) -> None:
             "tls options without a tls:// upstream to apply to",
         ),
         (
-            "    cache 30 {\n        prefetch 10\n    }\n",
+            "    cache 30 {\n        keepttl\n    }\n",
             5,
-            "cache option 'prefetch' has no dnsproxy equivalent",
+            "cache option 'keepttl' has no dnsproxy equivalent",
         ),
         (
-            "    cache 30 {\n        serve_stale\n    }\n",
+            "    cache 30 {\n        prefetch 10 1m 20%\n    }\n",
             5,
-            "cache option 'serve_stale' has no dnsproxy equivalent",
+            "prefetch 20%: dnsproxy refreshes in the last 10% of the TTL",
+        ),
+        (
+            "    cache 30 {\n        prefetch often\n    }\n",
+            5,
+            "prefetch often: AMOUNT [[DURATION] [PERCENTAGE%]]",
+        ),
+        (
+            "    cache 30 {\n        serve_stale 1h later\n    }\n",
+            5,
+            "serve_stale 1h later: [DURATION] [immediate|verify]",
         ),
         (
             "    forward . 169.254.1.1 {\n        max_fails 3\n    }\n",

@@ -620,6 +620,29 @@ async def test_a_reply_ends_the_backoff(make: MakeUpstream) -> None:
         assert addresses(await up.query(query("h1.example."), 2.0)) == ["169.254.0.2"]
 
 
+async def test_a_probe_connects_during_the_backoff_and_its_reply_lets_queries_connect(
+    make: MakeUpstream,
+) -> None:
+    # After an outage the pool may wait up to BACKOFF_MAX_S before it connects again; the
+    # health probe must not wait with it, or a server that is back is seen only seconds
+    # later and clients keep getting stale answers meanwhile.
+    async with FakeUpstream(close_first(2)) as server:
+        up = make(server)
+        assert isinstance(up, TcpUpstream)
+        with pytest.raises(UpstreamError):
+            await up.query(query("www.example."), 2.0)  # closed, and closed on its retry
+        with pytest.raises(UpstreamDown):
+            await up.query(query("www.example."), 2.0)  # the pool backs off ...
+        outcome: asyncio.Future[tuple[bytes | None, UpstreamError | None]]
+        outcome = asyncio.get_running_loop().create_future()
+        up.probe(query("."), 2.0, lambda reply, error: outcome.set_result((reply, error)))
+        reply, error = await outcome  # ... but the probe connects at once
+        assert error is None and reply is not None
+        assert server.tcp_connections == 3 and up.failed_connections == 0
+        # The backoff is over: the next query is answered without waiting.
+        assert addresses(await up.query(query("h1.example."), 2.0)) == ["169.254.0.2"]
+
+
 async def test_an_idle_connection_closed_by_the_server_is_no_failure(
     fake: FakeUpstream, make: MakeUpstream
 ) -> None:
