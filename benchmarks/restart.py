@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks.load import SLOW_S, LoadResult, UdpLoad, make_query
 from benchmarks.procs import HOST, HarnessError, Procs, free_port, query, wait_answering, which
 from benchmarks.scenarios import say
-from benchmarks.systems import SYSTEMS, upstream_conf
+from benchmarks.systems import SYSTEMS, Target, upstream_conf
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -107,7 +107,7 @@ def run_way(
             {"PYTHONPATH": str(HERE.parent)},
         )
     else:
-        cmd = SYSTEMS[way.system].command(wdir, port, upstream_port)
+        cmd = SYSTEMS[way.system].command(wdir, port, Target(upstream_port))
         argv, env = cmd.argv, cmd.env
     log = wdir / "server.log"
 
