@@ -30,7 +30,7 @@ from typing import Any
 from benchmarks import dnsperf, report, zone
 from benchmarks.procs import HarnessError, Procs, pin, which
 from benchmarks.scenarios import SCENARIOS, Bench, Settings, machine_cpu_seconds, say
-from benchmarks.systems import BASELINE, SYSTEMS, unbound_version
+from benchmarks.systems import BASELINE, PURE_DIR, SYSTEMS, unbound_version
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=THROUGHPUT.threads, help="dnsperf -T")
     p.add_argument("--outstanding", type=int, default=THROUGHPUT.outstanding, help="dnsperf -q")
     p.add_argument("--latency-qps", type=int, default=20_000, help="offered load, scenario 3")
+    p.add_argument("--cost-qps", type=int, default=20_000, help="offered load, cost scenario")
+    p.add_argument("--cost-duration", type=float, help="seconds per cost run (default 6; 1)")
     p.add_argument("--name", help="results name (default: full, partial or smoke)")
     p.add_argument("--out-dir", type=Path, help="default benchmarks/results (smoke: a temp dir)")
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy dnsproxy in hits/miss")
@@ -158,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats or (1 if smoke else 3),
         latency_qps=args.latency_qps,
         latency_duration_s=duration_s,
+        cost_qps=args.cost_qps,
+        cost_duration_s=args.cost_duration or (1.0 if smoke else 6.0),
         startup_repeats=1 if smoke else 5,
         sut_cpu=SUT_CPU if pinned else None,
         client_cpu=CLIENT_CPU if pinned else None,
@@ -170,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     )
     systems_info: dict[str, Any] = {}
     chosen = []
-    for key in args.systems or list(SYSTEMS):
+    for key in args.systems or [k for k, s in SYSTEMS.items() if s.default]:
         system = SYSTEMS[key]
         missing = system.missing()
         systems_info[key] = {
@@ -223,17 +227,23 @@ def run(args: argparse.Namespace) -> int:
                 say(f"scenario {scenario} (load average {data['load'][scenario]:.2f})")
                 result = getattr(bench, scenario)()
                 data["scenarios"][scenario] = result
-                for key, r in result.items():
+                items = (
+                    [(f"{w} {k}", r) for w, rs in result.items() for k, r in rs.items()]
+                    if scenario == "cost"
+                    else list(result.items())
+                )
+                for key, r in items:
                     if "error" in r:
                         failed = True
                         say(f"  {key}: ERROR {r['error']}")
-                    elif scenario not in ("hits", "miss", "mix", "latency", "tls"):
+                    elif scenario not in ("hits", "miss", "mix", "latency", "tls", "cost"):
                         say(f"  {key}: {_brief(r)}")
     except HarnessError as e:
         failed = True
         notes.append(f"harness error: {e}")
         say(f"ERROR: {e}")
     finally:
+        shutil.rmtree(PURE_DIR, ignore_errors=True)
         data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
         data["load"]["after"] = list(os.getloadavg())
         if not args.keep_workdir:
@@ -270,13 +280,15 @@ def _brief(r: dict[str, Any]) -> str:
 
 
 def write_outputs(data: dict[str, Any], out_dir: Path) -> Path:
-    """The JSON, the PNG and the Markdown of a run into ``out_dir``; the Markdown of a full
-    run into benchmarks/RESULTS.md instead when ``out_dir`` is benchmarks/results."""
+    """The JSON, the PNG and the Markdown of a run into ``out_dir``, and the README's
+    benchmark paragraph as ``<name>-headline.md``. A full run into benchmarks/results
+    instead rewrites the generated block of benchmarks/RESULTS.md and the headline block
+    of README.md (report.splice_block), keeping the notes around them."""
     name = data["name"]
     json_path = out_dir / f"{name}.json"
     png_path = out_dir / f"{name}.png"
-    full = data["mode"] == "full"
-    md_path = HERE / "RESULTS.md" if full and out_dir == RESULTS else out_dir / f"{name}.md"
+    in_place = data["mode"] == "full" and out_dir == RESULTS
+    md_path = HERE / "RESULTS.md" if in_place else out_dir / f"{name}.md"
     skipped = report.plot(data, png_path)
     if skipped:
         data["notes"] = [*data["notes"], skipped]
@@ -289,8 +301,23 @@ def write_outputs(data: dict[str, Any], out_dir: Path) -> Path:
         except ValueError:
             return str(p)
 
-    md_path.write_text(report.markdown(data, rel(json_path), None if skipped else rel(png_path)))
-    say(f"wrote {json_path}, {md_path}" + ("" if skipped else f", {png_path}"))
+    text = report.markdown(data, rel(json_path), None if skipped else rel(png_path), not in_place)
+    headline = report.headline(data)
+    written = [json_path, md_path]
+    if in_place:
+        md_path.write_text(report.splice_block(md_path.read_text(), report.RESULTS_BLOCK, text))
+        readme = HERE.parent / "README.md"
+        readme.write_text(report.splice_block(readme.read_text(), report.README_BLOCK, headline))
+        written.append(readme)
+    else:
+        md_path.write_text(text)
+        headline_path = out_dir / f"{name}-headline.md"
+        headline_path.write_text(headline + "\n")
+        written.append(headline_path)
+    if not skipped:
+        written.append(png_path)
+    say(f"wrote {', '.join(map(str, written))}")
+    say(f"goals: {report.goals_summary(data)}")
     return json_path
 
 

@@ -4,6 +4,11 @@
 #
 #   benchmarks/instructions.sh [QUERIES] [OFFERED_QPS] [HIT_QPS]   (defaults 6000, 5000, 20000)
 #   TRANSPORT=tls benchmarks/instructions.sh      (tcp by default; also auto, udp, tls)
+#   BUILD=pure benchmarks/instructions.sh         (the pure-Python modules; by default the
+#                                                  checkout as it is: compiled after
+#                                                  `make compiled`, else pure Python)
+#   KEEP=DIR benchmarks/instructions.sh           (keeps the callgrind dumps, miss.out and
+#                                                  hit.out, in DIR for callgrind_annotate)
 #
 # Starts Unbound on loopback (any name under bench.test answers an A record), dnsproxy
 # under `valgrind --tool=callgrind` forwarding to it over TCP, and dnsperf asking QUERIES
@@ -84,14 +89,28 @@ for ((i = 0; i < N; i++)); do echo "$tag-h$i.bench.test A"; done > "$work/names.
 
 unbound -d -c "$work/unbound.conf" > "$work/unbound.log" 2>&1 &
 pids+=($!)
-PYTHONPATH=. valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
-    "$PY" -m dnsproxy --config "$work/dnsproxy.yaml" > "$work/dnsproxy.log" 2>&1 &
+src=.
+if [ "${BUILD:-}" = pure ]; then  # a copy of the sources without the compiled modules
+    src=$work/src
+    mkdir -p "$src" && cp -r dnsproxy "$src/" && rm -f "$src"/dnsproxy/*.so
+fi
+# -P: the working directory does not come first on the path; PYTHONPATH decides.
+echo "build: $(PYTHONPATH=$src "$PY" -P -c 'import dnsproxy; print(dnsproxy.compiled())')"
+PYTHONPATH=$src valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+    "$PY" -P -m dnsproxy --config "$work/dnsproxy.yaml" > "$work/dnsproxy.log" 2>&1 &
 vg=$!
 pids+=($vg)
+started=no
 for _ in $(seq 1 240); do
-    dig +short +time=1 +tries=1 -p "$dp_port" @127.0.0.1 "warm.$tag.bench.test" > /dev/null 2>&1 && break
+    dig +short +time=1 +tries=1 -p "$dp_port" @127.0.0.1 "warm.$tag.bench.test" > /dev/null 2>&1 && { started=yes; break; }
+    kill -0 "$vg" 2>/dev/null || break
     sleep 0.5
 done
+if [ $started = no ]; then
+    echo "dnsproxy did not answer; its log:" >&2
+    tail -20 "$work/dnsproxy.log" >&2
+    exit 1
+fi
 callgrind_control --zero "$vg" > /dev/null 2>&1
 dnsperf -s 127.0.0.1 -p "$dp_port" -d "$work/names.txt" -n 1 -Q "$QPS" -c 1 -q 200 -t 10 > "$work/dnsperf.txt"
 callgrind_control --dump=miss "$vg" > /dev/null 2>&1
@@ -107,3 +126,8 @@ report() {  # dnsperf output, callgrind dump, label
 }
 report "$work/dnsperf.txt" "$(ls "$work"/cg.*.1)" miss
 report "$work/dnsperf-hit.txt" "$(ls "$work"/cg.*.2)" hit
+if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"
+    cp "$(ls "$work"/cg.*.1)" "$KEEP/miss.out"
+    cp "$(ls "$work"/cg.*.2)" "$KEEP/hit.out"
+fi

@@ -139,9 +139,15 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def run_bounded(
-    argv: Sequence[str], timeout_s: float, *, cpu: int | None = None, stdout: Path | None = None
+    argv: Sequence[str],
+    timeout_s: float,
+    *,
+    cpu: int | None = None,
+    stdout: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a command to completion in its own group, killed if it exceeds ``timeout_s``."""
+    """Run a command to completion in its own group, killed if it exceeds ``timeout_s``;
+    ``env`` is added to this process's environment."""
     out = stdout.open("wb") if stdout is not None else subprocess.PIPE
     try:
         proc = subprocess.Popen(
@@ -150,6 +156,7 @@ def run_bounded(
             stdout=out,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            env={**os.environ, **env} if env is not None else None,
         )
         try:
             data, err = proc.communicate(timeout=timeout_s)

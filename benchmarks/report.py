@@ -14,8 +14,9 @@ import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from benchmarks.scenarios import COST_WORKLOADS
 from benchmarks.systems import BASELINE, CACHE_ENTRIES
 
 TARGETS = {
@@ -111,8 +112,18 @@ class _Doc:
                 err = str(r["error"]).splitlines()[0][:160]
                 self.add(f"| {self.label(key)} | error: {err} |" + " |" * (len(headers) - 1))
             else:
-                self.add("| " + " | ".join([self.label(key), *row(key, r, base)]) + " |")
+                label = self.label(key) + (" ⚑" if r.get("flagged") else "")
+                self.add("| " + " | ".join([label, *row(key, r, base)]) + " |")
         self.add("")
+        self.flags(results)
+
+    def flags(self, results: dict[str, Any]) -> None:
+        """The reasons of every flagged system of a table, under it."""
+        for key, r in results.items():
+            if r.get("flagged"):
+                self.add(f"⚑ {self.label(key)}, flagged (not counted): {'; '.join(r['flagged'])}.")
+        if any(r.get("flagged") for r in results.values()):
+            self.add("")
 
 
 def _targets(data: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
@@ -173,6 +184,201 @@ def _targets(data: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     return rows
 
 
+def _counted(r: dict[str, Any] | None, key: str) -> float | None:
+    """``r[key]`` when ``r`` is a result that counts (no error, not flagged), else None."""
+    if not r or "error" in r or r.get("flagged"):
+        return None
+    value = r.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+class Goal(NamedTuple):
+    """One goal of one core, as a run measured it (see :func:`goals`)."""
+
+    goal: str
+    required: str
+    compiled: str  # dnsproxy's figure over the peer's, compiled build
+    pure: str  # the same for the pure-Python build
+    met: bool | None  # None: not measured (a figure missing, failed or flagged)
+    gap: str  # how far from the goal when not met (a dash when met)
+
+
+def _gap(ratio: float | None, need: float, at_least: bool) -> str:
+    if ratio is None:
+        return "not measured (a figure is missing, failed or flagged)"
+    if at_least:
+        return (
+            "–"
+            if ratio >= need
+            else f"needs {(need / ratio - 1) * 100:.0f} % more to reach {need:.1f} ×"
+        )
+    return "–" if ratio <= need else f"{(ratio / need - 1) * 100:.0f} % over {need:.1f} ×"
+
+
+def goals(data: dict[str, Any]) -> list[Goal]:
+    """The goals for one core: ratios of the same run, dnsproxy's figure over the peer's;
+    a flagged or failed figure is not counted. The goal is the compiled build's (what the
+    image ships); the pure-Python build's ratio is shown beside it."""
+    sc = data["scenarios"]
+    rows: list[Goal] = []
+
+    def ratio(results: dict[str, Any], key: str, peer: float | None, who: str) -> float | None:
+        mine = _counted(results.get(who), key)
+        return mine / peer if mine is not None and peer else None
+
+    def add(goal: str, need_text: str, results: dict[str, Any], key: str, peer: float | None,
+            need: float, at_least: bool) -> None:  # fmt: skip
+        compiled, pure = (ratio(results, key, peer, who) for who in (BASELINE, "dnsproxy-pure"))
+        met = None if compiled is None else compiled >= need if at_least else compiled <= need
+        rows.append(
+            Goal(
+                goal,
+                need_text,
+                "–" if compiled is None else f"{compiled:.2f} ×",
+                "–" if pure is None else f"{pure:.2f} ×",
+                met,
+                _gap(compiled, need, at_least),
+            )
+        )
+
+    hits = sc.get("hits", {})
+    fastest = max(
+        (v for v in (_counted(hits.get(p), "qps") for p in ("unbound", "dnsdist")) if v),
+        default=None,
+    )
+    add("cache hits", "≥ 1.0 × the faster of Unbound and dnsdist", hits, "qps", fastest,
+        1.0, True)  # fmt: skip
+    for scenario, label, need in (("miss", "misses over TCP", 1.5), ("mix", "Kubernetes mix", 1.2)):
+        results = sc.get(scenario, {})
+        add(label, f"≥ {need} × Unbound", results, "qps", _counted(results.get("unbound"), "qps"),
+            need, True)  # fmt: skip
+    for workload, label in (("hits", "hits"), ("miss", "misses"), ("mix", "mix")):
+        results = sc.get("cost", {}).get(workload, {})
+        unbound = _counted(results.get("unbound"), "cpu_s_per_million")
+        offered = next(
+            (r["offered_qps"] for r in results.values() if "offered_qps" in r),
+            data["settings"].get("cost_qps", 20_000),
+        )
+        add(f"CPU per query at {offered:,} QPS offered, {label}", "≤ 1.0 × Unbound's",
+            results, "cpu_s_per_million", unbound, 1.0, False)  # fmt: skip
+    return rows
+
+
+def goals_summary(data: dict[str, Any]) -> str:
+    """One sentence: how many goals the run met, and each one missed with its gap."""
+    rows = goals(data)
+    met = [g for g in rows if g.met]
+    missed = [f"{g.goal} {g.compiled} ({g.gap})" for g in rows if g.met is False]
+    unmeasured = [g.goal for g in rows if g.met is None]
+    text = f"{len(met)} of {len(rows)} goals met"
+    if missed:
+        text += "; missed: " + "; ".join(missed)
+    if unmeasured:
+        text += "; not measured: " + ", ".join(unmeasured)
+    return text + "."
+
+
+def _qps_k(r: dict[str, Any] | None) -> str:
+    value = _counted(r, "qps")
+    return "–" if value is None else f"{value / 1000:.0f}k QPS"
+
+
+def _times(r: dict[str, Any] | None, peer: dict[str, Any] | None, key: str = "qps") -> str:
+    mine, theirs = _counted(r, key), _counted(peer, key)
+    return "–" if mine is None or not theirs else f"{mine / theirs:.2f}"
+
+
+def _pure(results: dict[str, Any]) -> str:
+    pure = results.get("dnsproxy-pure")
+    return "" if pure is None else f"pure Python {_qps_k(pure)}"
+
+
+def headline(data: dict[str, Any]) -> str:
+    """The README's benchmark paragraph from one run: its date and command, the compiled
+    build's figures against the peers (pure Python's beside them) and the goals."""
+    sc = data["scenarios"]
+    label = data["systems"].get(BASELINE, {}).get("label", BASELINE)
+
+    def of(scenario: str, key: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = sc.get(scenario, {}).get(key)
+        return result
+
+    parts: list[str] = []
+    hits, miss, mix = (sc.get(name, {}) for name in ("hits", "miss", "mix"))
+    if hits:
+        peers = ", ".join(
+            f"{_times(hits.get(BASELINE), hits.get(p))} × {label}"
+            for p, label in (("unbound", "Unbound"), ("dnsdist", "dnsdist"), ("dnsmasq", "dnsmasq"))
+            if p in hits
+        )
+        extra = "; ".join(x for x in (peers, _pure(hits)) if x)
+        parts.append(f"cache hits {_qps_k(hits.get(BASELINE))}" + (f" ({extra})" if extra else ""))
+    if miss:
+        parts.append(
+            f"cache misses forwarded over TCP {_qps_k(miss.get(BASELINE))} "
+            f"({_times(miss.get(BASELINE), miss.get('unbound'))} × Unbound"
+            + (f"; {_pure(miss)})" if _pure(miss) else ")")
+        )
+    if mix:
+        parts.append(
+            "the Kubernetes mix (Zipf names, `ndots:5` NXDOMAIN bursts, 5 s TTLs) at "
+            f"{_times(mix.get(BASELINE), mix.get('unbound'))} × Unbound"
+        )
+    cost = sc.get("cost", {})
+    if cost:
+        offered = data["settings"].get("cost_qps", 20_000)
+        figures = []
+        for workload, label in (("hits", "hit"), ("miss", "miss"), ("mix", "mix query")):
+            mine = _counted(cost.get(workload, {}).get(BASELINE), "cpu_s_per_million")
+            theirs = _counted(cost.get(workload, {}).get("unbound"), "cpu_s_per_million")
+            if mine is not None:
+                figures.append(
+                    f"{mine:.1f} µs per {label}"
+                    + (f" (Unbound {theirs:.1f})" if theirs is not None else "")
+                )
+        if figures:
+            parts.append(f"CPU at {offered:,} QPS offered: " + ", ".join(figures))
+    p99 = _counted(of("latency", BASELINE), "p99_ms")
+    if p99 is not None:
+        parts.append(f"p99 {p99:.2f} ms at {data['settings'].get('latency_qps', 20_000):,} QPS")
+    mem = of("memory", BASELINE) or {}
+    if isinstance(mem.get("bytes_per_entry"), int | float):
+        unbound = (of("memory", "unbound") or {}).get("bytes_per_entry")
+        parts.append(
+            f"{mem['bytes_per_entry']:,.0f} bytes per cached entry"
+            + (f" (Unbound {unbound:,.0f})" if isinstance(unbound, int | float) else "")
+        )
+    if isinstance(mem.get("idle_rss_kib"), int | float):
+        parts.append(f"idle {mem['idle_rss_kib'] / 1024:.0f} MiB")
+    startup = (of("startup", BASELINE) or {}).get("median_ms")
+    if isinstance(startup, int | float):
+        parts.append(f"start-up {startup / 1000:.2f} s")
+    return (
+        "Benchmarks ([benchmarks/RESULTS.md](benchmarks/RESULTS.md); one server core, dnsperf "
+        f"on the other, same-run ratios; figures of {label}): "
+        + "; ".join(parts)
+        + f". {goals_summary(data)} From the run of {data['started']}: `{data['command']}` "
+        "(`make bench` reproduces it)."
+    )
+
+
+# The parts of RESULTS.md and README.md that a full run rewrites: between a line
+# `<!-- begin NAME ... -->` and a line `<!-- end NAME -->`; everything else is kept.
+RESULTS_BLOCK = "generated-results"
+README_BLOCK = "benchmark-headline"
+
+
+def splice_block(text: str, name: str, body: str) -> str:
+    """``text`` with the lines between its ``name`` markers replaced by ``body``; raises
+    ValueError when the markers are missing."""
+    lines = text.splitlines(keepends=True)
+    begin = next((i for i, x in enumerate(lines) if x.startswith(f"<!-- begin {name}")), None)
+    end = next((i for i, x in enumerate(lines) if x.startswith(f"<!-- end {name}")), None)
+    if begin is None or end is None or end < begin:
+        raise ValueError(f"no <!-- begin {name} --> ... <!-- end {name} --> lines")
+    return "".join([*lines[: begin + 1], body.rstrip("\n") + "\n", *lines[end:]])
+
+
 def _scenario_loads(data: dict[str, Any]) -> str:
     loads = [f"{k} {v:.2f}" for k, v in data["load"].items() if k not in ("before", "after")]
     if not loads:
@@ -219,11 +425,14 @@ def _other_cpu(data: dict[str, Any]) -> str:
     )
 
 
-def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
+def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None, title: bool = True) -> str:
+    """The Markdown report of a run; ``title``: with the document's title (without, for
+    the generated block of RESULTS.md, under its own title and notes)."""
     d = _Doc(data)
     m = data["machine"]
     st = data["settings"]
-    d.add("# dnsproxy benchmark results", "")
+    if title:
+        d.add("# dnsproxy benchmark results", "")
     d.add(
         f"Run `{data['name']}` of {data['started']} ({data['mode']} mode), raw figures in "
         f"[`{json_rel}`]({json_rel})" + (f", plot [`{png_rel}`]({png_rel})." if png_rel else "."),
@@ -254,7 +463,22 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         d.add(f"| {s['label']} | {status} | {s['upstream_transport']} |")
     d.add("", f"Load generator: {data['dnsperf_version']}.", "")
 
-    d.add("## Targets (dnsproxy with uvloop, same run)", "")
+    d.add(
+        "## Goals: one core, same run",
+        "",
+        "dnsproxy's figure over the peer's, for the compiled build (what the container "
+        "image ships; the goal applies to it) and the pure-Python one (what `pip install` "
+        "gives). A peer's figure that is flagged (errors, lost queries, questions run out, "
+        "a fixed load not sustained) is not counted.",
+        "",
+        "| goal | required | dnsproxy (compiled) | pure Python | met | gap |",
+        "|---|---|---|---|---|---|",
+    )
+    for g in goals(data):
+        met = "–" if g.met is None else "yes" if g.met else "NO"
+        d.add(f"| {g.goal} | {g.required} | {g.compiled} | {g.pure} | {met} | {g.gap} |")
+    d.add("", goals_summary(data), "")
+    d.add("## Targets (dnsproxy compiled, uvloop, same run)", "")
     d.add("| target | required | measured | met |", "|---|---|---|---|")
     for name, target, value, ok in _targets(data):
         d.add(f"| {name} | {target} | {value} | {'–' if ok is None else 'yes' if ok else 'NO'} |")
@@ -278,7 +502,7 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         def row(key: str, r: dict[str, Any], base: dict[str, Any]) -> list[str]:
             return [
                 _fmt(r["qps"]),
-                _ratio(r["qps"], base.get("qps")),
+                "flagged" if r.get("flagged") else _ratio(r["qps"], base.get("qps")),
                 f"{_fmt(r['qps_min'])}–{_fmt(r['qps_max'])}",
                 _fmt(r["avg_latency_ms"], 3),
                 _fmt(r["lost"]),
@@ -404,6 +628,62 @@ def markdown(data: dict[str, Any], json_rel: str, png_rel: str | None) -> str:
         ["hit ratio", "CPU", "other / steal"],
         lambda r: [_fmt(r.get("hit_ratio"), 3), _fmt(r.get("server_cpu"), 2), _noise(r)],
     )
+    cost = data["scenarios"].get("cost", {})
+    if cost:
+        offered = st.get("cost_qps", 20_000)
+        d.add(
+            f"## 4b. Cost at a fixed load: CPU per query at {offered:,} QPS offered",
+            "",
+            f"dnsperf offers {offered:,} QPS (`-Q {offered}`, 4 source ports) for "
+            f"{st.get('cost_duration_s', 0):g} s: the warm names of scenario 1 (hits), unique "
+            "questions of scenario 2 on a fresh process (misses), the mix of scenario 4 from a "
+            "cold start (mix). The figure is the server's CPU time (user + system, /proc) "
+            "during the run per million answered queries: what a query costs when the "
+            "system is not saturated, which a noisy machine moves far less than a "
+            f"throughput figure. Median of {reps} runs, round-robin, each on a fresh "
+            "process; a run that answered less than 97 % of the offered load is flagged.",
+            "",
+            "| system | hits CPU s / M | × dnsproxy | misses CPU s / M | × dnsproxy | mix CPU s "
+            "/ M | × dnsproxy | answered QPS (h / m / mix) | min–max (h; m; mix) "
+            "| other / steal (mix) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        )
+        keys = list(dict.fromkeys(k for rs in cost.values() for k in rs))
+        flagged: dict[str, Any] = {}
+        for key in keys:
+            cells: list[str] = []
+            answered: list[str] = []
+            spread: list[str] = []
+            for workload in COST_WORKLOADS:
+                r = cost.get(workload, {}).get(key, {})
+                base = cost.get(workload, {}).get(BASELINE, {})
+                if "cpu_s_per_million" not in r:
+                    err = str(r.get("error", "not run")).splitlines()[0][:60]
+                    cells += [f"error: {err}", "–"]
+                    answered.append("–")
+                    spread.append("–")
+                    continue
+                mark = " ⚑" if r.get("flagged") else ""
+                if mark:
+                    flagged[f"{key} ({workload})"] = r
+                cells += [
+                    _fmt(r["cpu_s_per_million"], 1) + mark,
+                    _ratio(r["cpu_s_per_million"], base.get("cpu_s_per_million")),
+                ]
+                answered.append(_fmt(r["ok_qps"]))
+                spread.append(f"{_fmt(r['min'], 1)}–{_fmt(r['max'], 1)}")
+            mix = cost.get("mix", {}).get(key, {})
+            d.add(
+                f"| {d.label(key)} | "
+                + " | ".join([*cells, " / ".join(answered), "; ".join(spread), _noise(mix)])
+                + " |"
+            )
+        d.add("")
+        for name, r in flagged.items():
+            key, workload = name.split(" ", 1)
+            d.add(f"⚑ {d.label(key)} {workload}, flagged (not counted): {'; '.join(r['flagged'])}.")
+        if flagged:
+            d.add("")
     d.add(
         "## 5. Memory",
         "",

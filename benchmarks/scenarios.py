@@ -37,7 +37,16 @@ from benchmarks.procs import (
 from benchmarks.systems import System, Target, TlsPort, make_certificate, upstream_conf
 from benchmarks.zone import Files, Sizes
 
-SCENARIOS = ("hits", "miss", "latency", "mix", "memory", "startup", "tls")
+SCENARIOS = ("hits", "miss", "latency", "mix", "cost", "memory", "startup", "tls")
+# What the cost scenario offers: a fixed load, below every system's capacity for each
+# workload, so that the figure is what a query costs, not how fast a system can go.
+COST_WORKLOADS = ("hits", "miss", "mix")
+# A run whose share of error replies (not NOERROR or NXDOMAIN) or of lost queries exceeds
+# these is flagged: its figure is shown but neither compared nor counted in a goal.
+FLAG_ERROR_SHARE = 0.001
+FLAG_LOST_SHARE = 0.01
+# A fixed-load run that answered less than this share of what was offered is flagged too.
+FLAG_SUSTAINED_SHARE = 0.97
 
 
 def say(msg: str) -> None:
@@ -57,6 +66,8 @@ class Settings:
     repeats: int  # runs per system (hits, miss, mix, latency); the median is reported
     latency_qps: int  # offered load of the latency scenario
     latency_duration_s: float
+    cost_qps: int  # offered load of the cost scenario
+    cost_duration_s: float
     startup_repeats: int
     sut_cpu: int | None
     client_cpu: int | None
@@ -246,8 +257,16 @@ class Bench:
         return results
 
     def _misses(self, run: Running) -> dict[str, Any]:
-        """One run of unique questions on a fresh instance: every answer forwarded."""
-        return self._timed(run, self.files.miss, duration_s=self.settings.duration_s, max_runs=1)
+        """One run of unique questions on a fresh instance: every answer forwarded. A run
+        that used up the questions in less than half its time is flagged: too short a
+        run to be a figure (dnsperf's ``-n 1`` never repeats a question)."""
+        duration_s = self.settings.duration_s
+        r = self._timed(run, self.files.miss, duration_s=duration_s, max_runs=1)
+        if r["sent"] >= self.sizes.miss_questions and r["runtime_s"] < duration_s / 2:
+            r.setdefault("flags", []).append(
+                f"ran out of unique questions after {r['runtime_s']:.1f} s"
+            )
+        return r
 
     def tls(self) -> dict[str, Any]:
         """The miss scenario over TCP and over TLS for every system that can forward over
@@ -315,6 +334,67 @@ class Bench:
             return self._timed(run, self.files.mix, duration_s=self.settings.duration_s)
 
         return self._repeated(one, "ok_qps")
+
+    def cost(self) -> dict[str, Any]:
+        """CPU time per answered query at a fixed offered load (``cost_qps``), for cache
+        hits (warm names), misses (unique questions) and the mix (cold start): the
+        server's CPU seconds per million answers, read from /proc around each run, so a
+        noisy machine moves it far less than a throughput figure. Each workload's
+        systems round-robin, ``repeats`` runs, medians; ``{workload: {system: ...}}``."""
+        s = self.settings
+        load = dnsperf.Load(clients=4, threads=1, outstanding=500, max_qps=s.cost_qps)
+        files = {"hits": self.files.hits, "miss": self.files.miss, "mix": self.files.mix}
+        out: dict[str, Any] = {}
+        for workload in COST_WORKLOADS:
+
+            def one(run: Running, workload: str = workload) -> dict[str, Any]:
+                if workload == "hits":
+                    self.warm(run, self.files.hits, self.sizes.hit_names)
+                r, cpu = self._perf_cpu(
+                    run,
+                    files[workload],
+                    load,
+                    upstream=self._upstream(),
+                    duration_s=s.cost_duration_s,
+                    max_runs=1 if workload == "miss" else None,
+                    interval=True,
+                )
+                cpu_s = cpu["server_cpu"] * r.runtime_s
+                out = {**r.summary(), **cpu, "server_cpu_s": round(cpu_s, 3)}
+                out["cpu_s_per_million"] = round(cpu_s / r.ok * 1e6, 2) if r.ok else None
+                sustained = r.ok_qps / s.cost_qps
+                if sustained < FLAG_SUSTAINED_SHARE:
+                    out["flags"] = [f"answered {sustained:.0%} of the offered {s.cost_qps:,} QPS"]
+                return out
+
+            def brief(r: dict[str, Any]) -> str:
+                return (
+                    f"{r['cpu_s_per_million']} CPU s per million, {r['ok_qps']:,.0f} QPS "
+                    f"answered, {r['rcodes']}"
+                )
+
+            say(f" {workload} at {s.cost_qps:,} QPS offered")
+            runs, errors = self._round_robin(one, brief)
+            out[workload] = {}
+            for system in self.systems:
+                rs = [r for r in runs[system.key] if r.get("cpu_s_per_million") is not None]
+                if system.key in errors or not rs:
+                    out[workload][system.key] = {"error": errors.get(system.key, "no answers")}
+                    continue
+                values = [r["cpu_s_per_million"] for r in rs]
+                out[workload][system.key] = {
+                    "cpu_s_per_million": round(statistics.median(values), 2),
+                    "min": min(values),
+                    "max": max(values),
+                    "ok_qps": round(statistics.median(r["ok_qps"] for r in rs), 1),
+                    "offered_qps": s.cost_qps,
+                    "lost": sum(r["lost"] for r in rs),
+                    "other_cpu": statistics.median(r["other_cpu"] for r in rs),
+                    "steal_cpu": statistics.median(r["steal_cpu"] for r in rs),
+                    "runs": rs,
+                    **_flagged(rs),
+                }
+        return out
 
     def memory(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -447,6 +527,7 @@ class Bench:
                 "lost": sum(r["lost"] for r in rs),
                 "runs": rs,
             }
+            out[system.key].update(_flagged(rs))
             for extra in (
                 "hit_ratio",
                 "server_cpu",
@@ -490,6 +571,24 @@ class Bench:
                     duration_s=self.settings.duration_s,
                     cpu=self.settings.client_cpu,
                 )
+
+
+def _flagged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"flagged": [reasons]}`` when a run answered with errors, lost queries, ran
+    out of questions or did not sustain a fixed load (each run's own ``flags``); else {}.
+    A flagged figure is shown, not compared or counted in a goal."""
+    reasons: list[str] = []
+    for r in runs:
+        reasons += r.get("flags", [])
+        completed = r.get("completed", 0)
+        errors = completed - sum(r.get("rcodes", {}).get(c, 0) for c in ("NOERROR", "NXDOMAIN"))
+        if completed and errors > FLAG_ERROR_SHARE * completed:
+            other = {k: v for k, v in r["rcodes"].items() if k not in ("NOERROR", "NXDOMAIN")}
+            reasons.append(f"answered with errors: {other} of {completed:,} replies")
+        sent = r.get("sent", 0)
+        if sent and r.get("lost", 0) > FLAG_LOST_SHARE * sent:
+            reasons.append(f"lost {r['lost']:,} of {sent:,} queries")
+    return {"flagged": list(dict.fromkeys(reasons))} if reasons else {}
 
 
 def machine_cpu_seconds() -> tuple[float, float, float]:

@@ -1,7 +1,7 @@
 """The upstream and the systems under test: their configurations, commands and versions.
 
 Every system under test is a caching forwarder on 127.0.0.1:<port> in front of the same
-upstream, configured for at least 450,000 cached answers (the memory scenario fills
+upstream, configured for at least 650,000 cached answers (the memory scenario fills
 100,000), forwarding over TCP where it can (dnsmasq cannot: it forwards UDP queries over
 UDP). The systems that can forward over TLS too (dnsproxy, Unbound) have a TLS variant
 (:meth:`System.over_tls`) for the tls scenario, forwarding to the upstream's TLS port
@@ -13,8 +13,11 @@ lookup of a public name) is switched off.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +25,7 @@ from pathlib import Path
 from benchmarks.procs import HOST, HarnessError, run_bounded, which
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE_ENTRIES = 450_000
+CACHE_ENTRIES = 650_000
 TLS_NAME = "dot.bench.test"  # the name in the upstream's TLS certificate
 
 
@@ -66,6 +69,7 @@ class System:
     get_version: Callable[[], str]
     tls_transport: str | None = None  # how its TLS variant forwards; None: it has none
     tls: bool = False  # this is the TLS variant
+    default: bool = True  # measured when no --systems are named (make bench)
 
     def missing(self) -> str | None:
         """Why this system cannot run here, or None."""
@@ -113,9 +117,42 @@ def make_certificate(directory: Path) -> tuple[Path, Path] | None:
 
 
 # -- dnsproxy
+#
+# Two builds of the same sources: the compiled one (the query-path modules compiled with
+# mypyc, as the container image ships them; `make bench` builds them in place, see the
+# Makefile) from the checkout itself, and the pure-Python one from a copy of the sources
+# without the compiled modules (what `pip install` gives).
 
 
-def _dnsproxy(loop: str) -> Make:
+def dnsproxy_build(root: Path) -> str:
+    """Which build ``python -m dnsproxy`` runs with ``root`` first on the path: ``mypyc``,
+    ``no`` (pure Python) or ``partial`` (see ``dnsproxy.compiled``)."""
+    out = run_bounded(
+        [sys.executable, "-P", "-c", "import dnsproxy; print(dnsproxy.compiled())"],
+        60.0,
+        env={"PYTHONPATH": str(root)},
+    )
+    return out.stdout.decode().strip() or f"unknown ({out.stderr.decode()[-200:]})"
+
+
+def pure_sources(directory: Path) -> Path:
+    """A copy of dnsproxy's sources without compiled modules, under ``directory``; the
+    path to put first on PYTHONPATH."""
+    target = directory / "dnsproxy"
+    if not target.exists():
+        shutil.copytree(
+            ROOT / "dnsproxy",
+            target,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+        )
+    return directory
+
+
+PURE_DIR = Path(tempfile.gettempdir()) / f"dnsproxy-bench-pure-{os.getpid()}"
+
+
+def _dnsproxy(loop: str, *, pure: bool = False) -> Make:
     def make(workdir: Path, port: int, target: Target) -> Command:
         if target.tls is None:
             upstream = f'"tcp://{HOST}:{target.port}"'
@@ -137,21 +174,28 @@ def _dnsproxy(loop: str) -> Make:
                 ]
             )
         )
-        argv = [sys.executable, "-m", "dnsproxy", "--config", str(conf)]
-        return Command(argv, {"DNSPROXY_LOOP": loop, "PYTHONPATH": str(ROOT)})
+        # -P: not the working directory first on the path, PYTHONPATH decides.
+        argv = [sys.executable, "-P", "-m", "dnsproxy", "--config", str(conf)]
+        root = pure_sources(PURE_DIR) if pure else ROOT
+        return Command(argv, {"DNSPROXY_LOOP": loop, "PYTHONPATH": str(root)})
 
     return make
 
 
-def _dnsproxy_version() -> str:
-    import dnsproxy
+def _dnsproxy_version(pure: bool = False) -> Callable[[], str]:
+    def get() -> str:
+        import dnsproxy
 
-    try:
-        uv = importlib.metadata.version("uvloop")
-    except importlib.metadata.PackageNotFoundError:
-        uv = "missing"
-    py = ".".join(map(str, sys.version_info[:3]))
-    return f"dnsproxy {dnsproxy.__version__} (Python {py}, uvloop {uv})"
+        try:
+            uv = importlib.metadata.version("uvloop")
+        except importlib.metadata.PackageNotFoundError:
+            uv = "missing"
+        py = ".".join(map(str, sys.version_info[:3]))
+        build = dnsproxy_build(pure_sources(PURE_DIR) if pure else ROOT)
+        kind = {"mypyc": "compiled with mypyc", "no": "pure Python"}.get(build, build)
+        return f"dnsproxy {dnsproxy.__version__} ({kind}; Python {py}, uvloop {uv})"
+
+    return get
 
 
 # -- dnsmasq
@@ -257,11 +301,24 @@ def _unbound_forwarder(workdir: Path, port: int, target: Target) -> Command:
             "  forward-tls-upstream: yes",
         ]
         tls = [f'  tls-cert-bundle: "{target.tls.cert}"']
+    # As NLnet Labs' "Howto Optimise" says for a busy cache: one thread per core it gets
+    # (one here), slabs a power of 2 near the thread count, the RRset cache twice the
+    # message cache and large enough for every answer of a run, 4 MB socket buffers,
+    # SO_REUSEPORT; prefetch as its documentation recommends for a busy cache (dnsproxy
+    # prefetches by default too).
     lines = [
         *_unbound_common(workdir, port),
         "  outgoing-num-tcp: 256",
         "  msg-cache-size: 256m",
         "  rrset-cache-size: 512m",
+        "  msg-cache-slabs: 1",
+        "  rrset-cache-slabs: 1",
+        "  infra-cache-slabs: 1",
+        "  key-cache-slabs: 1",
+        "  so-reuseport: yes",
+        "  so-rcvbuf: 4m",
+        "  so-sndbuf: 4m",
+        "  prefetch: yes",
         # The upstream is on 127.0.0.1, which Unbound refuses to query by default.
         "  do-not-query-localhost: no",
         # test. is one of Unbound's built-in local zones; bench.test must be forwarded.
@@ -288,7 +345,11 @@ def _dnsdist(workdir: Path, port: int, target: Target) -> Command:
         f'setLocal("{HOST}:{port}")',
         'setACL({"127.0.0.0/8"})',
         f'newServer{{address="{HOST}:{target.port}", tcpOnly=true, checkName="ready.bench.test."}}',
-        f'getPool(""):setCache(newPacketCache({CACHE_ENTRIES + 50_000}))',
+        # The packet cache as dnsdist's caching guide sets it up (its options spelled
+        # out, values as the guide gives them); one UDP thread for the one local bind,
+        # which is what one core can use (its tuning guide).
+        f'getPool(""):setCache(newPacketCache({CACHE_ENTRIES + 50_000}, '
+        "{maxTTL=86400, minTTL=0, temporaryFailureTTL=60, staleTTL=60, dontAge=false}))",
         "",
     ]
     conf = workdir / "dnsdist.conf"
@@ -302,22 +363,32 @@ SYSTEMS: dict[str, System] = {
     for s in [
         System(
             "dnsproxy-uvloop",
-            "dnsproxy (uvloop)",
+            "dnsproxy (compiled, uvloop)",
             sys.executable,
             "python3",
             "TCP (pipelined)",
             _dnsproxy("uvloop"),
-            _dnsproxy_version,
+            _dnsproxy_version(),
             tls_transport="TLS (pipelined, sessions resumed)",
         ),
         System(
+            "dnsproxy-pure",
+            "dnsproxy (pure Python, uvloop)",
+            sys.executable,
+            "python3",
+            "TCP (pipelined)",
+            _dnsproxy("uvloop", pure=True),
+            _dnsproxy_version(pure=True),
+        ),
+        System(
             "dnsproxy-asyncio",
-            "dnsproxy (asyncio)",
+            "dnsproxy (compiled, asyncio)",
             sys.executable,
             "python3",
             "TCP (pipelined)",
             _dnsproxy("asyncio"),
-            _dnsproxy_version,
+            _dnsproxy_version(),
+            default=False,
         ),
         System(
             "dnsmasq",

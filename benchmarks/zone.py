@@ -46,10 +46,10 @@ class Sizes:
 
 
 FULL = Sizes(
-    hosts=200_000,
+    hosts=300_000,
     services=5_000,
     hit_names=1_000,
-    miss_questions=400_000,
+    miss_questions=600_000,
     fill_entries=100_000,
     mix_lookups=50_000,
 )

@@ -1,5 +1,5 @@
 """Print a digest of the sources an image is built from (dnsproxy/, pyproject.toml,
-deploy/Dockerfile), so that the image test can tell an image built from this tree from a
+setup.py and the build backend, deploy/Dockerfile), so that the image test can tell an image built from this tree from a
 stale one. Standard library only: `make image` runs it before any virtualenv exists."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("dnsproxy", "pyproject.toml", "deploy/Dockerfile")
+PARTS = ("dnsproxy", "pyproject.toml", "setup.py", "build_support", "deploy/Dockerfile")
 
 
 def digest(root: Path = ROOT) -> str:

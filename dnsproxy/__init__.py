@@ -2,6 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
+from importlib.machinery import ExtensionFileLoader
+
 # The one place the version is written: pyproject.toml reads it for the package metadata,
 # and `dnsproxy --version` and the dnsproxy_build_info metric show it.
 __version__ = "0.1.0"
+
+# The modules of the query paths, which the compiled build (DNSPROXY_MYPYC=1, setup.py)
+# compiles with mypyc; everywhere else the same source runs as pure Python.
+NATIVE_MODULES = (
+    "wire",
+    "cache",
+    "framing",
+    "pipeline",
+    "resolution",
+    "upstream",
+    "forwarder",
+    "server",
+)
+
+
+def compiled() -> str:
+    """Which build of the query-path modules this process runs: ``"mypyc"`` when every
+    module of ``NATIVE_MODULES`` was loaded from its compiled extension, ``"no"`` when
+    none was (pure Python), ``"partial"`` otherwise (a broken or half-rebuilt install).
+    Imports the modules."""
+    loaded = [
+        isinstance(importlib.import_module(f"dnsproxy.{name}").__loader__, ExtensionFileLoader)
+        for name in NATIVE_MODULES
+    ]
+    return "mypyc" if all(loaded) else "no" if not any(loaded) else "partial"

@@ -45,7 +45,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from dnsproxy import __version__, handover
+from dnsproxy import __version__, compiled, handover
 from dnsproxy import reload as reloading
 from dnsproxy.cache import DEFAULT_MAX_BYTES, Cache
 from dnsproxy.compat import NodeCacheNames
@@ -336,10 +336,11 @@ class App:
         self.ready = True
         workers = self.config.workers
         log.info(
-            "dnsproxy %s ready (%s loop)%s",
+            "dnsproxy %s ready (%s loop)%s; query paths %s",
             __version__,
             self.loop_name,
             f" with {workers} workers" if workers > 1 else "",
+            "compiled with mypyc" if compiled() == "mypyc" else "in pure Python",
         )
 
     async def _sync_loop(self) -> None:

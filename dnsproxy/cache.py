@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -28,24 +29,24 @@ from dnsproxy.config_types import CachePolicy
 
 # Bound on reply bytes in the cache besides the entry count, so that big answers (TXT,
 # many records) cannot grow memory past what max_entries suggests.
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 
 # Distinct client sizes whose cut an entry keeps (512 without EDNS, the usual EDNS sizes
 # less our OPT, capped at limits.udp_payload_size); others are worked out each time.
-_MAX_CUTS = 8
+_MAX_CUTS: Final = 8
 
-POSITIVE = 0
-NEGATIVE = 1
-SERVFAIL = 2
-KIND_NAMES = ("success", "denial", "servfail")
+POSITIVE: Final = 0
+NEGATIVE: Final = 1
+SERVFAIL: Final = 2
+KIND_NAMES: Final = ("success", "denial", "servfail")
 
 # TTL of every record in a stale answer (RFC 8767 §4 recommends 30 s), and the failure
 # recheck timer: a name whose refresh failed is served stale without asking again for
 # this long (unless one of its servers comes back meanwhile).
-STALE_TTL_S = 30
+STALE_TTL_S: Final = 30
 # An age no entry reaches: the refresh age of an entry not due for prefetch.
-_NEVER_AGE = 1 << 62
-_NEVER_FAILED = -float("inf")
+_NEVER_AGE: Final = 1 << 62
+_NEVER_FAILED: Final = -float("inf")
 
 
 class Entry:

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -59,11 +60,11 @@ from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, ma
 
 __all__ = ["Deliver", "Forwarder", "ForwarderStats", "LoopError"]
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
 Deliver = Callable[[Entry], None]
 
-_TYPE_HINFO = 13  # what a loop probe asks, as CoreDNS's loop plugin does
+_TYPE_HINFO: Final = 13  # what a loop probe asks, as CoreDNS's loop plugin does
 # A loop probe is "<loop id>.<random>.<zone> HINFO". Every process of one instance shares
 # its loop id (workers, and a successor that took over the listeners), so whichever of
 # them a probe comes back to answers it with this record, TTL 0, and the prober finds the

@@ -8,12 +8,14 @@ stalled stream is due to be closed (:meth:`FrameReader.expiry`).
 
 from __future__ import annotations
 
+from typing import Final
+
 from dnsproxy.wire import HEADER_LEN, WireError
 
 __all__ = ["MAX_FRAME", "NEVER", "FrameError", "FrameReader", "frame"]
 
-MAX_FRAME = 2 + 0xFFFF  # length prefix plus the longest message it can announce
-NEVER = float("inf")
+MAX_FRAME: Final = 2 + 0xFFFF  # length prefix plus the longest message it can announce
+NEVER: Final = float("inf")
 
 
 class FrameError(WireError):

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from dnsproxy import __version__
+from dnsproxy import __version__, compiled
 
 __all__ = [
     "BuildInfo",
@@ -79,18 +79,20 @@ class StatsCollector:
 
 
 class BuildInfo:
-    """``dnsproxy_build_info``: version and runtime, as a source."""
+    """``dnsproxy_build_info``: version and runtime, as a source. ``compiled`` says whether
+    the query paths run compiled with mypyc (``mypyc``) or as pure Python (``no``)."""
 
     def __init__(self, loop_name: str) -> None:
         self.loop_name = loop_name
+        self.compiled = compiled()
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             "dnsproxy_build_info",
             "dnsproxy version and runtime.",
-            labels=["version", "python", "loop"],
+            labels=["version", "python", "loop", "compiled"],
         )
-        info.add_metric([__version__, platform.python_version(), self.loop_name], 1)
+        info.add_metric([__version__, platform.python_version(), self.loop_name, self.compiled], 1)
         yield info
 
 

@@ -22,7 +22,7 @@ import random
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from dnsproxy.errors import DnsproxyError
 from dnsproxy.framing import NEVER, FrameError, FrameReader
@@ -44,16 +44,16 @@ __all__ = [
     "UpstreamTimeout",
 ]
 
-MAX_EXPIRED_IDS = 1024  # a connection with more timed-out IDs than this is retired
-MAX_IDS = 0xFFFF - MAX_EXPIRED_IDS - 1  # in-flight cap: a free ID always exists
+MAX_EXPIRED_IDS: Final = 1024  # a connection with more timed-out IDs than this is retired
+MAX_IDS: Final = 0xFFFF - MAX_EXPIRED_IDS - 1  # in-flight cap: a free ID always exists
 
-_LEN_ID = struct.Struct(">HH")  # length prefix followed by the message ID
+_LEN_ID: Final = struct.Struct(">HH")  # length prefix followed by the message ID
 
 # Connection states, in the only order they can follow.
-OPENING = 0  # queries are queued; no transport yet
-OPEN = 1
-RETIRED = 2  # takes no new queries; closes once the ones in flight are done
-CLOSED = 3  # the adapter closes its transport (if any) and forgets the connection
+OPENING: Final = 0  # queries are queued; no transport yet
+OPEN: Final = 1
+RETIRED: Final = 2  # takes no new queries; closes once the ones in flight are done
+CLOSED: Final = 3  # the adapter closes its transport (if any) and forgets the connection
 
 
 class UpstreamError(DnsproxyError):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_left
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, STALE_TTL_S, Entry, make_entry, servfail_entry
@@ -53,15 +53,15 @@ __all__ = [
 # that comes back is seen: its first probe is never held behind the connection pool's
 # reconnect backoff (Upstream.probe), so cached names are fresh again within it plus a
 # round trip, well inside 2 s of the server's return.
-MAX_FAILS = 2
-PROBE_INTERVAL_S = 0.5
-PROBE_MAX_INTERVAL_S = 1.5
-PROBE_TIMEOUT_S = 1.0
-PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
+MAX_FAILS: Final = 2
+PROBE_INTERVAL_S: Final = 0.5
+PROBE_MAX_INTERVAL_S: Final = 1.5
+PROBE_TIMEOUT_S: Final = 1.0
+PROBE_QUERY: Final = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
 
 # Upstream rcodes that mean "this server could not answer": try the next one, and if
 # none does better, the client gets SERVFAIL (never a FORMERR for its valid query).
-TRY_NEXT_RCODES = frozenset((wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED))
+TRY_NEXT_RCODES: Final = frozenset((wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED))
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -36,31 +36,31 @@ from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
 from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
 from dnsproxy.resolution import LatencyHistogram
 
-log = logging.getLogger(__name__)
-qlog = logging.getLogger("dnsproxy.query")
+log: Final = logging.getLogger(__name__)
+qlog: Final = logging.getLogger("dnsproxy.query")
 
-_TCP_MAX_REPLY = 65535
-_TCP_BACKLOG = 1024
-_UDP_BATCH = 64  # datagrams read per wake-up before other work gets a turn
-_UDP_MAX_QUERY = 4096  # a longer datagram is cut here and then fails validation
+_TCP_MAX_REPLY: Final = 65535
+_TCP_BACKLOG: Final = 1024
+_UDP_BATCH: Final = 64  # datagrams read per wake-up before other work gets a turn
+_UDP_MAX_QUERY: Final = 4096  # a longer datagram is cut here and then fails validation
 # Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; the generic value, as on x86-64 and arm64,
 # which the socket module does not name): each datagram carries the time the kernel
 # queued it, so the listener can see how long its oldest datagram has waited.
-_SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@qq")
-_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+_SO_TIMESTAMPNS: Final = 35
+_TIMESPEC: Final = struct.Struct("@qq")
+_CMSG_SPACE: Final = socket.CMSG_SPACE(_TIMESPEC.size)
 # Shedding starts once the queue has stayed older than limits.shed_after_s this long (a
 # standing queue, not a stall that a batch or two clears: a GC pause, a handover); after
 # that, while the listener keeps meeting old queues, it sheds from the first batch.
-_SHED_STANDING_S = 0.02
-_SHED_MEMORY_S = 1.0
-_ACL_MEMO_MAX = 4096
-_MEMO_MAX_QUERY = 512  # longer queries are validated every time instead of remembered
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
+_SHED_STANDING_S: Final = 0.02
+_SHED_MEMORY_S: Final = 1.0
+_ACL_MEMO_MAX: Final = 4096
+_MEMO_MAX_QUERY: Final = 512  # longer queries are validated every time instead of remembered
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux only; 33 there
 # Client-facing request duration buckets, seconds: CoreDNS's (0.25 ms doubling to 8.192 s),
 # so that quantiles compare with those of coredns_dns_request_duration_seconds.
-REQUEST_DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))
-REQUEST_DURATION_HELP = (
+REQUEST_DURATION_BUCKETS: Final = tuple(0.00025 * 2**i for i in range(16))
+REQUEST_DURATION_HELP: Final = (
     "Time from a query's arrival to its answer, seconds. A forwarded query is timed on its "
     "own; UDP queries answered from the cache in one socket read batch are each recorded "
     "with the batch's duration, an upper bound on their own (time queued in the socket "
@@ -70,7 +70,7 @@ REQUEST_DURATION_HELP = (
 # connection closed. A query fits in one segment and RFC 7766 §8 asks clients to write
 # the length and the message together, so only a stalled or hostile client takes
 # seconds; well under tcp_idle_timeout_s, so half-sent queries cannot hold client slots.
-_PARTIAL_FRAME_S = 2.0
+_PARTIAL_FRAME_S: Final = 2.0
 
 
 class ServerStats:
@@ -183,6 +183,8 @@ class _Handler:
         # parse_query never reads the ID, so the memo is exact. Cleared when full.
         self.memo: dict[bytes, Parsed] = {}
         self.memo_max = max(1024, config.cache_max_entries)
+        # The clock entries are aged by (a test pins it to compare two paths' replies).
+        self.clock: Callable[[], float] = time.monotonic
 
     def remember(self, data: bytes, key: bytes, qend: int, edns: int, qtype: int) -> None:
         """Memoize a query that was just answered from the cache, for its repeats.
@@ -248,7 +250,7 @@ class _Handler:
         if self.acl is not None and not self.acl[peer[0]]:
             send(self.refuse(data, qend, edns), peer)
             return False
-        now = time.monotonic()
+        now = self.clock()
         entry = self.cache.get(key, now)
         if entry is not None:
             stats.hits_by_kind[entry.kind] += 1
@@ -259,10 +261,10 @@ class _Handler:
                 self.remember(data, key, qend, edns, qtype)
             if tcp:
                 # UDP hits are recorded per read batch by the listener.
-                self.durations.observe(time.monotonic() - now)
+                self.durations.observe(self.clock() - now)
             if self.log_queries:
                 proto = "tcp" if tcp else "udp"
-                self.log_query(peer, proto, key, entry.rcode, time.monotonic() - now)
+                self.log_query(peer, proto, key, entry.rcode, self.clock() - now)
             return False
         stats.misses += 1
         if qtype in wire.NOT_FORWARDED:
@@ -291,7 +293,7 @@ class _Handler:
         ``entry``, counted, timed and logged."""
         self.stats.rcodes[entry.rcode] += 1
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
-        now = time.monotonic()
+        now = self.clock()
         reply = entry.answer_once(data, qend, edns, now, limit, self.opts)
         # LatencyHistogram.observe inlined: this runs for every miss.
         durations = self.durations
@@ -394,7 +396,7 @@ class _UdpListener:
         memo_get = h.memo.get
         store_get = h.cache.store.get
         touch = h.cache.store.move_to_end
-        monotonic = time.monotonic
+        monotonic = h.clock
         join = b"".join
         acl = h.acl
         qtypes = stats.udp_qtypes

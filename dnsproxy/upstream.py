@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -76,17 +76,17 @@ __all__ = [
     "make_upstream",
 ]
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-_ID = struct.Struct(">H")
-_TC = 0x02
-_MAX_MESSAGE = 0xFFFF
+_ID: Final = struct.Struct(">H")
+_TC: Final = 0x02
+_MAX_MESSAGE: Final = 0xFFFF
 
 # Over TCP the ID only demultiplexes (spoofing would need the TCP sequence numbers), so the
 # fast Mersenne Twister is enough. Over UDP the ID is half of the defence against forged
 # replies (RFC 5452), so it comes from the OS.
-_tcp_id = random.getrandbits
-_udp_id = random.SystemRandom().getrandbits
+_tcp_id: Final = random.getrandbits
+_udp_id: Final = random.SystemRandom().getrandbits
 
 # Reconnect backoff of a pool whose connections keep failing: the first failure in a row
 # costs nothing (the query's one retry goes out at once), each further one doubles the
@@ -848,22 +848,23 @@ class _TlsConnection(_UpstreamConnection):
     """One pipelined connection over TLS: counts its handshake and, once the server has
     answered (by then it has sent its session tickets), hands its session to the pool."""
 
-    owner: TlsUpstream
-
-    def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
+    def __init__(self, owner: TlsUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
         super().__init__(owner, loop, now)
+        # Its own name for the pool: a subclass may not narrow an attribute's type when
+        # compiled with mypyc.
+        self.tls_owner = owner
         self._session_saved = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called once the handshake is done; a failed one ends the connect instead.
-        self.owner.handshake_done(transport)
+        self.tls_owner.handshake_done(transport)
         super().connection_made(transport)  # writes the queries that waited for it
         tls.quick_ack(transport)
 
     def data_received(self, data: bytes) -> None:
         if not self._session_saved and self._transport is not None:
             self._session_saved = True
-            self.owner.save_session(self._transport)
+            self.tls_owner.save_session(self._transport)
         super().data_received(data)
 
 

@@ -10,55 +10,59 @@ No sockets, no clocks: ``now`` is always an argument.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Final, NamedTuple
 
 import dnslib
 
 from dnsproxy.errors import DnsproxyError
 
-HEADER_LEN = 12
+HEADER_LEN: Final = 12
 
 # Response codes.
-NOERROR = 0
-FORMERR = 1
-SERVFAIL = 2
-NXDOMAIN = 3
-NOTIMP = 4
-REFUSED = 5
-BADVERS = 16
+NOERROR: Final = 0
+FORMERR: Final = 1
+SERVFAIL: Final = 2
+NXDOMAIN: Final = 3
+NOTIMP: Final = 4
+REFUSED: Final = 5
+BADVERS: Final = 16
 
 # Record types the proxy treats specially.
-TYPE_SOA = 6
-TYPE_OPT = 41
-TYPE_IXFR = 251
-TYPE_AXFR = 252
+TYPE_SOA: Final = 6
+TYPE_OPT: Final = 41
+TYPE_IXFR: Final = 251
+TYPE_AXFR: Final = 252
 
-CLASS_IN = 1
+CLASS_IN: Final = 1
 
 # Header flag bits (byte 2 and byte 3 of the header).
-_QR = 0x80
-_AA = 0x04
-_TC = 0x02
-_RD = 0x01
-_RA = 0x80
-_AD = 0x20
-_CD = 0x10
+_QR: Final = 0x80
+_AA: Final = 0x04
+_TC: Final = 0x02
+_RD: Final = 0x01
+_RA: Final = 0x80
+_AD: Final = 0x20
+_CD: Final = 0x10
 
-MAX_NAME_LEN = 255
-MIN_UDP_PAYLOAD = 512
-TTL_MAX = 0x7FFFFFFF
+MAX_NAME_LEN: Final = 255
+MIN_UDP_PAYLOAD: Final = 512
+TTL_MAX: Final = 0x7FFFFFFF
 
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
-_pack_u32_into = _U32.pack_into
-_unpack_rr = _RR_FIXED.unpack_from
-_COUNTS = struct.Struct(">HHHH").unpack_from  # QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT
-_COUNTS_PACK = struct.Struct(">HHH").pack_into  # ANCOUNT, NSCOUNT, ARCOUNT
-_new_tuple = tuple.__new__
+_U16: Final = struct.Struct(">H")
+_U32: Final = struct.Struct(">I")
+_RR_FIXED: Final = struct.Struct(">HHIH")  # type, class, ttl, rdlength
+_COUNTS_FIXED: Final = struct.Struct(">HHHH")  # QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT
+_pack_u32_into: Final = _U32.pack_into
+# Typed as what they return, not struct's tuple[Any, ...]: compiled, the fields are then
+# native integers rather than objects compared and converted at every use.
+_unpack_rr: Final[Callable[[bytes, int], tuple[int, int, int, int]]] = _RR_FIXED.unpack_from
+_COUNTS: Final[Callable[[bytes, int], tuple[int, int, int, int]]] = _COUNTS_FIXED.unpack_from
+_COUNTS_PACK: Final = struct.Struct(">HHH").pack_into  # ANCOUNT, NSCOUNT, ARCOUNT
+_new_tuple: Final = tuple.__new__
 
 # Cache-key suffix bytes, indexed by (DO | CD << 1).
-_KEY_FLAGS = (b"\x00", b"\x01", b"\x02", b"\x03")
+_KEY_FLAGS: Final = (b"\x00", b"\x01", b"\x02", b"\x03")
 
 
 class WireError(DnsproxyError, ValueError):
@@ -318,7 +322,7 @@ def _parse_query_additional(data: bytes, qend: int, arcount: int, off: int = -1)
 # unassigned meta range 128..248) get FORMERR, as from Unbound: no upstream can answer
 # one, so forwarding it only earns a late error. The server looks a query's type up
 # here only after a cache miss (such a type is never cached), so cache hits pay nothing.
-NOT_FORWARDED: dict[int, tuple[int, str | None]] = {
+NOT_FORWARDED: Final[dict[int, tuple[int, str | None]]] = {
     TYPE_AXFR: (REFUSED, None),
     TYPE_IXFR: (REFUSED, None),
     **{t: (FORMERR, "meta_qtype") for t in (TYPE_OPT, 249, 250, 253, 254, *range(128, 249))},
@@ -365,13 +369,13 @@ class ResponseInfo(NamedTuple):
 # Types whose RDATA starts (after a fixed prefix) with a domain name that may be
 # compressed: the walk checks those names too, so a reply that a client could not parse
 # is never cached. Value: bytes before the name.
-_RDATA_NAME_AT = {2: 0, 5: 0, 12: 0, 39: 0, 15: 2, 33: 6}
-_NAME_IN_RDATA = frozenset((*_RDATA_NAME_AT, TYPE_SOA))
-TYPE_CNAME = 5
-TYPE_DNAME = 39
-TYPE_ANY = 255
+_RDATA_NAME_AT: Final = {2: 0, 5: 0, 12: 0, 39: 0, 15: 2, 33: 6}
+_NAME_IN_RDATA: Final = frozenset((*_RDATA_NAME_AT, TYPE_SOA))
+TYPE_CNAME: Final = 5
+TYPE_DNAME: Final = 39
+TYPE_ANY: Final = 255
 # Answer records that lead from the question's name to another (a chain to keep whole).
-_CHAIN_TYPES = (TYPE_CNAME, TYPE_DNAME)
+_CHAIN_TYPES: Final = (TYPE_CNAME, TYPE_DNAME)
 
 
 def _check_rdata_names(data: bytes, rtype: int, rdata: int, end: int) -> None:
@@ -592,8 +596,8 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
 # clients (often within one host), while the upstream hop is another network path, where
 # 1232 keeps UDP replies unfragmented; over TCP, the default upstream transport, the size
 # limits nothing.
-DEFAULT_UDP_PAYLOAD = 1232
-UPSTREAM_UDP_PAYLOAD = 1232
+DEFAULT_UDP_PAYLOAD: Final = 1232
+UPSTREAM_UDP_PAYLOAD: Final = 1232
 
 
 def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:
@@ -607,7 +611,7 @@ def opt_record(udp_size: int, do: bool, ext_rcode: int = 0) -> bytes:
     )
 
 
-_OPT_LEN = 11
+_OPT_LEN: Final = 11
 
 # The OPT records appended to replies for EDNS clients, without and with DO: built once
 # per server from its advertised size (:func:`client_opts`).
@@ -619,10 +623,10 @@ def client_opts(udp_size: int) -> Opts:
     return opt_record(udp_size, False), opt_record(udp_size, True)
 
 
-DEFAULT_OPTS = client_opts(DEFAULT_UDP_PAYLOAD)
+DEFAULT_OPTS: Final = client_opts(DEFAULT_UDP_PAYLOAD)
 
 # EDNS option 15, Extended DNS Error (RFC 8914), INFO-CODE 3 "Stale Answer", no text.
-EDE_STALE = b"\x00\x0f\x00\x02\x00\x03"
+EDE_STALE: Final = b"\x00\x0f\x00\x02\x00\x03"
 
 
 def with_ede_stale(opts: Opts) -> Opts:
@@ -638,7 +642,10 @@ def aged(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int)
     if age <= 0:
         return body
     buf = bytearray(body)
-    for off, ttl in zip(offsets, ttls, strict=False):
+    # No strict=: mypyc compiles a plain zip of two tuples into an indexed loop, and a call
+    # with a keyword argument into a generic call and an iterator (offsets and ttls come
+    # from the same walk, equally long).
+    for off, ttl in zip(offsets, ttls):  # noqa: B905
         ttl -= age
         _pack_u32_into(buf, off, ttl if ttl > 0 else 0)
     return bytes(buf)
@@ -843,11 +850,11 @@ def synth_body(question: bytes, rcode: int, cd: bool) -> bytes:
 
 # The fixed parts of the query sent upstream, for each key flag byte (DO | CD << 1): the
 # header (ID 0, RD, CD as asked, one question, one additional) and our OPT (DO as asked).
-_UPSTREAM_HEAD = tuple(
+_UPSTREAM_HEAD: Final = tuple(
     b"\x00\x00" + _U16.pack(_RD << 8 | (_CD if f & 2 else 0)) + b"\x00\x01\x00\x00\x00\x00\x00\x01"
     for f in range(4)
 )
-_UPSTREAM_OPT = tuple(opt_record(UPSTREAM_UDP_PAYLOAD, bool(f & 1)) for f in range(4))
+_UPSTREAM_OPT: Final = tuple(opt_record(UPSTREAM_UDP_PAYLOAD, bool(f & 1)) for f in range(4))
 
 
 def upstream_query(key: bytes, question: bytes) -> bytes:

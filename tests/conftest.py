@@ -32,6 +32,25 @@ from dnsproxy.config import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def _stale_compiled_modules() -> list[str]:
+    """Compiled modules left in the checkout (``make compiled``) that are older than a
+    source: Python would import them and test code that no longer exists."""
+    built = sorted((ROOT / "dnsproxy").glob("*.so"))
+    if not built:
+        return []
+    oldest = min(p.stat().st_mtime for p in built)
+    return [p.name for p in sorted((ROOT / "dnsproxy").glob("*.py")) if p.stat().st_mtime > oldest]
+
+
+if _stale_compiled_modules():
+    pytest.exit(
+        "dnsproxy/*.so (the compiled build) is older than "
+        f"{', '.join(_stale_compiled_modules())}: run `make compiled` to rebuild it, or "
+        "`make pure` to remove it (`make test` does one or the other)",
+        returncode=2,
+    )
+
 RECORDS: dict[tuple[str, str], list[str]] = {
     ("www.example.", "A"): ["169.254.1.1"],
     ("www.example.", "AAAA"): ["2001:db8::1"],

@@ -84,6 +84,19 @@ def test_image_is_small_debian_python_with_the_node_tools(image: str) -> None:
     assert (gcc, cc, pip, pip3) == ("-", "-", "-", "-")  # no compiler, no pip
     version = podman("run", "--rm", image, "--version").strip()
     assert version == f"dnsproxy {dnsproxy.__version__}"
+    # The query paths compiled with mypyc (`make wheels` builds that wheel), their
+    # runtime library inside the package: nothing of dnsproxy's lands beside it.
+    probe = (
+        "import dnsproxy, pathlib, site; print(dnsproxy.compiled()); "
+        "top = pathlib.Path(site.getsitepackages()[0]); "
+        "print(*sorted(p.name for p in top.glob('*mypyc*')) or ['-']); "
+        "print(*sorted(p.name for p in (top / 'dnsproxy').glob('*mypyc*')))"
+    )
+    out = podman("run", "--rm", "--entrypoint", "/opt/dnsproxy/bin/python", image, "-c", probe)
+    build, top_level, inside = out.splitlines()
+    assert build == "mypyc"
+    assert top_level == "-"
+    assert inside.startswith("_native__mypyc.cpython-311-")
 
 
 async def test_image_runs_standalone_as_a_non_root_user(image: str) -> None:

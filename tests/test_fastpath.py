@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import itertools
 import socket
-from types import SimpleNamespace
 
 import dns.flags
 import dns.message
@@ -25,7 +24,6 @@ import pytest
 from conftest import make_config, running
 from dnsmsg import reply_to, rrset
 
-import dnsproxy.server
 from dnsproxy import wire
 from dnsproxy.cache import make_entry
 from dnsproxy.config import CachePolicy
@@ -115,10 +113,7 @@ def fill(cache: object, corpus: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("acl", [False, True])
-async def test_fast_path_replies_equal_general_path_replies(
-    monkeypatch: pytest.MonkeyPatch, acl: bool
-) -> None:
-    monkeypatch.setattr(dnsproxy.server, "time", SimpleNamespace(monotonic=lambda: NOW))
+async def test_fast_path_replies_equal_general_path_replies(acl: bool) -> None:
     corpus = queries()
     allow = (ipaddress.ip_network("127.0.0.0/8"),) if acl else ()
     # No upstream is ever asked: port 9 on loopback, every query is a hit.
@@ -126,6 +121,7 @@ async def test_fast_path_replies_equal_general_path_replies(
     async with running(config) as app:
         fill(app.cache, corpus)
         handler = app.server.handler
+        handler.clock = lambda: NOW
         hp = app.listen[0]
         loop = asyncio.get_running_loop()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

@@ -21,7 +21,12 @@ from dnsproxy.config import TlsConfig, UpstreamConfig
 # (family, type, sample name, label names) as exported since the first release.
 CONTRACT = {
     ("dnsproxy_acl_refused", "counter", "dnsproxy_acl_refused_total", ()),
-    ("dnsproxy_build_info", "gauge", "dnsproxy_build_info", ("loop", "python", "version")),
+    (
+        "dnsproxy_build_info",
+        "gauge",
+        "dnsproxy_build_info",
+        ("compiled", "loop", "python", "version"),
+    ),
     ("dnsproxy_cache_bytes", "gauge", "dnsproxy_cache_bytes", ()),
     ("dnsproxy_cache_capacity", "gauge", "dnsproxy_cache_capacity", ()),
     ("dnsproxy_cache_prefetch", "counter", "dnsproxy_cache_prefetch_total", ()),

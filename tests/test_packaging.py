@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -56,6 +57,14 @@ async def test_build_info_metric_shows_the_package_version() -> None:
     version = re.search(r'version="([^"]*)"', line)
     assert version is not None
     assert version[1] == importlib.metadata.version("dnsproxy")
+    compiled = re.search(r'compiled="([^"]*)"', line)
+    assert compiled is not None
+    assert compiled[1] == dnsproxy.compiled()
+    # `make test` says which build it asked for; the label must name that one, so a
+    # compiled run cannot pass on pure-Python modules (or the reverse).
+    expected = os.environ.get("DNSPROXY_EXPECT_BUILD")
+    if expected:
+        assert compiled[1] == expected
 
 
 @pytest.mark.parametrize(("name", "file"), sorted(SHIPPED.items()))
@@ -78,10 +87,12 @@ def test_print_config_default_and_unknown_names() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from a copy of the sources (so no build files land in the tree)."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(CONFIG, src / "config")
-    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "build_support", src / "build_support")
+    # The pure-Python wheel, whichever build the checkout has in place.
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
     shutil.copytree(ROOT / "dnsproxy", src / "dnsproxy", symlinks=True, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     # No build isolation: the test extra installs setuptools, so no network is needed.
@@ -92,10 +103,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text=True,
         timeout=300,
         check=False,
+        env={**os.environ, "DNSPROXY_MYPYC": "0"},
     )
     assert result.returncode == 0, result.stderr
     [built] = out.glob("dnsproxy-*.whl")
     return built
+
+
+def test_wheel_without_the_option_is_pure_python(wheel: Path) -> None:
+    # What `pip install` gives where no compiler is: one wheel for every platform.
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert not [n for n in names if n.endswith(".so")]
+    assert {f"dnsproxy/{m}.py" for m in dnsproxy.NATIVE_MODULES} <= set(names)
 
 
 def test_wheel_carries_the_configs_license_and_version(wheel: Path) -> None:
@@ -130,3 +151,18 @@ def test_installed_wheel_prints_its_configs(wheel: Path, tmp_path: Path) -> None
     path = Path(result.stdout.strip())
     assert path.is_relative_to(target)
     assert path.read_text() == (CONFIG / "nodelocal.yaml").read_text()
+
+
+def test_compiled_build_check_says_what_is_missing(tmp_path: Path) -> None:
+    # What `make test` prints when it skips the compiled build (an error under CI=true).
+    check = [sys.executable, str(ROOT / "build_support" / "compiler.py")]
+    no_tools = subprocess.run(
+        check, capture_output=True, text=True, timeout=30, check=False, env={"PATH": str(tmp_path)}
+    )
+    assert no_tools.returncode == 1
+    assert no_tools.stdout.startswith("no C compiler (")
+    assert "apt-get install gcc" in no_tools.stdout
+    here = subprocess.run(check, capture_output=True, text=True, timeout=30, check=False)
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed here (CI installs it)")
+    assert (here.returncode, here.stdout) == (0, ""), here.stdout

@@ -275,8 +275,8 @@ async def test_answers_queries_and_serves_health_ready_metrics(tmp_path: Path) -
     assert health == (200, "ok\n")
     assert status == 200
     build_info = (
-        f'dnsproxy_build_info{{loop="{loop}",python="{".".join(map(str, sys.version_info[:3]))}",'
-        f'version="{dnsproxy.__version__}"}}'
+        f'dnsproxy_build_info{{compiled="{dnsproxy.compiled()}",loop="{loop}",'
+        f'python="{".".join(map(str, sys.version_info[:3]))}",version="{dnsproxy.__version__}"}}'
     )
     assert metric_value(metrics, build_info) == 1.0
     assert metric_value(metrics, 'dnsproxy_requests_total{proto="udp"}') == 2.0
