@@ -1,8 +1,13 @@
 """A random-subdomain flood, small and bounded: cached names must not be lost behind it.
 
 Runs the flood benchmark (``benchmarks/flood.py``) with a small name count: dnsproxy's miss
-capacity is measured first, then 40,000 unique names arrive at three times it while a side
-client asks a cached name every 10 ms. The pass/fail is what a user would notice: not one
+capacity is measured first, then 100,000 unique names arrive at one and a half times it
+while a side client asks a cached name every 10 ms. The flood stays above what can be
+resolved (so misses are shed) but below what dnsproxy can read: every query, flood or
+side, arrives on the same socket, and a flood faster than the reads fills the socket's
+buffer, where the kernel drops arrivals, side queries with the rest, whatever the server
+(the compiled build resolves about 85,000 misses a second here, and three times that is
+more than any build reads). The pass/fail is what a user would notice: not one
 side query unanswered, and the misses that could not be resolved in time shed and counted.
 The side client's latencies are printed with ``pytest -s``; the full-size benchmark and
 its comparison with Unbound are ``python -m benchmarks.flood`` (README, Reliability).
@@ -23,12 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(300)
-def test_a_flood_at_three_times_the_miss_capacity_loses_no_cached_query(tmp_path: Path) -> None:
+def test_a_flood_above_the_miss_capacity_loses_no_cached_query(tmp_path: Path) -> None:
     for tool, package in (("dnsperf", "dnsperf"), ("unbound", "unbound")):
         if shutil.which(tool, path=SBIN_PATH) is None:
             pytest.skip(f"{tool} not installed (apt-get install {package})")
     out = tmp_path / "flood.json"
-    args = ["--systems", "dnsproxy", "--names", "40000", "--factor", "3", "--capacity-s", "2"]
+    args = ["--systems", "dnsproxy", "--names", "100000", "--factor", "1.5", "--capacity-s", "2"]
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.flood", *args, "--no-pin", "--json", str(out)],
         cwd=ROOT,
@@ -43,7 +48,7 @@ def test_a_flood_at_three_times_the_miss_capacity_loses_no_cached_query(tmp_path
     (dnsproxy,) = result["systems"]
     side, flood = dnsproxy["side"], dnsproxy["flood"]
     print(
-        f"\nflood of {flood['sent']} names at {result['rate']}/s (3 x {result['capacity_qps']:.0f}"
+        f"\nflood of {flood['sent']} names at {result['rate']}/s (1.5 x {result['capacity_qps']:.0f}"
         f"/s): side p50 {side['p50_ms']} ms, p99 {side['p99_ms']} ms, max {side['max_ms']} ms; "
         f"shed {dnsproxy['dnsproxy']['shed_overload']:.0f}"
     )
