@@ -307,8 +307,8 @@ def headline(data: dict[str, Any]) -> str:
     hits, miss, mix = (sc.get(name, {}) for name in ("hits", "miss", "mix"))
     if hits:
         peers = ", ".join(
-            f"{_times(hits.get(BASELINE), hits.get(p))} × {label}"
-            for p, label in (("unbound", "Unbound"), ("dnsdist", "dnsdist"), ("dnsmasq", "dnsmasq"))
+            f"{_times(hits.get(BASELINE), hits.get(p))} × {peer}"
+            for p, peer in (("unbound", "Unbound"), ("dnsdist", "dnsdist"), ("dnsmasq", "dnsmasq"))
             if p in hits
         )
         extra = "; ".join(x for x in (peers, _pure(hits)) if x)
@@ -328,12 +328,12 @@ def headline(data: dict[str, Any]) -> str:
     if cost:
         offered = data["settings"].get("cost_qps", 20_000)
         figures = []
-        for workload, label in (("hits", "hit"), ("miss", "miss"), ("mix", "mix query")):
+        for workload, what in (("hits", "hit"), ("miss", "miss"), ("mix", "mix query")):
             mine = _counted(cost.get(workload, {}).get(BASELINE), "cpu_s_per_million")
             theirs = _counted(cost.get(workload, {}).get("unbound"), "cpu_s_per_million")
             if mine is not None:
                 figures.append(
-                    f"{mine:.1f} µs per {label}"
+                    f"{mine:.1f} µs per {what}"
                     + (f" (Unbound {theirs:.1f})" if theirs is not None else "")
                 )
         if figures:
