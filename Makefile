@@ -62,8 +62,8 @@ run: $(STAMP) $(BUILD)
 	$(BIN)/dnsproxy --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check dnsproxy tests setup.py build_support
-	$(BIN)/ruff format --check dnsproxy tests setup.py build_support
+	$(BIN)/ruff check dnsproxy tests benchmarks setup.py build_support
+	$(BIN)/ruff format --check dnsproxy tests benchmarks setup.py build_support
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

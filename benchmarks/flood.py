@@ -117,12 +117,12 @@ def side_client(port: int, name: str, duration_s: float, out: Path) -> None:
                 break
             received = time.monotonic()
             qid = int.from_bytes(reply[:2], "big") if len(reply) >= 2 else -1
-            sent_at = pending.pop(qid, None)
-            if sent_at is None:
+            asked_at = pending.pop(qid, -1.0)
+            if asked_at < 0:
                 continue  # a late reply to a query already counted as lost
             rcode = reply_rcode(reply, qid)
             if rcode == 0:
-                latencies.append(received - sent_at)
+                latencies.append(received - asked_at)
             else:
                 other_rcodes[rcode or -1] = other_rcodes.get(rcode or -1, 0) + 1
     sock.close()

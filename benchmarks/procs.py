@@ -190,7 +190,8 @@ def reply_rcode(reply: bytes, qid: int) -> int | None:
     """The rcode of ``reply`` if it is a response to query ``qid``, else None."""
     if len(reply) < 12:
         return None
-    rid, flags = struct.unpack("!HH", reply[:4])
+    rid = int.from_bytes(reply[0:2], "big")
+    flags = int.from_bytes(reply[2:4], "big")
     if rid != qid or not flags & 0x8000:
         return None
     return flags & 0x000F

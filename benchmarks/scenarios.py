@@ -561,7 +561,7 @@ class Bench:
                 results[system.key]["profile"] = record(
                     run.proc.pid,
                     directory / f"{name}-{system.key}.txt",
-                    lambda run=run: self.perf(
+                    lambda: self.perf(
                         run,
                         datafile,
                         self.settings.throughput,
