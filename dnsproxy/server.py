@@ -362,8 +362,6 @@ class _UdpListener:
         self.sock = sock
         self.closed = False
         self.label = str(_local(sock))
-        # The key of this socket in /proc/net/udp{,6}, where the kernel counts its drops.
-        self.inode = os.fstat(sock.fileno()).st_ino
         _set_receive_buffer(sock, handler.config.limits.udp_rcvbuf, self.label)
         # When the last batch found the socket empty (the start of that batch); since when
         # the queue has stayed older than shed_after_s; until when it sheds at once.
@@ -1076,7 +1074,7 @@ class DnsServer:
     def udp_receive_drops(self) -> dict[str, int]:
         """Kernel drops at each UDP listener's socket, by listener; for a scrape."""
         listeners = [*(x for pairs in self._listeners.values() for x in pairs), *self._retired]
-        return _read_udp_drops({x.udp.inode: x.udp.label for x in listeners if not x.udp.closed})
+        return udp_receive_drops(x.udp.sock for x in listeners if not x.udp.closed)
 
     def stop_listening(self) -> None:
         """Refuse new queries and connections; replies still in flight go out."""
