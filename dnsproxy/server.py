@@ -568,11 +568,16 @@ class _UdpListener:
 
 
 def _load_udpio() -> Any:
-    """The compiled build's ``dnsproxy._udpio`` (batched reads and writes), or None."""
+    """The compiled build's ``dnsproxy._udpio`` (batched reads and writes), or None (also
+    when it was built for other batch limits than this module's)."""
     try:
-        return importlib.import_module("dnsproxy._udpio")
+        module = importlib.import_module("dnsproxy._udpio")
     except ImportError:
         return None
+    if module.SIZE_MAX != _UDP_MAX_QUERY or module.BATCH_MAX < _UDP_BATCH:
+        log.warning("dnsproxy._udpio does not match this build; reading with recvfrom")
+        return None
+    return module
 
 
 # Any: the module or None; its functions are typed where the listener keeps them.

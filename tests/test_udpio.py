@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,6 +114,46 @@ def test_reads_a_batch_with_the_senders_addresses(
     assert impl.recv(server_sock, 64) == []
 
 
+def test_ipv4_clients_of_a_dual_stack_socket(impl: Impl, sockets: list[socket.socket]) -> None:
+    # An IPv4 client of an IPv6 listener that also takes IPv4 has an IPv4-mapped address,
+    # as the socket module gives it, and a reply to it arrives.
+    server_sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    server_sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    server_sock.bind(("::", 0))
+    server_sock.setblocking(False)
+    client = _udp()
+    sockets += [server_sock, client]
+    client.sendto(b"mapped", ("127.0.0.1", server_sock.getsockname()[1]))
+    _drain_ready(server_sock)
+    [(data, addr)] = impl.recv(server_sock, 64)
+    assert data == b"mapped"
+    assert addr == ("::ffff:127.0.0.1", client.getsockname()[1], 0, 0)
+    assert impl.send_batch(server_sock, [b"back"], [addr]) is None
+    assert _drain(client, 1) == [b"back"]
+
+
+def test_a_datagram_without_an_address(impl: Impl, sockets: list[socket.socket]) -> None:
+    # What recvfrom gives for a sender with no address (here a Unix datagram socket pair):
+    # None, never the address of an earlier datagram.
+    udp_server, udp_client = _udp(), _udp()
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    right.setblocking(False)
+    sockets += [udp_server, udp_client, left, right]
+    udp_client.sendto(b"first", udp_server.getsockname())
+    _drain_ready(udp_server)
+    assert impl.recv(udp_server, 64) == [(b"first", udp_client.getsockname())]
+    left.send(b"unix")
+    _drain_ready(right)
+    [(data, addr)] = impl.recv(right, 64)
+    assert data == b"unix"
+    assert not addr  # None from the C extension, the socket module's None or ""
+
+
+def _drain_ready(sock: socket.socket) -> None:
+    """Wait (up to 2 s) until ``sock`` has a datagram to read."""
+    select.select([sock], [], [], 2.0)
+
+
 def test_reads_at_most_count_and_cuts_long_datagrams_as_recvfrom_does(
     impl: Impl, sockets: list[socket.socket]
 ) -> None:
@@ -195,12 +236,30 @@ def test_c_extension_refuses_bad_arguments_without_crashing(sockets: list[socket
         module.recv_batch(fd)
     with pytest.raises(ValueError, match="as many"):
         module.send_batch(fd, [b"x"], [])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="bytes"):
         module.send_batch(fd, ["text"], [addr])
+    with pytest.raises(TypeError, match="bytes"):
+        module.send_batch(fd, [bytearray(b"x")], [addr])
     with pytest.raises(TypeError):
         module.send_batch(fd, (b"x",), [addr])
     with pytest.raises(ValueError, match="numeric"):
         module.send_to(fd, b"x", ("localhost", 53))
+    with pytest.raises(ValueError, match="NUL"):
+        module.send_to(fd, b"x", ("127.0.0.1\x00junk", addr[1]))
+    with pytest.raises(OverflowError, match="flowinfo"):
+        module.send_to(fd, b"x", ("::1", 53, 1 << 20, 0))
+
+    class Port(int):
+        """An int subclass, whose conversion could run Python code mid-batch."""
+
+    with pytest.raises(TypeError, match="int"):
+        module.send_to(fd, b"x", ("127.0.0.1", Port(53)))
+    # In a batch, an address it cannot send to is counted as failed and the rest go out.
+    client = _udp()
+    sockets.append(client)
+    bad = [("127.0.0.1", Port(53)), ("localhost", 53), client.getsockname()]
+    assert module.send_batch(fd, [b"a", b"b", b"c"], bad) == (0, 2)
+    assert _drain(client, 1) == [b"c"]
     with pytest.raises(TypeError):
         module.send_to(fd, b"x", "127.0.0.1")
     with pytest.raises(OverflowError):
