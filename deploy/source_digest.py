@@ -1,6 +1,7 @@
 """Print a digest of the sources an image is built from (dnsproxy/, pyproject.toml,
-setup.py and the build backend, deploy/Dockerfile), so that the image test can tell an image built from this tree from a
-stale one. Standard library only: `make image` runs it before any virtualenv exists."""
+setup.py and the build backend, deploy/Dockerfile), so that the image test can tell an
+image built from this tree from a stale one. Standard library only: `make image` runs it
+before any virtualenv exists."""
 
 from __future__ import annotations
 
