@@ -454,11 +454,52 @@ send_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(sent < 0 ? errno : 0);
 }
 
+static PyObject *
+splice(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *query, *head, *tail, *out;
+    Py_ssize_t qend, qlen, hlen, tlen;
+    char *p;
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "splice(query, head, qend, tail)");
+        return NULL;
+    }
+    query = args[0];
+    head = args[1];
+    tail = args[3];
+    if (!PyBytes_CheckExact(query) || !PyBytes_CheckExact(head) || !PyBytes_CheckExact(tail)) {
+        PyErr_SetString(PyExc_TypeError, "query, head and tail must be bytes");
+        return NULL;
+    }
+    qend = PyLong_AsSsize_t(args[2]);
+    if (qend == -1 && PyErr_Occurred())
+        return NULL;
+    qlen = PyBytes_GET_SIZE(query);
+    if (qend < 12 || qend > qlen) {
+        PyErr_SetString(PyExc_ValueError, "qend must be within the query, after its header");
+        return NULL;
+    }
+    hlen = PyBytes_GET_SIZE(head);
+    tlen = PyBytes_GET_SIZE(tail);
+    out = PyBytes_FromStringAndSize(NULL, 2 + hlen + (qend - 12) + tlen);
+    if (out == NULL)
+        return NULL;
+    p = PyBytes_AS_STRING(out);
+    memcpy(p, PyBytes_AS_STRING(query), 2);
+    memcpy(p + 2, PyBytes_AS_STRING(head), (size_t)hlen);
+    memcpy(p + 2 + hlen, PyBytes_AS_STRING(query) + 12, (size_t)(qend - 12));
+    memcpy(p + 2 + hlen + (qend - 12), PyBytes_AS_STRING(tail), (size_t)tlen);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,
      "recv_batch(fd, count) -> list of (data, address): up to count datagrams, [] if none."},
     {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL,
      "send_batch(fd, replies, addresses) -> None, or (buffer_full, failed) counts."},
+    {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
+     "splice(query, head, qend, tail) -> query[:2] + head + query[12:qend] + tail."},
     {"send_to", (PyCFunction)(void (*)(void))send_to, METH_FASTCALL,
      "send_to(fd, reply, address) -> 0 when sent, else the errno."},
     {NULL, NULL, 0, NULL},

@@ -22,6 +22,8 @@ import dns.message
 import dns.rdatatype
 import pytest
 from conftest import proxy_with
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dnsproxy import server
 
@@ -280,6 +282,35 @@ def test_c_extension_refuses_bad_arguments_without_crashing(sockets: list[socket
     with pytest.raises(OSError):
         module.recv_batch(spare, 1)
     assert module.send_to(spare, b"x", addr) == errno.EBADF
+
+
+@given(
+    query=st.binary(min_size=12, max_size=300),
+    head=st.binary(max_size=20),
+    tail=st.binary(max_size=600),
+    data=st.data(),
+)
+def test_c_splice_is_the_join_it_replaces(
+    query: bytes, head: bytes, tail: bytes, data: st.DataObject
+) -> None:
+    module = _c_module()
+    if module is None:
+        pytest.skip("dnsproxy._udpio is not built (the compiled build: make compiled)")
+    qend = data.draw(st.integers(12, len(query)))
+    expected = b"".join((query[:2], head, query[12:qend], tail))
+    assert module.splice(query, head, qend, tail) == expected
+
+
+def test_c_splice_refuses_what_is_not_a_query() -> None:
+    module = _c_module()
+    if module is None:
+        pytest.skip("dnsproxy._udpio is not built (the compiled build: make compiled)")
+    with pytest.raises(ValueError, match="qend"):
+        module.splice(b"\0" * 12, b"", 13, b"")
+    with pytest.raises(ValueError, match="qend"):
+        module.splice(b"\0" * 12, b"", 11, b"")
+    with pytest.raises(TypeError):
+        module.splice(bytearray(12), b"", 12, b"")
 
 
 def test_listener_uses_the_build_asked_for() -> None:
