@@ -65,9 +65,7 @@ def ext_modules() -> list[object]:
     # Batched UDP reads and writes for the listeners (recvmmsg/sendmmsg, which Python's
     # socket module does not offer); Linux only, and only in the compiled build, which
     # needs the C compiler anyway: dnsproxy.server falls back to the socket's methods.
-    udpio = Extension(
-        "dnsproxy._udpio", ["dnsproxy/_udpio.c"], extra_compile_args=["-O2", "-Wall"]
-    )
+    udpio = Extension("dnsproxy._udpio", ["dnsproxy/_udpio.c"], extra_compile_args=["-O2", "-Wall"])
     return [*native, udpio]
 
 
