@@ -56,7 +56,14 @@ from dnsproxy.resolution import (
     ServerState,
     Zone,
 )
-from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
+from dnsproxy.upstream import (
+    Callback,
+    Request,
+    Upstream,
+    UpstreamBusy,
+    UpstreamError,
+    make_upstream,
+)
 
 __all__ = ["Deliver", "Forwarder", "ForwarderStats", "LoopError"]
 
@@ -148,15 +155,21 @@ class _Server(ServerState):
 
 
 class _Question(Resolution[_Server]):
-    """One distinct question on its way upstream, and the clients waiting for it."""
+    """One distinct question on its way upstream, and the clients waiting for it; the
+    waiter of its tries (one object per question, no callback object per try)."""
 
-    __slots__ = ("done", "prefetch", "request", "stale_answer", "waiters")
+    __slots__ = ("done", "forwarder", "prefetch", "request", "stale_answer", "waiters")
+
+    forwarder: Forwarder
 
     waiters: list[Deliver]
     request: Request | None  # the try in flight
     done: bool
     prefetch: bool  # a refresh nobody waits for
     stale_answer: Entry | None  # sent at the client-response timer; later joiners get it too
+
+    def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
+        self.forwarder._reply(self, reply, error, now)
 
 
 class Forwarder:
@@ -372,6 +385,7 @@ class Forwarder:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         q = _Question(key, query[wire.HEADER_LEN : qend], zone, now, stale)
+        q.forwarder = self
         q.waiters = [deliver]
         q.request = None
         q.done = False
@@ -421,16 +435,13 @@ class Forwarder:
         if server is None:
             self._finish(q, self._failure(q, now))
             return
-        q.request = server.upstream.send(
-            q.query, q.timeout_s, partial(self._reply, q), q.question, now
-        )
+        q.request = server.upstream.send(q.query, q.timeout_s, q, q.question, now)
 
-    def _reply(self, q: _Question, reply: bytes | None, error: UpstreamError | None) -> None:
+    def _reply(
+        self, q: _Question, reply: bytes | None, error: UpstreamError | None, now: float
+    ) -> None:
         if q.done:
             return
-        loop = self._loop  # set by the submit that started this question
-        assert loop is not None
-        now = loop.time()
         try:
             if reply is None:
                 server = q.server
@@ -526,7 +537,7 @@ class Forwarder:
             self._arm_probe(server)  # the timer fired a little early, or the server is up
             return
         server.probe_request = server.upstream.probe(
-            probe, PROBE_TIMEOUT_S, partial(self._probed, server)
+            probe, PROBE_TIMEOUT_S, Callback(partial(self._probed, server))
         )
 
     def _probed(self, server: _Server, reply: bytes | None, error: UpstreamError | None) -> None:
@@ -607,6 +618,7 @@ class Forwarder:
             except wire.WireError:
                 continue
             q = _Question(key, question, zone, now)
+            q.forwarder = self
             q.waiters = []
             q.request = None
             q.done = False

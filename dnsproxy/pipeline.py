@@ -42,6 +42,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamStats",
     "UpstreamTimeout",
+    "Waiter",
 ]
 
 MAX_EXPIRED_IDS: Final = 1024  # a connection with more timed-out IDs than this is retired
@@ -75,6 +76,22 @@ class ConnectionLost(UpstreamError):
     server, which happens routinely when the server's idle timeout beats ours; see
     :meth:`PendingQuery.retry`.
     """
+
+
+class Waiter:
+    """Who is told the outcome of a query sent upstream, once: ``(reply, None, now)``
+    with the validated reply, or ``(None, error, now)``; ``now`` is the loop's clock,
+    read by the teller anyway.
+
+    A class rather than a callback, so that the forwarder's object for a question is
+    its own waiter: compiled, telling it is a direct call, where a ``functools.partial``
+    would cost two objects per try and a generic call per reply.
+    """
+
+    __slots__ = ()
+
+    def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
+        raise NotImplementedError
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, STALE_TTL_S, Entry, make_entry, servfail_entry
 from dnsproxy.config_types import ServeStaleConfig, ZoneConfig
 from dnsproxy.framing import NEVER
+from dnsproxy.pipeline import Waiter
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -272,12 +273,13 @@ class Zone(Generic[S]):
         return [s for s in servers if s.up] + [s for s in servers if not s.up]
 
 
-class Resolution(Generic[S]):
+class Resolution(Waiter, Generic[S]):
     """The tries of one question at its zone's servers.
 
     :meth:`next_try` names the server to ask next (and sets ``timeout_s``), or None when
     tries or time have run out; :meth:`failed` or :meth:`answered` take the outcome of
-    that try; :meth:`failure` is the answer when no server gave a usable one.
+    that try; :meth:`failure` is the answer when no server gave a usable one. The
+    asyncio adapter makes it the :class:`~dnsproxy.pipeline.Waiter` of its tries.
     """
 
     __slots__ = (

@@ -55,6 +55,7 @@ from .pipeline import (
     UpstreamError,
     UpstreamStats,
     UpstreamTimeout,
+    Waiter,
 )
 from .resolution import PROBE_QUERY, PROBE_TIMEOUT_S
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
@@ -73,6 +74,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamStats",
     "UpstreamTimeout",
+    "Waiter",
     "make_upstream",
 ]
 
@@ -119,10 +121,22 @@ _GAUGES = (
 )
 
 
-# Called exactly once per request: ``(reply, None)`` with the validated reply, or
-# ``(None, error)``. The reply's ID is whatever went on the wire (:meth:`Upstream.query`
-# restores the caller's); everything after the ID is the server's.
+# A callback told as a Waiter is (see Callback). The reply's ID is whatever went on the
+# wire (:meth:`Upstream.query` restores the caller's); everything after the ID is the
+# server's.
 Done = Callable[[bytes | None, UpstreamError | None], None]
+
+
+class Callback(Waiter):
+    """A :class:`Waiter` that calls ``done`` with the outcome (not the time)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: Done) -> None:
+        self.done = done
+
+    def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
+        self.done(reply, error)
 
 
 class UpstreamDown(UpstreamError):
@@ -165,24 +179,29 @@ class Upstream:
         self.stats = stats if stats is not None else UpstreamStats()
 
     def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+        self,
+        wire: bytes,
+        timeout_s: float,
+        waiter: Waiter,
+        question: bytes = b"",
+        now: float = -1.0,
     ) -> Request:
-        """Send the query ``wire``; ``done`` is called once with the outcome.
+        """Send the query ``wire``; ``waiter`` is told the outcome once.
 
         The callback form is what the forwarder uses: a miss then costs no task and no
         coroutine, and the answer goes to the clients from ``data_received`` directly.
-        ``done`` may be called before ``send`` returns (closed upstream, full pool).
+        ``waiter`` may be told before ``send`` returns (closed upstream, full pool).
         ``question``, when given, must be ``wire``'s question section (the caller has
         it already; otherwise it is found by walking ``wire``). ``now``: the monotonic
         clock when the caller has just read it (the loop's clock otherwise).
         """
         raise NotImplementedError
 
-    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def probe(self, wire: bytes, timeout_s: float, waiter: Waiter) -> Request:
         """Send the health probe ``wire`` as :meth:`send` does, but never held behind a
         reconnect backoff: the probe is how a server that comes back is seen at once.
-        ``done`` is called once with the outcome."""
-        return self.send(wire, timeout_s, done)
+        ``waiter`` is told the outcome once."""
+        return self.send(wire, timeout_s, waiter)
 
     async def query(self, wire: bytes, timeout_s: float) -> bytes:
         """Send the query ``wire``; return the validated reply carrying ``wire``'s ID."""
@@ -197,7 +216,7 @@ class Upstream:
                 assert reply is not None
                 future.set_result(wire[:2] + reply[2:])
 
-        request = self.send(wire, timeout_s, done)
+        request = self.send(wire, timeout_s, Callback(done))
         try:
             return await future
         except asyncio.CancelledError:
@@ -284,14 +303,14 @@ class _TcpRequest(PendingQuery):
     """One query through a TCP pool: the pipeline's record plus who to tell; ``then``, the
     request that took over when its connection failed (see ``TcpUpstream.fallback``)."""
 
-    __slots__ = ("done", "finished", "owner", "then")
+    __slots__ = ("finished", "owner", "then", "waiter")
 
     def __init__(
-        self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
+        self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, waiter: Waiter
     ) -> None:
         PendingQuery.__init__(self, wire, question, deadline)
         self.owner = owner
-        self.done = done
+        self.waiter = waiter
         self.finished = False
         self.then: Request | None = None
 
@@ -347,12 +366,17 @@ class TcpUpstream(Upstream):
         self.failure = ""  # how the last connection failed, for logs
         self._retry_at = 0.0  # no new connection before this (loop time)
         # Given a request whose connection failed (neither a timeout nor our own limits)
-        # and the time, another way to send it, which calls its ``done``; or None. Auto's
+        # and the time, another way to send it, which tells its ``waiter``; or None. Auto's
         # way to UDP; the success path never looks at it.
         self.fallback: Callable[[_TcpRequest, float], Request | None] | None = None
 
     def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+        self,
+        wire: bytes,
+        timeout_s: float,
+        waiter: Waiter,
+        question: bytes = b"",
+        now: float = -1.0,
     ) -> Request:
         self.stats.queries += 1
         loop = self._loop
@@ -366,19 +390,19 @@ class TcpUpstream(Upstream):
                 question = _question(wire)
             except UpstreamError as exc:
                 self.stats.failures += 1
-                done(None, exc)
+                waiter.upstream_done(None, exc, now)
                 return _Finished()
-        request = _TcpRequest(self, wire, question, now + timeout_s, done)
+        request = _TcpRequest(self, wire, question, now + timeout_s, waiter)
         self._dispatch(request, now)
         return request
 
-    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def probe(self, wire: bytes, timeout_s: float, waiter: Waiter) -> Request:
         # The backoff is lifted for this one send only: the probe opens a connection
         # now if it needs one; queries meanwhile share that connection, and its outcome
         # (a reply ends the backoff, a failure extends it) decides what comes next.
         retry_at, self._retry_at = self._retry_at, 0.0
         try:
-            return self.send(wire, timeout_s, done)
+            return self.send(wire, timeout_s, waiter)
         finally:
             self._retry_at = retry_at
 
@@ -411,7 +435,7 @@ class TcpUpstream(Upstream):
             self.stats.replies += 1
             if self.failed_connections:
                 self._connection_worked()
-            request.done(request.reply, None)
+            request.waiter.upstream_done(request.reply, None, now)
         elif type(error) is ConnectionLost and request.retry(now):
             self.stats.retries += 1
             self._dispatch(request, now)
@@ -430,8 +454,8 @@ class TcpUpstream(Upstream):
             if fallback is not None and not isinstance(error, UpstreamBusy):
                 request.then = fallback(request, now)
                 if request.then is not None:
-                    return  # the fallback calls request.done
-        request.done(None, error)
+                    return  # the fallback tells request.waiter
+        request.waiter.upstream_done(None, error, now)
 
     def _cancel(self, request: _TcpRequest) -> None:
         pipeline = request.conn
@@ -903,11 +927,13 @@ def _expire(future: asyncio.Future[bytes], label: str) -> None:
 class _UdpRequest:
     """One query through a UDP upstream: a task of its own."""
 
-    __slots__ = ("done", "finished", "task")
+    __slots__ = ("finished", "task", "waiter")
 
-    def __init__(self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], done: Done) -> None:
+    def __init__(
+        self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], waiter: Waiter
+    ) -> None:
         self.finished = False
-        self.done = done
+        self.waiter = waiter
         self.task = asyncio.get_running_loop().create_task(coro)
         owner._tasks.add(self.task)
         self.task.add_done_callback(owner._tasks.discard)
@@ -918,12 +944,14 @@ class _UdpRequest:
             return
         self.finished = True
         error = task.exception()
+        now = task.get_loop().time()
         if error is None:
-            self.done(task.result(), None)
+            self.waiter.upstream_done(task.result(), None, now)
         elif isinstance(error, UpstreamError):
-            self.done(None, error)
+            self.waiter.upstream_done(None, error, now)
         else:
-            self.done(None, UpstreamError(f"UDP query failed: {error!r}"))
+            failed = UpstreamError(f"UDP query failed: {error!r}")
+            self.waiter.upstream_done(None, failed, now)
 
     def cancel(self) -> None:
         self.finished = True
@@ -948,10 +976,15 @@ class UdpUpstream(Upstream):
         self._closed = False
 
     def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+        self,
+        wire: bytes,
+        timeout_s: float,
+        waiter: Waiter,
+        question: bytes = b"",
+        now: float = -1.0,
     ) -> Request:
         # UDP is opt-in and not the hot path: one task per query keeps it simple.
-        return _UdpRequest(self, self._query(wire, timeout_s), done)
+        return _UdpRequest(self, self._query(wire, timeout_s), waiter)
 
     async def _query(self, wire: bytes, timeout_s: float) -> bytes:
         stats = self.stats
@@ -1074,20 +1107,25 @@ class AutoUpstream(Upstream):
         return loop.time()
 
     def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
+        self,
+        wire: bytes,
+        timeout_s: float,
+        waiter: Waiter,
+        question: bytes = b"",
+        now: float = -1.0,
     ) -> Request:
         if not self.using_udp:
-            return self.tcp.send(wire, timeout_s, done, question, now)
+            return self.tcp.send(wire, timeout_s, waiter, question, now)
         if now < 0:
             now = self.time()
         if now >= self._recheck_at and not self._rechecking:
             self._recheck_tcp(now)
-        return self.udp.send(wire, timeout_s, done, question, now)
+        return self.udp.send(wire, timeout_s, waiter, question, now)
 
-    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def probe(self, wire: bytes, timeout_s: float, waiter: Waiter) -> Request:
         if not self.using_udp:
-            return self.tcp.probe(wire, timeout_s, done)
-        return self.send(wire, timeout_s, done)
+            return self.tcp.probe(wire, timeout_s, waiter)
+        return self.send(wire, timeout_s, waiter)
 
     def transports(self) -> dict[str, int]:
         return {"tcp": 0, "udp": 1} if self.using_udp else {"tcp": 1, "udp": 0}
@@ -1098,13 +1136,13 @@ class AutoUpstream(Upstream):
         remaining = request.deadline - now
         if self.using_udp or remaining <= 0:
             return None
-        done = partial(self._over_udp, request.done)
-        return self.udp.send(request.wire, remaining, done, request.question, now)
+        waiter = Callback(partial(self._over_udp, request.waiter))
+        return self.udp.send(request.wire, remaining, waiter, request.question, now)
 
-    def _over_udp(self, done: Done, reply: bytes | None, error: UpstreamError | None) -> None:
+    def _over_udp(self, waiter: Waiter, reply: bytes | None, error: UpstreamError | None) -> None:
         if reply is not None:
             self._answered_over_udp()
-        done(reply, error)
+        waiter.upstream_done(reply, error, self.time())
 
     def _answered_over_udp(self) -> None:
         """A query that failed over TCP was answered over UDP."""
@@ -1126,7 +1164,7 @@ class AutoUpstream(Upstream):
     def _recheck_tcp(self, now: float) -> None:
         self._recheck_at = now + TCP_RECHECK_S
         self._rechecking = True
-        request = self.tcp.probe(PROBE_QUERY, PROBE_TIMEOUT_S, self._rechecked)
+        request = self.tcp.probe(PROBE_QUERY, PROBE_TIMEOUT_S, Callback(self._rechecked))
         if self._rechecking:  # else it already failed
             self._recheck = request
 
