@@ -218,7 +218,17 @@ class Zone(Generic[S]):
     an expired answer is served (the zone's ``cache.max_stale_s`` says how long).
     """
 
-    __slots__ = ("config", "max_stale_s", "next_index", "rng", "servers", "stale")
+    __slots__ = (
+        "cache_policy",
+        "config",
+        "deadline_s",
+        "max_stale_s",
+        "next_index",
+        "rng",
+        "servers",
+        "stale",
+        "try_timeout_s",
+    )
 
     def __init__(
         self,
@@ -233,6 +243,11 @@ class Zone(Generic[S]):
         self.rng = rng or random.Random()
         self.stale = stale or ServeStaleConfig()
         self.max_stale_s = config.cache.max_stale_s
+        # Read for every miss: attributes of this class, not of the config's dataclasses
+        # (compiled, a direct field read instead of an attribute lookup by name).
+        self.deadline_s = config.deadline_s
+        self.try_timeout_s = config.try_timeout_s
+        self.cache_policy = config.cache
 
     def stale_candidate(self, entry: Entry | None, now: float) -> Entry | None:
         """``entry`` when it is expired but within the zone's maximum staleness, so that
@@ -308,7 +323,7 @@ class Resolution(Waiter, Generic[S]):
         self.query = wire.upstream_query(key, question)
         self.order = zone.order()
         self.attempt = 0
-        self.deadline = now + zone.config.deadline_s
+        self.deadline = now + zone.deadline_s
         self.server: S | None = None
         self.started = 0.0
         self.timeout_s = 0.0
@@ -346,7 +361,7 @@ class Resolution(Waiter, Generic[S]):
                 self.attempt = attempt + 1
                 self.server = server
                 self.started = now
-                timeout = self.zone.config.try_timeout_s
+                timeout = self.zone.try_timeout_s
                 self.timeout_s = timeout if timeout < remaining else remaining
                 return server
         return None
@@ -382,7 +397,7 @@ class Resolution(Waiter, Generic[S]):
             # Another server of the group may do better; keep this one as a fallback.
             self.last = info
             return None
-        return make_entry(info, self.zone.config.cache, now)
+        return make_entry(info, self.zone.cache_policy, now)
 
     def failure(self, now: float) -> tuple[Entry, bool]:
         """The answer when no server gave a usable one: the stale entry if there is one
@@ -397,7 +412,7 @@ class Resolution(Waiter, Generic[S]):
         if stale is not None:
             stale.failed_at = now
             return stale.stale_copy(now, self.zone.stale.ede), False
-        policy = self.zone.config.cache
+        policy = self.zone.cache_policy
         last = self.last
         if last is not None and last.rcode in (wire.SERVFAIL, wire.REFUSED):
             return make_entry(last, policy, now)
