@@ -472,6 +472,16 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
                 off += 2
             elif c == 0:
                 off += 1
+                if data[off + 1] == TYPE_OPT and data[off] == 0:
+                    # The OPT record (every upstream reply has ours): only its place and
+                    # length matter, so no unpacking of its fixed fields.
+                    if index < answer_authority or opt_start >= 0:
+                        raise WireError("misplaced or repeated OPT record")
+                    opt_start = start
+                    off = opt_end = off + 10 + ((data[off + 8] << 8) | data[off + 9])
+                    if off > n:
+                        raise WireError("record data runs past the end of the message")
+                    continue
             else:
                 off = name_end(data, off)
             rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
@@ -516,7 +526,10 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
             # hot path).
             return inspect_response(_without_opt(data))
         edit = bytearray(data[:opt_start])
-        _U16.pack_into(edit, 10, arcount - 1)
+        # ARCOUNT less the OPT record (a record was there, so no borrow past 0).
+        arcount -= 1
+        edit[10] = arcount >> 8
+        edit[11] = arcount & 0xFF
     elif top_bit or data[2] & _AA:
         edit = bytearray(data)
     else:
