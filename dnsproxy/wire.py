@@ -589,11 +589,11 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
     """
     if len(reply) < HEADER_LEN + len(question) or not reply[2] & _QR:
         return False
-    if reply[4] or reply[5] != 1 or not reply.startswith(query_id):
+    if reply[4] or reply[5] != 1 or (query_id and not reply.startswith(query_id)):
         return False
-    if reply.startswith(question, HEADER_LEN):
-        return True  # the question echoed byte for byte, as servers do
     name_end_ = HEADER_LEN + len(question) - 4
+    if reply[HEADER_LEN : name_end_ + 4] == question:
+        return True  # the question echoed byte for byte, as servers do
     return (
         reply[HEADER_LEN:name_end_].lower() == question[:-4].lower()
         and reply[name_end_ : name_end_ + 4] == question[-4:]
