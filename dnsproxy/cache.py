@@ -199,8 +199,9 @@ def _clamped(ttls: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:
     return tuple(low if t < low else high if t > high else t for t in ttls)
 
 
-def make_entry(info: wire.ResponseInfo, policy: CachePolicy, now: float) -> tuple[Entry, bool]:
-    """Build the entry for an upstream reply; the flag says whether it may be cached.
+def make_entry(info: wire.ResponseFields, policy: CachePolicy, now: float) -> tuple[Entry, bool]:
+    """Build the entry for an upstream reply (a :class:`wire.ResponseInfo`, or the plain
+    tuple of :func:`wire.walk_response`); the flag says whether it may be cached.
 
     An uncacheable reply (TC set, TTL 0, negative without SOA, an rcode we do not cache)
     still gets an entry so every waiting client is answered from the same code path.

@@ -330,7 +330,8 @@ class Resolution(Waiter, Generic[S]):
         self.server: S | None = None
         self.started = 0.0
         self.timeout_s = 0.0
-        self.last: wire.ResponseInfo | None = None  # the last SERVFAIL/REFUSED/... reply
+        # The last SERVFAIL/REFUSED/... reply (wire.walk_response's fields).
+        self.last: wire.ResponseFields | None = None
         self.local_failure = False  # a try failed on our side (pool full), not the server
         # The expired entry (see Zone.stale_candidate) the waiters get if no fresh answer
         # comes, and when (the client-response timer) they get it anyway.
@@ -390,13 +391,14 @@ class Resolution(Waiter, Generic[S]):
         assert server is not None
         server.latency.observe(now - self.started)
         # The upstream checked that the reply's question is ours.
-        info = wire.inspect_response(reply, wire.HEADER_LEN + len(self.question))
+        info = wire.walk_response(reply, wire.HEADER_LEN + len(self.question))
         # Well formed, whatever the rcode: the server is serving.
         server.last_reply = now
         if server.fails:
             server.succeeded(now)
-        server.rcodes[info.rcode] += 1
-        if info.rcode in TRY_NEXT_RCODES:
+        rcode = info[1]  # ResponseInfo.rcode
+        server.rcodes[rcode] += 1
+        if rcode in TRY_NEXT_RCODES:
             # Another server of the group may do better; keep this one as a fallback.
             self.last = info
             return None
@@ -417,7 +419,7 @@ class Resolution(Waiter, Generic[S]):
             return stale.stale_copy(now, self.zone.stale.ede), False
         policy = self.zone.cache_policy
         last = self.last
-        if last is not None and last.rcode in (wire.SERVFAIL, wire.REFUSED):
+        if last is not None and last[1] in (wire.SERVFAIL, wire.REFUSED):  # its rcode
             return make_entry(last, policy, now)
         cd = wire.key_flags(self.key)[1]
         body = wire.synth_body(self.question, wire.SERVFAIL, cd)

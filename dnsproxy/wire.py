@@ -427,6 +427,14 @@ def name_end(data: bytes, off: int) -> int:
         off += length + 1
 
 
+# ResponseInfo's fields as a plain tuple, in its order. Compiled, a function returns a
+# tuple of fixed length unboxed (no object at all) and its caller takes it apart
+# natively, where a NamedTuple is built by a generic call and unpacked item by item.
+ResponseFields = tuple[
+    bytes, int, bool, int, tuple[int, ...], tuple[int, ...], int, int, int, bool, int, int, int
+]
+
+
 def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
     """Walk an upstream reply once; raise :class:`WireError` when it is malformed.
 
@@ -434,6 +442,11 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
     against the query we sent (:func:`reply_matches`), so the walk starts after it.
     ``data`` must be ``bytes``: the returned body may be ``data`` itself.
     """
+    return _new_tuple(ResponseInfo, walk_response(data, qend))
+
+
+def walk_response(data: bytes, qend: int = 0) -> ResponseFields:
+    """:func:`inspect_response` with its result as a plain tuple, for the miss path."""
     n = len(data)
     if n < HEADER_LEN:
         raise WireError("reply shorter than a header")
@@ -524,7 +537,7 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
             # OPT before other records: cutting it out would shift the targets of later
             # compression pointers, so re-encode the message without it (rare; off the
             # hot path).
-            return inspect_response(_without_opt(data))
+            return walk_response(_without_opt(data))
         edit = bytearray(data[:opt_start])
         # ARCOUNT less the OPT record (a record was there, so no borrow past 0).
         arcount -= 1
@@ -540,25 +553,20 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
             _pack_u32_into(edit, off, 0)
         edit[2] &= ~_AA & 0xFF
         body = bytes(edit)
-    # tuple.__new__ rather than ResponseInfo(...): the generated __new__ is a Python
-    # call with ten arguments, and one of these is built per upstream reply.
-    return _new_tuple(
-        ResponseInfo,
-        (
-            body,
-            data[3] & 0x0F,
-            bool(data[2] & _TC),
-            ancount,
-            tuple(offsets),
-            tuple(ttls),
-            authority_end,
-            soa_index,
-            soa_minimum,
-            answers_qtype,
-            span_min if authority_end else 0,
-            low if high >= 0 else 0,
-            high if high >= 0 else 0,
-        ),
+    return (
+        body,
+        data[3] & 0x0F,
+        bool(data[2] & _TC),
+        ancount,
+        tuple(offsets),
+        tuple(ttls),
+        authority_end,
+        soa_index,
+        soa_minimum,
+        answers_qtype,
+        span_min if authority_end else 0,
+        low if high >= 0 else 0,
+        high if high >= 0 else 0,
     )
 
 
