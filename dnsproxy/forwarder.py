@@ -156,7 +156,7 @@ class _Server(ServerState):
 
 class _Question(Resolution[_Server]):
     """One distinct question on its way upstream, and the clients waiting for it; the
-    waiter of its tries (one object per question, no callback object per try)."""
+    query of its tries (one object per question, none per try)."""
 
     __slots__ = ("done", "forwarder", "prefetch", "request", "stale_answer", "waiters")
 
@@ -435,7 +435,7 @@ class Forwarder:
         if server is None:
             self._finish(q, self._failure(q, now))
             return
-        q.request = server.upstream.send(q.query, q.timeout_s, q, q.question, now)
+        q.request = server.upstream.send(q, q.timeout_s, now)
 
     def _reply(
         self, q: _Question, reply: bytes | None, error: UpstreamError | None, now: float
@@ -537,7 +537,7 @@ class Forwarder:
             self._arm_probe(server)  # the timer fired a little early, or the server is up
             return
         server.probe_request = server.upstream.probe(
-            probe, PROBE_TIMEOUT_S, Callback(partial(self._probed, server))
+            Callback(probe, partial(self._probed, server)), PROBE_TIMEOUT_S
         )
 
     def _probed(self, server: _Server, reply: bytes | None, error: UpstreamError | None) -> None:

@@ -31,7 +31,7 @@ from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, STALE_TTL_S, Entry, make_entry, servfail_entry
 from dnsproxy.config_types import ServeStaleConfig, ZoneConfig
 from dnsproxy.framing import NEVER
-from dnsproxy.pipeline import Waiter
+from dnsproxy.pipeline import PendingQuery
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -291,24 +291,27 @@ class Zone(Generic[S]):
         return [s for s in servers if s.up] + [s for s in servers if not s.up]
 
 
-class Resolution(Waiter, Generic[S]):
+class Resolution(PendingQuery, Generic[S]):
     """The tries of one question at its zone's servers.
 
     :meth:`next_try` names the server to ask next (and sets ``timeout_s``), or None when
     tries or time have run out; :meth:`failed` or :meth:`answered` take the outcome of
-    that try; :meth:`failure` is the answer when no server gave a usable one. The
-    asyncio adapter makes it the :class:`~dnsproxy.pipeline.Waiter` of its tries.
+    that try; :meth:`failure` is the answer when no server gave a usable one; ``ends_at``
+    is when the last try must end.
+
+    It is also the query its tries send (a :class:`~dnsproxy.pipeline.PendingQuery`:
+    ``wire``, the query for the upstream, and ``question``, the question's section): one
+    object for a question and all its tries; the asyncio adapter says what to do with
+    each outcome (:meth:`~dnsproxy.pipeline.PendingQuery.upstream_done`).
     """
 
     __slots__ = (
         "attempt",
-        "deadline",
+        "ends_at",
         "key",
         "last",
         "local_failure",
         "order",
-        "query",
-        "question",
         "server",
         "stale",
         "stale_at",
@@ -320,13 +323,12 @@ class Resolution(Waiter, Generic[S]):
     def __init__(
         self, key: bytes, question: bytes, zone: Zone[S], now: float, stale: Entry | None = None
     ) -> None:
+        PendingQuery.__init__(self, wire.upstream_query(key, question), question, NEVER)
         self.key = key
-        self.question = question
         self.zone = zone
-        self.query = wire.upstream_query(key, question)
         self.order = zone.order()
         self.attempt = 0
-        self.deadline = now + zone.deadline_s
+        self.ends_at = now + zone.deadline_s
         self.server: S | None = None
         self.started = 0.0
         self.timeout_s = 0.0
@@ -337,6 +339,11 @@ class Resolution(Waiter, Generic[S]):
         # comes, and when (the client-response timer) they get it anyway.
         self.stale = stale
         self.stale_at = NEVER if stale is None else now + zone.stale.answer_after_s
+
+    @property
+    def query(self) -> bytes:
+        """The query sent upstream (``wire``)."""
+        return self.wire
 
     def timer(self) -> float | None:
         """When :meth:`handle_timer` is due (the client-response timer), or None."""
@@ -359,7 +366,7 @@ class Resolution(Waiter, Generic[S]):
         attempt = self.attempt
         # Every server once, and at least two tries in all, within the deadline.
         if attempt < 2 or attempt < len(order):
-            remaining = self.deadline - now
+            remaining = self.ends_at - now
             if remaining > 0:
                 server = order[attempt % len(order)]
                 self.attempt = attempt + 1

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -51,18 +51,20 @@ from .pipeline import (
     ConnectionLost,
     PendingQuery,
     PipelinedConnection,
+    Request,
     UpstreamBusy,
     UpstreamError,
     UpstreamStats,
     UpstreamTimeout,
-    Waiter,
 )
 from .resolution import PROBE_QUERY, PROBE_TIMEOUT_S
 from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [
     "AutoUpstream",
+    "Callback",
     "Done",
+    "PendingQuery",
     "Request",
     "TcpUpstream",
     "TlsStats",
@@ -74,7 +76,6 @@ __all__ = [
     "UpstreamError",
     "UpstreamStats",
     "UpstreamTimeout",
-    "Waiter",
     "make_upstream",
 ]
 
@@ -121,18 +122,20 @@ _GAUGES = (
 )
 
 
-# A callback told as a Waiter is (see Callback). The reply's ID is whatever went on the
-# wire (:meth:`Upstream.query` restores the caller's); everything after the ID is the
-# server's.
+# A function told the outcome of a query (see Callback). The reply's ID is whatever went
+# on the wire (:meth:`Upstream.query` restores the caller's); everything after the ID is
+# the server's.
 Done = Callable[[bytes | None, UpstreamError | None], None]
 
 
-class Callback(Waiter):
-    """A :class:`Waiter` that calls ``done`` with the outcome (not the time)."""
+class Callback(PendingQuery):
+    """The query ``wire`` (its ``question`` when the caller has it), whose outcome is
+    handed to ``done`` (without the time)."""
 
     __slots__ = ("done",)
 
-    def __init__(self, done: Done) -> None:
+    def __init__(self, wire: bytes, done: Done, question: bytes = b"") -> None:
+        PendingQuery.__init__(self, wire, question, NEVER)
         self.done = done
 
     def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
@@ -145,12 +148,6 @@ class UpstreamDown(UpstreamError):
     Unlike :class:`UpstreamBusy` this says something about the server: it counts as a
     failed try.
     """
-
-
-class Request(Protocol):
-    """A query handed to :meth:`Upstream.send`; ``cancel()`` forgets it."""
-
-    def cancel(self) -> None: ...
 
 
 class _Finished:
@@ -178,30 +175,25 @@ class Upstream:
         self.label = label or config.label
         self.stats = stats if stats is not None else UpstreamStats()
 
-    def send(
-        self,
-        wire: bytes,
-        timeout_s: float,
-        waiter: Waiter,
-        question: bytes = b"",
-        now: float = -1.0,
-    ) -> Request:
-        """Send the query ``wire``; ``waiter`` is told the outcome once.
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
+        """Send ``query`` (its ``wire``, within ``timeout_s``); its
+        :meth:`~PendingQuery.upstream_done` is told the outcome once. Returns what
+        cancels it (over TCP, ``query`` itself: a miss costs no object here).
 
         The callback form is what the forwarder uses: a miss then costs no task and no
         coroutine, and the answer goes to the clients from ``data_received`` directly.
-        ``waiter`` may be told before ``send`` returns (closed upstream, full pool).
-        ``question``, when given, must be ``wire``'s question section (the caller has
-        it already; otherwise it is found by walking ``wire``). ``now``: the monotonic
+        The outcome may be told before ``send`` returns (closed upstream, full pool).
+        ``query.question``, when not empty, must be ``wire``'s question section (the
+        caller has it already; otherwise it is found by walking ``wire``). A query is
+        sent again (its next try) only once its outcome was told. ``now``: the monotonic
         clock when the caller has just read it (the loop's clock otherwise).
         """
         raise NotImplementedError
 
-    def probe(self, wire: bytes, timeout_s: float, waiter: Waiter) -> Request:
-        """Send the health probe ``wire`` as :meth:`send` does, but never held behind a
-        reconnect backoff: the probe is how a server that comes back is seen at once.
-        ``waiter`` is told the outcome once."""
-        return self.send(wire, timeout_s, waiter)
+    def probe(self, query: PendingQuery, timeout_s: float) -> Request:
+        """Send the health probe ``query`` as :meth:`send` does, but never held behind a
+        reconnect backoff: the probe is how a server that comes back is seen at once."""
+        return self.send(query, timeout_s)
 
     async def query(self, wire: bytes, timeout_s: float) -> bytes:
         """Send the query ``wire``; return the validated reply carrying ``wire``'s ID."""
@@ -216,7 +208,7 @@ class Upstream:
                 assert reply is not None
                 future.set_result(wire[:2] + reply[2:])
 
-        request = self.send(wire, timeout_s, Callback(done))
+        request = self.send(Callback(wire, done), timeout_s)
         try:
             return await future
         except asyncio.CancelledError:
@@ -299,30 +291,6 @@ def _question(wire: bytes) -> bytes:
 # TCP
 
 
-class _TcpRequest(PendingQuery):
-    """One query through a TCP pool: the pipeline's record plus who to tell; ``then``, the
-    request that took over when its connection failed (see ``TcpUpstream.fallback``)."""
-
-    __slots__ = ("finished", "owner", "then", "waiter")
-
-    def __init__(
-        self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, waiter: Waiter
-    ) -> None:
-        PendingQuery.__init__(self, wire, question, deadline)
-        self.owner = owner
-        self.waiter = waiter
-        self.finished = False
-        self.then: Request | None = None
-
-    def cancel(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.conn is not None:
-                self.owner._cancel(self)
-        elif self.then is not None:
-            self.then.cancel()
-
-
 class TcpUpstream(Upstream):
     """A pool of pipelined TCP connections to one server.
 
@@ -368,16 +336,9 @@ class TcpUpstream(Upstream):
         # Given a request whose connection failed (neither a timeout nor our own limits)
         # and the time, another way to send it, which tells its ``waiter``; or None. Auto's
         # way to UDP; the success path never looks at it.
-        self.fallback: Callable[[_TcpRequest, float], Request | None] | None = None
+        self.fallback: Callable[[PendingQuery, float], Request | None] | None = None
 
-    def send(
-        self,
-        wire: bytes,
-        timeout_s: float,
-        waiter: Waiter,
-        question: bytes = b"",
-        now: float = -1.0,
-    ) -> Request:
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
         self.stats.queries += 1
         loop = self._loop
         if loop is None:
@@ -385,28 +346,35 @@ class TcpUpstream(Upstream):
             loop = self._loop = asyncio.get_running_loop()
         if now < 0:
             now = loop.time()
-        if not question:
+        if not query.question:
             try:
-                question = _question(wire)
+                query.question = _question(query.wire)
             except UpstreamError as exc:
                 self.stats.failures += 1
-                waiter.upstream_done(None, exc, now)
+                query.upstream_done(None, exc, now)
                 return _Finished()
-        request = _TcpRequest(self, wire, question, now + timeout_s, waiter)
-        self._dispatch(request, now)
-        return request
+        # A new try of the query: what the last one left is reset.
+        query.deadline = now + timeout_s
+        query.owner = self
+        query.conn = None
+        query.error = None
+        query.retried = False
+        query.finished = False
+        query.then = None
+        self._dispatch(query, now)
+        return query
 
-    def probe(self, wire: bytes, timeout_s: float, waiter: Waiter) -> Request:
+    def probe(self, query: PendingQuery, timeout_s: float) -> Request:
         # The backoff is lifted for this one send only: the probe opens a connection
         # now if it needs one; queries meanwhile share that connection, and its outcome
         # (a reply ends the backoff, a failure extends it) decides what comes next.
         retry_at, self._retry_at = self._retry_at, 0.0
         try:
-            return self.send(wire, timeout_s, waiter)
+            return self.send(query, timeout_s)
         finally:
             self._retry_at = retry_at
 
-    def _dispatch(self, request: _TcpRequest, now: float) -> None:
+    def _dispatch(self, request: PendingQuery, now: float) -> None:
         if self._closed:
             self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"), now)
             return
@@ -425,7 +393,7 @@ class TcpUpstream(Upstream):
             return
         conn.send(request, now)
 
-    def _complete(self, request: _TcpRequest, now: float) -> None:
+    def _complete(self, request: PendingQuery, now: float) -> None:
         """A connection is done with ``request``: its reply, or an error."""
         if request.finished:
             return  # cancelled meanwhile
@@ -435,14 +403,14 @@ class TcpUpstream(Upstream):
             self.stats.replies += 1
             if self.failed_connections:
                 self._connection_worked()
-            request.waiter.upstream_done(request.reply, None, now)
+            request.upstream_done(request.reply, None, now)
         elif type(error) is ConnectionLost and request.retry(now):
             self.stats.retries += 1
             self._dispatch(request, now)
         else:
             self._fail(request, error, now)
 
-    def _fail(self, request: _TcpRequest, error: UpstreamError, now: float) -> None:
+    def _fail(self, request: PendingQuery, error: UpstreamError, now: float) -> None:
         if request.finished:
             return
         request.finished = True
@@ -454,10 +422,11 @@ class TcpUpstream(Upstream):
             if fallback is not None and not isinstance(error, UpstreamBusy):
                 request.then = fallback(request, now)
                 if request.then is not None:
-                    return  # the fallback tells request.waiter
-        request.waiter.upstream_done(None, error, now)
+                    return  # the fallback tells request
+        request.upstream_done(None, error, now)
 
-    def _cancel(self, request: _TcpRequest) -> None:
+    def cancel_query(self, request: PendingQuery) -> None:
+        """Forget ``request`` (cancelled) on the connection that has it."""
         pipeline = request.conn
         for conn in (*self._active, *self._draining):
             if conn.pipeline is pipeline:
@@ -576,7 +545,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self.stats = owner.stats
         pool = owner.pool
-        self.pipeline: PipelinedConnection[_TcpRequest] = PipelinedConnection(
+        self.pipeline: PipelinedConnection[PendingQuery] = PipelinedConnection(
             now,
             label=owner.label,
             stats=owner.stats,
@@ -596,7 +565,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     # -- from the pool
 
-    def send(self, request: _TcpRequest, now: float) -> None:
+    def send(self, request: PendingQuery, now: float) -> None:
         self.pipeline.send(request, now)
         if self._transport is not None and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
@@ -604,7 +573,7 @@ class _UpstreamConnection(asyncio.Protocol):
             # A new query can only bring the pipeline's timer forward to its deadline.
             self._arm_at(request.deadline)
 
-    def cancel(self, request: _TcpRequest) -> None:
+    def cancel(self, request: PendingQuery) -> None:
         self.pipeline.cancel(request, self.loop.time())
         self._settle()
 
@@ -650,7 +619,7 @@ class _UpstreamConnection(asyncio.Protocol):
             self.owner._retire(self)
         self._arm()
 
-    def _finish(self, requests: list[_TcpRequest]) -> None:
+    def _finish(self, requests: list[PendingQuery]) -> None:
         # After _settle: a retry or a new query from a callback must see the pool as it
         # now is, without this connection if it is retired or closed.
         if requests:
@@ -930,7 +899,7 @@ class _UdpRequest:
     __slots__ = ("finished", "task", "waiter")
 
     def __init__(
-        self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], waiter: Waiter
+        self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], waiter: PendingQuery
     ) -> None:
         self.finished = False
         self.waiter = waiter
@@ -975,16 +944,9 @@ class UdpUpstream(Upstream):
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
 
-    def send(
-        self,
-        wire: bytes,
-        timeout_s: float,
-        waiter: Waiter,
-        question: bytes = b"",
-        now: float = -1.0,
-    ) -> Request:
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
         # UDP is opt-in and not the hot path: one task per query keeps it simple.
-        return _UdpRequest(self, self._query(wire, timeout_s), waiter)
+        return _UdpRequest(self, self._query(query.wire, timeout_s), query)
 
     async def _query(self, wire: bytes, timeout_s: float) -> bytes:
         stats = self.stats
@@ -1106,40 +1068,35 @@ class AutoUpstream(Upstream):
             loop = self._loop = asyncio.get_running_loop()
         return loop.time()
 
-    def send(
-        self,
-        wire: bytes,
-        timeout_s: float,
-        waiter: Waiter,
-        question: bytes = b"",
-        now: float = -1.0,
-    ) -> Request:
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
         if not self.using_udp:
-            return self.tcp.send(wire, timeout_s, waiter, question, now)
+            return self.tcp.send(query, timeout_s, now)
         if now < 0:
             now = self.time()
         if now >= self._recheck_at and not self._rechecking:
             self._recheck_tcp(now)
-        return self.udp.send(wire, timeout_s, waiter, question, now)
+        return self.udp.send(query, timeout_s, now)
 
-    def probe(self, wire: bytes, timeout_s: float, waiter: Waiter) -> Request:
+    def probe(self, query: PendingQuery, timeout_s: float) -> Request:
         if not self.using_udp:
-            return self.tcp.probe(wire, timeout_s, waiter)
-        return self.send(wire, timeout_s, waiter)
+            return self.tcp.probe(query, timeout_s)
+        return self.send(query, timeout_s)
 
     def transports(self) -> dict[str, int]:
         return {"tcp": 0, "udp": 1} if self.using_udp else {"tcp": 1, "udp": 0}
 
-    def _udp_instead(self, request: _TcpRequest, now: float) -> Request | None:
+    def _udp_instead(self, request: PendingQuery, now: float) -> Request | None:
         """The TCP connection of ``request`` failed: send it over UDP with the time left.
         Not once on UDP: then the TCP pool carries only the probe, which must fail."""
         remaining = request.deadline - now
         if self.using_udp or remaining <= 0:
             return None
-        waiter = Callback(partial(self._over_udp, request.waiter))
-        return self.udp.send(request.wire, remaining, waiter, request.question, now)
+        over_udp = Callback(request.wire, partial(self._over_udp, request), request.question)
+        return self.udp.send(over_udp, remaining, now)
 
-    def _over_udp(self, waiter: Waiter, reply: bytes | None, error: UpstreamError | None) -> None:
+    def _over_udp(
+        self, waiter: PendingQuery, reply: bytes | None, error: UpstreamError | None
+    ) -> None:
         if reply is not None:
             self._answered_over_udp()
         waiter.upstream_done(reply, error, self.time())
@@ -1164,7 +1121,7 @@ class AutoUpstream(Upstream):
     def _recheck_tcp(self, now: float) -> None:
         self._recheck_at = now + TCP_RECHECK_S
         self._rechecking = True
-        request = self.tcp.probe(PROBE_QUERY, PROBE_TIMEOUT_S, Callback(self._rechecked))
+        request = self.tcp.probe(Callback(PROBE_QUERY, self._rechecked), PROBE_TIMEOUT_S)
         if self._rechecking:  # else it already failed
             self._recheck = request
 

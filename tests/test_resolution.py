@@ -112,7 +112,7 @@ def test_servers_marked_down_go_last_under_every_policy(policy: Policy) -> None:
 
 def test_each_try_is_bounded_by_the_try_timeout_and_the_deadline() -> None:
     r = resolution(zone(3, try_timeout_s=1.0, deadline_s=2.5), now=10.0)
-    assert r.deadline == 12.5
+    assert r.ends_at == 12.5
     assert r.next_try(10.0) is not None and r.timeout_s == 1.0
     r.failed(False, 11.0)
     assert r.next_try(11.0) is not None and r.timeout_s == 1.0
