@@ -677,9 +677,9 @@ class _UpstreamConnection(asyncio.Protocol):
         if not pipeline.pending or pipeline.state != OPEN:
             # Drained (the idle timer may be due sooner), retired or closed.
             self._settle()
-        complete = self.owner._complete
+        owner = self.owner  # its method called directly: compiled, a native call
         for request in done:
-            complete(request, now)
+            owner._complete(request, now)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost fails what is in flight

@@ -39,6 +39,7 @@ CLASS_IN: Final = 1
 # Header flag bits (byte 2 and byte 3 of the header).
 _QR: Final = 0x80
 _AA: Final = 0x04
+_NOT_AA: Final = ~_AA & 0xFF
 _TC: Final = 0x02
 _RD: Final = 0x01
 _RA: Final = 0x80
@@ -60,6 +61,7 @@ _unpack_rr: Final[Callable[[bytes, int], tuple[int, int, int, int]]] = _RR_FIXED
 _COUNTS: Final[Callable[[bytes, int], tuple[int, int, int, int]]] = _COUNTS_FIXED.unpack_from
 _COUNTS_PACK: Final = struct.Struct(">HHH").pack_into  # ANCOUNT, NSCOUNT, ARCOUNT
 _new_tuple: Final = tuple.__new__
+_BYTE: Final = tuple(bytes((i,)) for i in range(256))  # each one-octet bytes object
 
 # Cache-key suffix bytes, indexed by (DO | CD << 1).
 _KEY_FLAGS: Final = (b"\x00", b"\x01", b"\x02", b"\x03")
@@ -538,20 +540,23 @@ def walk_response(data: bytes, qend: int = 0) -> ResponseFields:
             # compression pointers, so re-encode the message without it (rare; off the
             # hot path).
             return walk_response(_without_opt(data))
-        edit = bytearray(data[:opt_start])
-        # ARCOUNT less the OPT record (a record was there, so no borrow past 0).
+        # Cut off at the OPT record, ARCOUNT one less (a record was there, so no borrow
+        # past 0) and AA cleared, in one join of slices and one-octet objects: no
+        # bytearray to make, edit and copy again.
         arcount -= 1
-        edit[10] = arcount >> 8
-        edit[11] = arcount & 0xFF
-    elif top_bit or data[2] & _AA:
-        edit = bytearray(data)
+        flags = data[2] & _NOT_AA
+        a_hi = _BYTE[arcount >> 8]
+        a_lo = _BYTE[arcount & 0xFF]
+        body = b"".join((data[:2], _BYTE[flags], data[3:10], a_hi, a_lo, data[12:opt_start]))
+    elif data[2] & _AA:
+        body = b"".join((data[:2], _BYTE[data[2] & _NOT_AA], data[3:]))
     else:
-        edit = None
-    body = data
-    if edit is not None:
+        body = data
+    if top_bit:
+        # The offsets are the same in body: only an OPT record at the very end was cut.
+        edit = bytearray(body)
         for off in top_bit:
             _pack_u32_into(edit, off, 0)
-        edit[2] &= ~_AA & 0xFF
         body = bytes(edit)
     return (
         body,
