@@ -169,7 +169,43 @@ class _Question(Resolution[_Server]):
     stale_answer: Entry | None  # sent at the client-response timer; later joiners get it too
 
     def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
-        self.forwarder._reply(self, reply, error, now)
+        """The outcome of the try in flight: the answer for the waiters (cached when it
+        may be), or the next try. Here rather than in the forwarder: one call less per
+        reply."""
+        if self.done:
+            return
+        f = self.forwarder
+        try:
+            if reply is None:
+                server = self.server
+                assert server is not None
+                log.debug("upstream %s failed: %s", server.label, error)
+                if self.failed(isinstance(error, UpstreamBusy), now):
+                    f._marked_down(server)
+                f._next(self, now)
+                return
+            try:
+                outcome = self.answered(reply, now)
+            except wire.WireError as exc:
+                server = self.server
+                assert server is not None
+                f.stats.bad_replies += 1
+                log.debug("malformed reply from %s: %s", server.label, exc)
+                if self.failed(False, now):
+                    f._marked_down(server)
+                f._next(self, now)
+                return
+            if outcome is None:
+                f._next(self, now)
+                return
+            entry, cacheable = outcome
+            if cacheable:
+                f._cache.put(self.key, entry, now)
+        except Exception:
+            # A bug here must not leave clients waiting for ever.
+            log.exception("resolution of %s failed", _describe(self.question))
+            entry = f._servfail(self)
+        f._finish(self, entry)
 
 
 class Forwarder:
@@ -436,43 +472,6 @@ class Forwarder:
             self._finish(q, self._failure(q, now))
             return
         q.request = server.upstream.send(q, q.timeout_s, now)
-
-    def _reply(
-        self, q: _Question, reply: bytes | None, error: UpstreamError | None, now: float
-    ) -> None:
-        if q.done:
-            return
-        try:
-            if reply is None:
-                server = q.server
-                assert server is not None
-                log.debug("upstream %s failed: %s", server.label, error)
-                if q.failed(isinstance(error, UpstreamBusy), now):
-                    self._marked_down(server)
-                self._next(q, now)
-                return
-            try:
-                outcome = q.answered(reply, now)
-            except wire.WireError as exc:
-                server = q.server
-                assert server is not None
-                self.stats.bad_replies += 1
-                log.debug("malformed reply from %s: %s", server.label, exc)
-                if q.failed(False, now):
-                    self._marked_down(server)
-                self._next(q, now)
-                return
-            if outcome is None:
-                self._next(q, now)
-                return
-            entry, cacheable = outcome
-            if cacheable:
-                self._cache.put(q.key, entry, now)
-        except Exception:
-            # A bug here must not leave clients waiting for ever.
-            log.exception("resolution of %s failed", _describe(q.question))
-            entry = self._servfail(q)
-        self._finish(q, entry)
 
     def _failure(self, q: _Question, now: float) -> Entry:
         entry, cacheable = q.failure(now)
