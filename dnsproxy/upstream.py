@@ -588,7 +588,15 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def _arm(self) -> None:
         when = self.pipeline.timer()
-        self._arm_at(NEVER if when is None else when)
+        if when is None:
+            self._arm_at(NEVER)  # closed
+        elif when < self._timer_at:
+            self._arm_at(when)
+        # Else the timer armed fires no later than needed: it is left as it is, finds
+        # nothing due and is armed again then. Moving it later at once would cost a
+        # cancel and a new loop timer each time the connection drains, which below
+        # saturation is once per miss, and again at the next query (its deadline is
+        # sooner than the idle timeout).
 
     def _arm_at(self, when: float) -> None:
         if when == self._timer_at:
