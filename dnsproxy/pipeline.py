@@ -323,6 +323,9 @@ class PipelinedConnection(Generic[Q]):
             return b""
         self._outgoing = []
         pending = self.pending
+        if len(outgoing) == 1:  # below saturation, the usual case: no list, no join
+            query, frame = outgoing[0]
+            return frame if pending.get(query.qid) is query else b""
         return b"".join([frame for query, frame in outgoing if pending.get(query.qid) is query])
 
     def receive(self, data: bytes, now: float) -> list[Q]:
