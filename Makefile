@@ -43,7 +43,7 @@ venv: $(STAMP)
 # copy is kept in build/compiled, so that switching builds (`make test` runs both) does
 # not compile again (about 40 s) until a source changes.
 COMPILED := build/compiled
-$(COMPILED)/.built: $(STAMP) setup.py build_support/backend.py $(wildcard dnsproxy/*.py)
+$(COMPILED)/.built: $(STAMP) setup.py build_support/backend.py $(wildcard dnsproxy/*.py dnsproxy/*.c)
 	mkdir -p build
 	DNSPROXY_MYPYC=1 $(BIN)/pip install --quiet --no-deps --no-build-isolation -e . \
 		> build/mypyc.log 2>&1 || { tail -40 build/mypyc.log; exit 1; }
@@ -78,7 +78,8 @@ unit: $(STAMP) $(BUILD)
 BUILD_TESTS := tests/test_wire.py tests/test_cache.py tests/test_framing.py \
 	tests/test_pipeline.py tests/test_resolution.py tests/test_upstream.py \
 	tests/test_fastpath.py tests/test_e2e.py tests/test_truncate.py tests/test_tcp_clients.py \
-	tests/test_tls.py tests/test_auto_transport.py tests/test_metrics.py tests/test_packaging.py
+	tests/test_tls.py tests/test_auto_transport.py tests/test_metrics.py tests/test_packaging.py \
+	tests/test_udpio.py
 
 # Both builds: BUILD_TESTS against pure Python (what `pip install` gives), then the whole
 # suite against the compiled build (what the image ships; README, "Compiled build").

@@ -5,7 +5,8 @@ extension modules when asked. Without DNSPROXY_MYPYC (or with 0) the build is th
 pure-Python wheel that runs anywhere Python 3.11 does: what `pip install` gives. With
 DNSPROXY_MYPYC=1 the modules named in ``dnsproxy.NATIVE_MODULES`` are compiled into one
 shared library inside the package (``dnsproxy/_native__mypyc*.so``) plus one small
-extension per module, and the wheel is tagged for this interpreter and platform. That needs
+extension per module, plus the C extension ``dnsproxy._udpio`` (batched UDP system calls,
+see dnsproxy/_udpio.c), and the wheel is tagged for this interpreter and platform. That needs
 a C compiler, Python's headers (Debian: gcc, python3-dev) and mypy, which type-checks the
 modules against the runtime dependencies (so those must be importable at build time:
 ``build_support/backend.py`` adds them to the build requirements).
@@ -17,7 +18,7 @@ import ast
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,7 +61,14 @@ def ext_modules() -> list[object]:
     # One group, named inside the package: its shared library is dnsproxy/_native__mypyc,
     # installed and removed with the package (mypyc's default is a top-level module named
     # by a hash). One group also lets calls between the compiled modules be native calls.
-    return list(mypycify(paths, opt_level="3", group_name="dnsproxy._native"))
+    native = list(mypycify(paths, opt_level="3", group_name="dnsproxy._native"))
+    # Batched UDP reads and writes for the listeners (recvmmsg/sendmmsg, which Python's
+    # socket module does not offer); Linux only, and only in the compiled build, which
+    # needs the C compiler anyway: dnsproxy.server falls back to the socket's methods.
+    udpio = Extension(
+        "dnsproxy._udpio", ["dnsproxy/_udpio.c"], extra_compile_args=["-O2", "-Wall", "-Werror"]
+    )
+    return [*native, udpio]
 
 
 setup(ext_modules=ext_modules())

@@ -21,15 +21,23 @@ NATIVE_MODULES = (
     "forwarder",
     "server",
 )
+# C extensions of the compiled build (setup.py): batched UDP reads and writes.
+NATIVE_EXTENSIONS = ("_udpio",)
+
+
+def _extension(name: str) -> bool:
+    """Whether ``dnsproxy.<name>`` is importable and loaded from a compiled extension."""
+    try:
+        module = importlib.import_module(f"dnsproxy.{name}")
+    except ImportError:
+        return False
+    return isinstance(module.__loader__, ExtensionFileLoader)
 
 
 def compiled() -> str:
     """Which build of the query-path modules this process runs: ``"mypyc"`` when every
-    module of ``NATIVE_MODULES`` was loaded from its compiled extension, ``"no"`` when
-    none was (pure Python), ``"partial"`` otherwise (a broken or half-rebuilt install).
-    Imports the modules."""
-    loaded = [
-        isinstance(importlib.import_module(f"dnsproxy.{name}").__loader__, ExtensionFileLoader)
-        for name in NATIVE_MODULES
-    ]
+    module of ``NATIVE_MODULES`` was loaded from its compiled extension and the C
+    extensions of ``NATIVE_EXTENSIONS`` are there, ``"no"`` when none is (pure Python),
+    ``"partial"`` otherwise (a broken or half-rebuilt install). Imports the modules."""
+    loaded = [_extension(name) for name in (*NATIVE_MODULES, *NATIVE_EXTENSIONS)]
     return "mypyc" if all(loaded) else "no" if not any(loaded) else "partial"
