@@ -10,18 +10,22 @@
  * mypyc-compiled modules; without it dnsproxy.server reads with socket.recvfrom (the
  * pure-Python build). The functions never block (MSG_DONTWAIT) and keep the GIL: they
  * return as soon as the kernel has nothing more, and the process is single-threaded on
- * these sockets.
+ * these sockets. They take exact types only (bytes, str, int, tuple, list), so no Python
+ * code runs while a batch's static buffers are in use; a nested call (from a finalizer
+ * run by a garbage collection, say) is refused with RuntimeError.
  *
  *   recv_batch(fd, count) -> list[tuple[bytes, address]]
  *       Up to count (at most BATCH_MAX) datagrams, each cut at SIZE_MAX_ bytes as
  *       recvfrom(SIZE_MAX_) would; [] when the socket is empty. address is what the
  *       socket module gives: (host, port) for IPv4, (host, port, flowinfo, scope_id) for
- *       IPv6. Raises OSError for any other error before the first datagram (an ICMP
- *       error queued for an earlier reply, say).
+ *       IPv6; None for a datagram with no address. Raises OSError for any other error
+ *       before the first datagram (an ICMP error queued for an earlier reply, say).
  *   send_batch(fd, replies, addresses) -> None | tuple[int, int]
- *       Sends replies[i] to addresses[i]. None when every one was sent, else
+ *       Sends replies[i] (bytes) to addresses[i]. None when every one was sent, else
  *       (buffer_full, failed): how many were not sent because the send buffer was full
- *       (EAGAIN, ENOBUFS) and for any other error; the others are still sent.
+ *       (EAGAIN, ENOBUFS) and for any other error, an address it cannot send to
+ *       included; the others are still sent. TypeError, and nothing sent, when the
+ *       lists are not lists of bytes.
  *   send_to(fd, reply, address) -> int
  *       One reply: 0 when sent, else the errno.
  */
@@ -53,11 +57,22 @@ typedef struct {
 static struct mmsghdr rmsgs[BATCH_MAX];
 static struct iovec riov[BATCH_MAX];
 static sockaddr_any raddrs[BATCH_MAX];
+static socklen_t namelens[BATCH_MAX];
 static char rbufs[BATCH_MAX][SIZE_MAX_];
 static struct mmsghdr smsgs[BATCH_MAX];
 static struct iovec siov[BATCH_MAX];
 static sockaddr_any saddrs[BATCH_MAX];
 static addr_slot addr_cache[ADDR_CACHE];
+
+typedef struct {
+    PyObject *tuple; /* NULL while the slot is empty */
+    sockaddr_any addr;
+    socklen_t len;
+} sent_slot;
+
+static sent_slot sent_cache[ADDR_CACHE];
+/* Set while recv_batch or send_batch uses the buffers above (see there). */
+static int busy;
 
 /* Whether two addresses read from a socket are the same client. */
 static int
@@ -110,14 +125,21 @@ make_addr(const sockaddr_any *a)
     return NULL;
 }
 
-/* The tuple for an address read from a socket: a recent client's, or a new one. */
+/* The tuple for an address read from a socket (namelen bytes of it): a recent
+ * client's, or a new one; None when the datagram came with no address. */
 static PyObject *
-cached_addr(const sockaddr_any *a)
+cached_addr(const sockaddr_any *a, socklen_t namelen)
 {
     addr_slot *slot;
     PyObject *tuple;
-    if (a->sa.sa_family != AF_INET && a->sa.sa_family != AF_INET6)
-        return make_addr(a);
+    if (namelen == 0)
+        Py_RETURN_NONE;
+    if (!(a->sa.sa_family == AF_INET && namelen >= sizeof(struct sockaddr_in)) &&
+        !(a->sa.sa_family == AF_INET6 && namelen >= sizeof(struct sockaddr_in6))) {
+        PyErr_Format(PyExc_OSError, "unexpected address (family %d, %u bytes)",
+                     namelen >= sizeof(sa_family_t) ? a->sa.sa_family : -1, (unsigned)namelen);
+        return NULL;
+    }
     slot = &addr_cache[addr_hash(a)];
     if (slot->tuple != NULL && same_addr(&slot->addr, a)) {
         Py_INCREF(slot->tuple);
@@ -134,18 +156,31 @@ cached_addr(const sockaddr_any *a)
 /* Fills *out from an address as the socket module takes it: (host, port) or
  * (host, port, flowinfo, scope_id), host a numeric IPv4 or IPv6 address. */
 static int
-parse_addr(PyObject *addr, sockaddr_any *out, socklen_t *len)
+parse_addr_slow(PyObject *addr, sockaddr_any *out, socklen_t *len)
 {
     Py_ssize_t n, size;
     const char *host;
     long port;
-    if (!PyTuple_Check(addr) || (n = PyTuple_GET_SIZE(addr)) < 2 || n > 4) {
+    /* Exact types only: converting a subclass could run Python code (__index__, say)
+     * while the batch's buffers are being set up. */
+    if (!PyTuple_CheckExact(addr) || (n = PyTuple_GET_SIZE(addr)) < 2 || n > 4 ||
+        !PyUnicode_CheckExact(PyTuple_GET_ITEM(addr, 0))) {
         PyErr_SetString(PyExc_TypeError, "address must be (host, port[, flowinfo, scope_id])");
         return -1;
+    }
+    for (Py_ssize_t k = 1; k < n; k++) {
+        if (!PyLong_CheckExact(PyTuple_GET_ITEM(addr, k))) {
+            PyErr_SetString(PyExc_TypeError, "port, flowinfo and scope_id must be int");
+            return -1;
+        }
     }
     host = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(addr, 0), &size);
     if (host == NULL)
         return -1;
+    if ((size_t)size != strlen(host)) {
+        PyErr_SetString(PyExc_ValueError, "host contains a NUL character");
+        return -1;
+    }
     port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
     if (port == -1 && PyErr_Occurred())
         return -1;
@@ -167,12 +202,20 @@ parse_addr(PyObject *addr, sockaddr_any *out, socklen_t *len)
             unsigned long flowinfo = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
             if (flowinfo == (unsigned long)-1 && PyErr_Occurred())
                 return -1;
+            if (flowinfo > 0xfffff) {
+                PyErr_SetString(PyExc_OverflowError, "flowinfo must be 0-1048575");
+                return -1;
+            }
             out->in6.sin6_flowinfo = htonl((uint32_t)flowinfo);
         }
         if (n > 3) {
             unsigned long scope = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
             if (scope == (unsigned long)-1 && PyErr_Occurred())
                 return -1;
+            if (scope > 0xffffffffUL) {
+                PyErr_SetString(PyExc_OverflowError, "scope_id must fit in 32 bits");
+                return -1;
+            }
             out->in6.sin6_scope_id = (uint32_t)scope;
         }
         *len = sizeof(struct sockaddr_in6);
@@ -180,6 +223,28 @@ parse_addr(PyObject *addr, sockaddr_any *out, socklen_t *len)
     }
     PyErr_Format(PyExc_ValueError, "not a numeric IP address: %R", PyTuple_GET_ITEM(addr, 0));
     return -1;
+}
+
+/* The address of a tuple sent to lately, by the tuple's identity: replies go to the
+ * tuples recv_batch made, so most sends skip parsing (about 350 instructions). Each slot
+ * holds a reference, so no other object can take a cached tuple's memory while it is
+ * there. */
+static int
+parse_addr(PyObject *addr, sockaddr_any *out, socklen_t *len)
+{
+    sent_slot *slot = &sent_cache[((uintptr_t)addr >> 4) % ADDR_CACHE];
+    if (slot->tuple == addr) {
+        *out = slot->addr;
+        *len = slot->len;
+        return 0;
+    }
+    if (parse_addr_slow(addr, out, len) < 0)
+        return -1;
+    /* addr is an exact tuple of exact str and ints: dropping the old one runs no Python. */
+    Py_XSETREF(slot->tuple, Py_NewRef(addr));
+    slot->addr = *out;
+    slot->len = *len;
+    return 0;
 }
 
 static int
@@ -210,6 +275,12 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (arg_int(args[0], "fd", 0, INT_MAX, &fd) < 0 ||
         arg_int(args[1], "count", 1, BATCH_MAX, &count) < 0)
         return NULL;
+    /* Making the result's objects can run a garbage collection, and so finalizers:
+     * one that read a socket here would overwrite the buffers being read. */
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "recv_batch re-entered");
+        return NULL;
+    }
     /* The headers point at their buffers from module init on; the kernel changes only
      * msg_namelen (set back below), msg_flags and msg_len of the messages it fills. */
     do {
@@ -220,18 +291,23 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return PyList_New(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    for (i = 0; i < got; i++)
+    busy = 1;
+    for (i = 0; i < got; i++) {
+        namelens[i] = rmsgs[i].msg_hdr.msg_namelen;
         rmsgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_any);
+    }
     list = PyList_New(got);
-    if (list == NULL)
+    if (list == NULL) {
+        busy = 0;
         return NULL;
+    }
     for (i = 0; i < got; i++) {
         unsigned int len = rmsgs[i].msg_len < SIZE_MAX_ ? rmsgs[i].msg_len : SIZE_MAX_;
         PyObject *data, *addr, *pair;
         data = PyBytes_FromStringAndSize(rbufs[i], (Py_ssize_t)len);
         if (data == NULL)
             goto fail;
-        addr = cached_addr(&raddrs[i]);
+        addr = cached_addr(&raddrs[i], namelens[i]);
         if (addr == NULL) {
             Py_DECREF(data);
             goto fail;
@@ -246,8 +322,10 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(pair, 1, addr);
         PyList_SET_ITEM(list, i, pair);
     }
+    busy = 0;
     return list;
 fail:
+    busy = 0;
     /* Items not set yet are NULL, which list deallocation skips. */
     Py_DECREF(list);
     return NULL;
@@ -274,17 +352,15 @@ send_prepared(int fd, int n, long *full, long *failed)
     }
 }
 
+/* Sets up message i of smsgs for reply (exact bytes) to addr; -1 with an exception when
+ * addr is not an address this module sends to. */
 static int
 prepare(int i, PyObject *reply, PyObject *addr)
 {
-    char *buf;
-    Py_ssize_t len;
-    if (PyBytes_AsStringAndSize(reply, &buf, &len) < 0)
-        return -1;
     if (parse_addr(addr, &saddrs[i], &smsgs[i].msg_hdr.msg_namelen) < 0)
         return -1;
-    siov[i].iov_base = buf;
-    siov[i].iov_len = (size_t)len;
+    siov[i].iov_base = PyBytes_AS_STRING(reply);
+    siov[i].iov_len = (size_t)PyBytes_GET_SIZE(reply);
     smsgs[i].msg_hdr.msg_name = &saddrs[i];
     smsgs[i].msg_hdr.msg_iov = &siov[i];
     smsgs[i].msg_hdr.msg_iovlen = 1;
@@ -298,7 +374,8 @@ static PyObject *
 send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     long fd, full = 0, failed = 0;
-    Py_ssize_t n, i, start;
+    Py_ssize_t n, i;
+    int prepared = 0;
     PyObject *replies, *addrs;
     (void)module;
     if (nargs != 3) {
@@ -309,7 +386,7 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     replies = args[1];
     addrs = args[2];
-    if (!PyList_Check(replies) || !PyList_Check(addrs)) {
+    if (!PyList_CheckExact(replies) || !PyList_CheckExact(addrs)) {
         PyErr_SetString(PyExc_TypeError, "replies and addresses must be lists");
         return NULL;
     }
@@ -318,15 +395,32 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "as many addresses as replies");
         return NULL;
     }
-    /* In chunks of BATCH_MAX; the reply objects stay alive in the caller's lists. */
-    for (start = 0; start < n; start += BATCH_MAX) {
-        int chunk = (int)(n - start < BATCH_MAX ? n - start : BATCH_MAX);
-        for (i = 0; i < chunk; i++)
-            if (prepare((int)i, PyList_GET_ITEM(replies, start + i),
-                        PyList_GET_ITEM(addrs, start + i)) < 0)
-                return NULL;
-        send_prepared((int)fd, chunk, &full, &failed);
+    for (i = 0; i < n; i++) {
+        if (!PyBytes_CheckExact(PyList_GET_ITEM(replies, i))) {
+            PyErr_SetString(PyExc_TypeError, "replies must be bytes");
+            return NULL;
+        }
     }
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "send_batch re-entered");
+        return NULL;
+    }
+    busy = 1;
+    /* From here on no Python code runs (exact types only), so the lists and their items
+     * stay as they are while smsgs points into them. In chunks of BATCH_MAX; an address
+     * that cannot be sent to is counted as failed, as the send would be. */
+    for (i = 0; i < n; i++) {
+        if (prepare(prepared, PyList_GET_ITEM(replies, i), PyList_GET_ITEM(addrs, i)) < 0) {
+            PyErr_Clear();
+            failed++;
+        } else if (++prepared == BATCH_MAX) {
+            send_prepared((int)fd, prepared, &full, &failed);
+            prepared = 0;
+        }
+    }
+    if (prepared)
+        send_prepared((int)fd, prepared, &full, &failed);
+    busy = 0;
     if (full == 0 && failed == 0)
         Py_RETURN_NONE;
     return Py_BuildValue("(ll)", full, failed);
@@ -346,13 +440,57 @@ send_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "send_to(fd, reply, address)");
         return NULL;
     }
-    if (arg_int(args[0], "fd", 0, INT_MAX, &fd) < 0 ||
-        PyBytes_AsStringAndSize(args[1], &buf, &len) < 0 || parse_addr(args[2], &to, &tolen) < 0)
+    if (arg_int(args[0], "fd", 0, INT_MAX, &fd) < 0 || parse_addr(args[2], &to, &tolen) < 0)
         return NULL;
+    if (!PyBytes_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "reply must be bytes");
+        return NULL;
+    }
+    buf = PyBytes_AS_STRING(args[1]);
+    len = PyBytes_GET_SIZE(args[1]);
     do {
         sent = sendto((int)fd, buf, (size_t)len, MSG_DONTWAIT, &to.sa, tolen);
     } while (sent < 0 && errno == EINTR);
     return PyLong_FromLong(sent < 0 ? errno : 0);
+}
+
+static PyObject *
+splice(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *query, *head, *tail, *out;
+    Py_ssize_t qend, qlen, hlen, tlen;
+    char *p;
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "splice(query, head, qend, tail)");
+        return NULL;
+    }
+    query = args[0];
+    head = args[1];
+    tail = args[3];
+    if (!PyBytes_CheckExact(query) || !PyBytes_CheckExact(head) || !PyBytes_CheckExact(tail)) {
+        PyErr_SetString(PyExc_TypeError, "query, head and tail must be bytes");
+        return NULL;
+    }
+    qend = PyLong_AsSsize_t(args[2]);
+    if (qend == -1 && PyErr_Occurred())
+        return NULL;
+    qlen = PyBytes_GET_SIZE(query);
+    if (qend < 12 || qend > qlen) {
+        PyErr_SetString(PyExc_ValueError, "qend must be within the query, after its header");
+        return NULL;
+    }
+    hlen = PyBytes_GET_SIZE(head);
+    tlen = PyBytes_GET_SIZE(tail);
+    out = PyBytes_FromStringAndSize(NULL, 2 + hlen + (qend - 12) + tlen);
+    if (out == NULL)
+        return NULL;
+    p = PyBytes_AS_STRING(out);
+    memcpy(p, PyBytes_AS_STRING(query), 2);
+    memcpy(p + 2, PyBytes_AS_STRING(head), (size_t)hlen);
+    memcpy(p + 2 + hlen, PyBytes_AS_STRING(query) + 12, (size_t)(qend - 12));
+    memcpy(p + 2 + hlen + (qend - 12), PyBytes_AS_STRING(tail), (size_t)tlen);
+    return out;
 }
 
 static PyMethodDef methods[] = {
@@ -360,6 +498,8 @@ static PyMethodDef methods[] = {
      "recv_batch(fd, count) -> list of (data, address): up to count datagrams, [] if none."},
     {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL,
      "send_batch(fd, replies, addresses) -> None, or (buffer_full, failed) counts."},
+    {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
+     "splice(query, head, qend, tail) -> query[:2] + head + query[12:qend] + tail."},
     {"send_to", (PyCFunction)(void (*)(void))send_to, METH_FASTCALL,
      "send_to(fd, reply, address) -> 0 when sent, else the errno."},
     {NULL, NULL, 0, NULL},

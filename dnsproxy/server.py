@@ -428,6 +428,7 @@ class _UdpListener:
         touch = h.touch
         monotonic = h.clock
         join = _JOIN
+        splice = _SPLICE
         acl = h.acl
         qtypes = stats.udp_qtypes
         rcodes = stats.rcodes
@@ -481,7 +482,10 @@ class _UdpListener:
                     )
                     head = prepared[hi]
                     if mode == 0 or (mode == 1 and not head[1] & 0x20):
-                        reply = join((data[:2], head, data[12:qend], prepared[ti]))
+                        if splice is not None:
+                            reply = splice(data, head, qend, prepared[ti])
+                        else:
+                            reply = join((data[:2], head, data[12:qend], prepared[ti]))
                         if len(reply) > limit:
                             reply = entry.truncate(reply, qend, edns, limit)
                     else:
@@ -568,15 +572,24 @@ class _UdpListener:
 
 
 def _load_udpio() -> Any:
-    """The compiled build's ``dnsproxy._udpio`` (batched reads and writes), or None."""
+    """The compiled build's ``dnsproxy._udpio`` (batched reads and writes), or None (also
+    when it was built for other batch limits than this module's)."""
     try:
-        return importlib.import_module("dnsproxy._udpio")
+        module = importlib.import_module("dnsproxy._udpio")
     except ImportError:
         return None
+    if module.SIZE_MAX != _UDP_MAX_QUERY or module.BATCH_MAX < _UDP_BATCH:
+        log.warning("dnsproxy._udpio does not match this build; reading with recvfrom")
+        return None
+    return module
 
 
 # Any: the module or None; its functions are typed where the listener keeps them.
 _UDPIO: Final[Any] = _load_udpio()
+# query[:2] + head + query[12:qend] + tail in one allocation, or None (then a join).
+_SPLICE: Final[Callable[[bytes, bytes, int, bytes], bytes] | None] = (
+    None if _UDPIO is None else _UDPIO.splice
+)
 
 
 def _recv_batch(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import dns.message
 import dns.rdatatype
 import pytest
 from conftest import proxy_with
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dnsproxy import server
 
@@ -113,6 +116,46 @@ def test_reads_a_batch_with_the_senders_addresses(
     assert impl.recv(server_sock, 64) == []
 
 
+def test_ipv4_clients_of_a_dual_stack_socket(impl: Impl, sockets: list[socket.socket]) -> None:
+    # An IPv4 client of an IPv6 listener that also takes IPv4 has an IPv4-mapped address,
+    # as the socket module gives it, and a reply to it arrives.
+    server_sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    server_sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    server_sock.bind(("::", 0))
+    server_sock.setblocking(False)
+    client = _udp()
+    sockets += [server_sock, client]
+    client.sendto(b"mapped", ("127.0.0.1", server_sock.getsockname()[1]))
+    _drain_ready(server_sock)
+    [(data, addr)] = impl.recv(server_sock, 64)
+    assert data == b"mapped"
+    assert addr == ("::ffff:127.0.0.1", client.getsockname()[1], 0, 0)
+    assert impl.send_batch(server_sock, [b"back"], [addr]) is None
+    assert _drain(client, 1) == [b"back"]
+
+
+def test_a_datagram_without_an_address(impl: Impl, sockets: list[socket.socket]) -> None:
+    # What recvfrom gives for a sender with no address (here a Unix datagram socket pair):
+    # None, never the address of an earlier datagram.
+    udp_server, udp_client = _udp(), _udp()
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    right.setblocking(False)
+    sockets += [udp_server, udp_client, left, right]
+    udp_client.sendto(b"first", udp_server.getsockname())
+    _drain_ready(udp_server)
+    assert impl.recv(udp_server, 64) == [(b"first", udp_client.getsockname())]
+    left.send(b"unix")
+    _drain_ready(right)
+    [(data, addr)] = impl.recv(right, 64)
+    assert data == b"unix"
+    assert not addr  # None from the C extension, the socket module's None or ""
+
+
+def _drain_ready(sock: socket.socket) -> None:
+    """Wait (up to 2 s) until ``sock`` has a datagram to read."""
+    select.select([sock], [], [], 2.0)
+
+
 def test_reads_at_most_count_and_cuts_long_datagrams_as_recvfrom_does(
     impl: Impl, sockets: list[socket.socket]
 ) -> None:
@@ -146,6 +189,16 @@ def test_many_clients_each_keep_their_own_address(impl: Impl, sockets: list[sock
                 assert batch, "datagrams sent on loopback were not there to read"
                 seen += batch
         assert seen == [(b"%d" % i, c.getsockname()) for i, c in enumerate(clients)]
+        # Replies to the addresses read (the C extension remembers the last 256 it sent
+        # to, by identity): each client gets its own.
+        for start in range(0, len(clients), 50):
+            part = seen[start : start + 50]
+            assert (
+                impl.send_batch(server_sock, [b"re " + d for d, _ in part], [a for _, a in part])
+                is None
+            )
+        for i, client in enumerate(clients):
+            assert _drain(client, 1) == [b"re %d" % i]
 
 
 def test_sends_each_reply_to_its_address_and_counts_failures(
@@ -195,12 +248,30 @@ def test_c_extension_refuses_bad_arguments_without_crashing(sockets: list[socket
         module.recv_batch(fd)
     with pytest.raises(ValueError, match="as many"):
         module.send_batch(fd, [b"x"], [])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="bytes"):
         module.send_batch(fd, ["text"], [addr])
+    with pytest.raises(TypeError, match="bytes"):
+        module.send_batch(fd, [bytearray(b"x")], [addr])
     with pytest.raises(TypeError):
         module.send_batch(fd, (b"x",), [addr])
     with pytest.raises(ValueError, match="numeric"):
         module.send_to(fd, b"x", ("localhost", 53))
+    with pytest.raises(ValueError, match="NUL"):
+        module.send_to(fd, b"x", ("127.0.0.1\x00junk", addr[1]))
+    with pytest.raises(OverflowError, match="flowinfo"):
+        module.send_to(fd, b"x", ("::1", 53, 1 << 20, 0))
+
+    class Port(int):
+        """An int subclass, whose conversion could run Python code mid-batch."""
+
+    with pytest.raises(TypeError, match="int"):
+        module.send_to(fd, b"x", ("127.0.0.1", Port(53)))
+    # In a batch, an address it cannot send to is counted as failed and the rest go out.
+    client = _udp()
+    sockets.append(client)
+    bad = [("127.0.0.1", Port(53)), ("localhost", 53), client.getsockname()]
+    assert module.send_batch(fd, [b"a", b"b", b"c"], bad) == (0, 2)
+    assert _drain(client, 1) == [b"c"]
     with pytest.raises(TypeError):
         module.send_to(fd, b"x", "127.0.0.1")
     with pytest.raises(OverflowError):
@@ -211,6 +282,35 @@ def test_c_extension_refuses_bad_arguments_without_crashing(sockets: list[socket
     with pytest.raises(OSError):
         module.recv_batch(spare, 1)
     assert module.send_to(spare, b"x", addr) == errno.EBADF
+
+
+@given(
+    query=st.binary(min_size=12, max_size=300),
+    head=st.binary(max_size=20),
+    tail=st.binary(max_size=600),
+    data=st.data(),
+)
+def test_c_splice_is_the_join_it_replaces(
+    query: bytes, head: bytes, tail: bytes, data: st.DataObject
+) -> None:
+    module = _c_module()
+    if module is None:
+        pytest.skip("dnsproxy._udpio is not built (the compiled build: make compiled)")
+    qend = data.draw(st.integers(12, len(query)))
+    expected = b"".join((query[:2], head, query[12:qend], tail))
+    assert module.splice(query, head, qend, tail) == expected
+
+
+def test_c_splice_refuses_what_is_not_a_query() -> None:
+    module = _c_module()
+    if module is None:
+        pytest.skip("dnsproxy._udpio is not built (the compiled build: make compiled)")
+    with pytest.raises(ValueError, match="qend"):
+        module.splice(b"\0" * 12, b"", 13, b"")
+    with pytest.raises(ValueError, match="qend"):
+        module.splice(b"\0" * 12, b"", 11, b"")
+    with pytest.raises(TypeError):
+        module.splice(bytearray(12), b"", 12, b"")
 
 
 def test_listener_uses_the_build_asked_for() -> None:
