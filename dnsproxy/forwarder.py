@@ -161,7 +161,6 @@ class _Question(Resolution[_Server]):
     __slots__ = ("done", "forwarder", "prefetch", "request", "stale_answer", "waiters")
 
     forwarder: Forwarder
-
     waiters: list[Deliver]
     request: Request | None  # the try in flight
     done: bool

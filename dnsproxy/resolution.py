@@ -348,11 +348,6 @@ class Resolution(PendingQuery, Generic[S]):
         self.stale = stale
         self.stale_at = NEVER if stale is None else now + zone.stale.answer_after_s
 
-    @property
-    def query(self) -> bytes:
-        """The query sent upstream (``wire``)."""
-        return self.wire
-
     def timer(self) -> float | None:
         """When :meth:`handle_timer` is due (the client-response timer), or None."""
         return None if self.stale_at == NEVER else self.stale_at

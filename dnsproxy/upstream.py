@@ -334,7 +334,7 @@ class TcpUpstream(Upstream):
         self.failure = ""  # how the last connection failed, for logs
         self._retry_at = 0.0  # no new connection before this (loop time)
         # Given a request whose connection failed (neither a timeout nor our own limits)
-        # and the time, another way to send it, which tells its ``waiter``; or None. Auto's
+        # and the time, another way to send it, which tells it the outcome; or None. Auto's
         # way to UDP; the success path never looks at it.
         self.fallback: Callable[[PendingQuery, float], Request | None] | None = None
 

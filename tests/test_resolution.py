@@ -54,7 +54,7 @@ def resolution(z: Zone[ServerState], now: float = 0.0) -> Resolution[ServerState
 
 def reply(r: Resolution[ServerState], rcode: int = dns.rcode.NOERROR) -> bytes:
     """The server's reply to the query ``r`` sends upstream."""
-    query = dns.message.from_wire(r.query)
+    query = dns.message.from_wire(r.wire)
     if rcode == dns.rcode.NOERROR:
         answer = [rrset("www.example.", 300, "A", "169.254.1.1")]
         return reply_to(query, answer).to_wire()
@@ -145,7 +145,7 @@ def test_an_answer_ends_the_resolution_with_a_cacheable_entry() -> None:
 def test_nxdomain_is_an_answer_too() -> None:
     r = resolution(zone(2))
     r.next_try(0.0)
-    query = dns.message.from_wire(r.query)
+    query = dns.message.from_wire(r.wire)
     soa = rrset("example.", 300, "SOA", "ns.example. h.example. 1 2 3 4 60")
     nx = reply_to(query, authority=[soa], rcode=dns.rcode.NXDOMAIN).to_wire()
     outcome = r.answered(nx, 0.1)
