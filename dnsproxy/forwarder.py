@@ -56,7 +56,14 @@ from dnsproxy.resolution import (
     ServerState,
     Zone,
 )
-from dnsproxy.upstream import Request, Upstream, UpstreamBusy, UpstreamError, make_upstream
+from dnsproxy.upstream import (
+    Callback,
+    Request,
+    Upstream,
+    UpstreamBusy,
+    UpstreamError,
+    make_upstream,
+)
 
 __all__ = ["Deliver", "Forwarder", "ForwarderStats", "LoopError"]
 
@@ -148,15 +155,56 @@ class _Server(ServerState):
 
 
 class _Question(Resolution[_Server]):
-    """One distinct question on its way upstream, and the clients waiting for it."""
+    """One distinct question on its way upstream, and the clients waiting for it; the
+    query of its tries (one object per question, none per try)."""
 
-    __slots__ = ("done", "prefetch", "request", "stale_answer", "waiters")
+    __slots__ = ("done", "forwarder", "prefetch", "request", "stale_answer", "waiters")
 
+    forwarder: Forwarder
     waiters: list[Deliver]
     request: Request | None  # the try in flight
     done: bool
     prefetch: bool  # a refresh nobody waits for
     stale_answer: Entry | None  # sent at the client-response timer; later joiners get it too
+
+    def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
+        """The outcome of the try in flight: the answer for the waiters (cached when it
+        may be), or the next try. Here rather than in the forwarder: one call less per
+        reply."""
+        if self.done:
+            return
+        f = self.forwarder
+        try:
+            if reply is None:
+                server = self.server
+                assert server is not None
+                log.debug("upstream %s failed: %s", server.label, error)
+                if self.failed(isinstance(error, UpstreamBusy), now):
+                    f._marked_down(server)
+                f._next(self, now)
+                return
+            try:
+                outcome = self.answered(reply, now)
+            except wire.WireError as exc:
+                server = self.server
+                assert server is not None
+                f.stats.bad_replies += 1
+                log.debug("malformed reply from %s: %s", server.label, exc)
+                if self.failed(False, now):
+                    f._marked_down(server)
+                f._next(self, now)
+                return
+            if outcome is None:
+                f._next(self, now)
+                return
+            entry, cacheable = outcome
+            if cacheable:
+                f._cache.put(self.key, entry, now)
+        except Exception:
+            # A bug here must not leave clients waiting for ever.
+            log.exception("resolution of %s failed", _describe(self.question))
+            entry = f._servfail(self)
+        f._finish(self, entry)
 
 
 class Forwarder:
@@ -372,6 +420,7 @@ class Forwarder:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         q = _Question(key, query[wire.HEADER_LEN : qend], zone, now, stale)
+        q.forwarder = self
         q.waiters = [deliver]
         q.request = None
         q.done = False
@@ -421,47 +470,7 @@ class Forwarder:
         if server is None:
             self._finish(q, self._failure(q, now))
             return
-        q.request = server.upstream.send(
-            q.query, q.timeout_s, partial(self._reply, q), q.question, now
-        )
-
-    def _reply(self, q: _Question, reply: bytes | None, error: UpstreamError | None) -> None:
-        if q.done:
-            return
-        loop = self._loop  # set by the submit that started this question
-        assert loop is not None
-        now = loop.time()
-        try:
-            if reply is None:
-                server = q.server
-                assert server is not None
-                log.debug("upstream %s failed: %s", server.label, error)
-                if q.failed(isinstance(error, UpstreamBusy), now):
-                    self._marked_down(server)
-                self._next(q, now)
-                return
-            try:
-                outcome = q.answered(reply, now)
-            except wire.WireError as exc:
-                server = q.server
-                assert server is not None
-                self.stats.bad_replies += 1
-                log.debug("malformed reply from %s: %s", server.label, exc)
-                if q.failed(False, now):
-                    self._marked_down(server)
-                self._next(q, now)
-                return
-            if outcome is None:
-                self._next(q, now)
-                return
-            entry, cacheable = outcome
-            if cacheable:
-                self._cache.put(q.key, entry, now)
-        except Exception:
-            # A bug here must not leave clients waiting for ever.
-            log.exception("resolution of %s failed", _describe(q.question))
-            entry = self._servfail(q)
-        self._finish(q, entry)
+        q.request = server.upstream.send(q, q.timeout_s, now)
 
     def _failure(self, q: _Question, now: float) -> Entry:
         entry, cacheable = q.failure(now)
@@ -526,7 +535,7 @@ class Forwarder:
             self._arm_probe(server)  # the timer fired a little early, or the server is up
             return
         server.probe_request = server.upstream.probe(
-            probe, PROBE_TIMEOUT_S, partial(self._probed, server)
+            Callback(probe, partial(self._probed, server)), PROBE_TIMEOUT_S
         )
 
     def _probed(self, server: _Server, reply: bytes | None, error: UpstreamError | None) -> None:
@@ -607,6 +616,7 @@ class Forwarder:
             except wire.WireError:
                 continue
             q = _Question(key, question, zone, now)
+            q.forwarder = self
             q.waiters = []
             q.request = None
             q.done = False

@@ -22,7 +22,7 @@ import random
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from dnsproxy.errors import DnsproxyError
 from dnsproxy.framing import NEVER, FrameError, FrameReader
@@ -38,6 +38,8 @@ __all__ = [
     "ConnectionLost",
     "PendingQuery",
     "PipelinedConnection",
+    "QueryOwner",
+    "Request",
     "UpstreamBusy",
     "UpstreamError",
     "UpstreamStats",
@@ -96,24 +98,47 @@ class UpstreamStats:
     inflight: int = 0
 
 
+class Request(Protocol):
+    """A query handed to an upstream; ``cancel()`` forgets it."""
+
+    def cancel(self) -> None: ...
+
+
+class QueryOwner(Protocol):
+    """The pool that sent a query, which forgets it when the query is cancelled."""
+
+    def cancel_query(self, query: PendingQuery) -> None: ...
+
+
 class PendingQuery:
-    """One query on its way through pipelined connections.
+    """One query on its way upstream, and who is told its outcome.
 
     ``wire`` is the query (its ID is replaced on the wire), ``question`` its question
     section, ``deadline`` the time by which it must be answered. The connection sets
     ``qid`` and ``conn`` when it takes the query, and ``reply`` or ``error`` when it is done
-    with it. ``retried`` says whether it already moved to a second connection.
+    with it. ``retried`` says whether it already moved to a second connection. The pool
+    that sends it keeps its own marks here too: ``owner``, ``finished`` (its outcome was
+    told, or it was cancelled) and ``then`` (the request that took over when its
+    connection failed).
+
+    The outcome goes to :meth:`upstream_done`, once per send, which a subclass says what
+    to do with: so the forwarder's resolution of a question is the query of all its
+    tries, one object, told by a direct call (compiled) rather than through a callback
+    object per try; :class:`dnsproxy.upstream.Callback` calls a function instead.
     """
 
     __slots__ = (
         "conn",
         "deadline",
         "error",
+        "finished",
+        "owner",
         "qid",
         "question",
         "replies_seen",
         "reply",
         "retried",
+        "then",
         "wire",
     )
 
@@ -127,6 +152,25 @@ class PendingQuery:
         self.reply = b""
         self.error: UpstreamError | None = None
         self.retried = False
+        self.owner: QueryOwner | None = None
+        self.finished = False
+        self.then: Request | None = None
+
+    def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
+        """The outcome: ``(reply, None, now)`` with the validated reply, or ``(None, error,
+        now)``; ``now`` is the loop's clock, which the teller has just read."""
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Forget the query: its outcome is not told (or, past a fallback, the request
+        that took over is cancelled)."""
+        if not self.finished:
+            self.finished = True
+            owner = self.owner
+            if self.conn is not None and owner is not None:
+                owner.cancel_query(self)
+        elif self.then is not None:
+            self.then.cancel()
 
     def retry(self, now: float) -> bool:
         """After :class:`ConnectionLost`: may the query go to another connection?
@@ -279,6 +323,9 @@ class PipelinedConnection(Generic[Q]):
             return b""
         self._outgoing = []
         pending = self.pending
+        if len(outgoing) == 1:  # below saturation, the usual case: no list, no join
+            query, frame = outgoing[0]
+            return frame if pending.get(query.qid) is query else b""
         return b"".join([frame for query, frame in outgoing if pending.get(query.qid) is query])
 
     def receive(self, data: bytes, now: float) -> list[Q]:

@@ -30,6 +30,7 @@ from dnsproxy import wire
 from dnsproxy.cache import SERVFAIL, STALE_TTL_S, Entry, make_entry, servfail_entry
 from dnsproxy.config_types import ServeStaleConfig, ZoneConfig
 from dnsproxy.framing import NEVER
+from dnsproxy.pipeline import PendingQuery
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -228,7 +229,17 @@ class Zone(Generic[S]):
     an expired answer is served (the zone's ``cache.max_stale_s`` says how long).
     """
 
-    __slots__ = ("config", "max_stale_s", "next_index", "rng", "servers", "stale")
+    __slots__ = (
+        "cache_policy",
+        "config",
+        "deadline_s",
+        "max_stale_s",
+        "next_index",
+        "rng",
+        "servers",
+        "stale",
+        "try_timeout_s",
+    )
 
     def __init__(
         self,
@@ -243,6 +254,11 @@ class Zone(Generic[S]):
         self.rng = rng or random.Random()
         self.stale = stale or ServeStaleConfig()
         self.max_stale_s = config.cache.max_stale_s
+        # Read for every miss: attributes of this class, not of the config's dataclasses
+        # (compiled, a direct field read instead of an attribute lookup by name).
+        self.deadline_s = config.deadline_s
+        self.try_timeout_s = config.try_timeout_s
+        self.cache_policy = config.cache
 
     def stale_candidate(self, entry: Entry | None, now: float) -> Entry | None:
         """``entry`` when it is expired but within the zone's maximum staleness, so that
@@ -283,23 +299,27 @@ class Zone(Generic[S]):
         return [s for s in servers if s.up] + [s for s in servers if not s.up]
 
 
-class Resolution(Generic[S]):
+class Resolution(PendingQuery, Generic[S]):
     """The tries of one question at its zone's servers.
 
     :meth:`next_try` names the server to ask next (and sets ``timeout_s``), or None when
     tries or time have run out; :meth:`failed` or :meth:`answered` take the outcome of
-    that try; :meth:`failure` is the answer when no server gave a usable one.
+    that try; :meth:`failure` is the answer when no server gave a usable one; ``ends_at``
+    is when the last try must end.
+
+    It is also the query its tries send (a :class:`~dnsproxy.pipeline.PendingQuery`:
+    ``wire``, the query for the upstream, and ``question``, the question's section): one
+    object for a question and all its tries; the asyncio adapter says what to do with
+    each outcome (:meth:`~dnsproxy.pipeline.PendingQuery.upstream_done`).
     """
 
     __slots__ = (
         "attempt",
-        "deadline",
+        "ends_at",
         "key",
         "last",
         "local_failure",
         "order",
-        "query",
-        "question",
         "server",
         "stale",
         "stale_at",
@@ -311,17 +331,17 @@ class Resolution(Generic[S]):
     def __init__(
         self, key: bytes, question: bytes, zone: Zone[S], now: float, stale: Entry | None = None
     ) -> None:
+        PendingQuery.__init__(self, wire.upstream_query(key, question), question, NEVER)
         self.key = key
-        self.question = question
         self.zone = zone
-        self.query = wire.upstream_query(key, question)
         self.order = zone.order()
         self.attempt = 0
-        self.deadline = now + zone.config.deadline_s
+        self.ends_at = now + zone.deadline_s
         self.server: S | None = None
         self.started = 0.0
         self.timeout_s = 0.0
-        self.last: wire.ResponseInfo | None = None  # the last SERVFAIL/REFUSED/... reply
+        # The last SERVFAIL/REFUSED/... reply (wire.walk_response's fields).
+        self.last: wire.ResponseFields | None = None
         self.local_failure = False  # a try failed on our side (pool full), not the server
         # The expired entry (see Zone.stale_candidate) the waiters get if no fresh answer
         # comes, and when (the client-response timer) they get it anyway.
@@ -349,13 +369,13 @@ class Resolution(Generic[S]):
         attempt = self.attempt
         # Every server once, and at least two tries in all, within the deadline.
         if attempt < 2 or attempt < len(order):
-            remaining = self.deadline - now
+            remaining = self.ends_at - now
             if remaining > 0:
                 server = order[attempt % len(order)]
                 self.attempt = attempt + 1
                 self.server = server
                 self.started = now
-                timeout = self.zone.config.try_timeout_s
+                timeout = self.zone.try_timeout_s
                 self.timeout_s = timeout if timeout < remaining else remaining
                 return server
         return None
@@ -379,19 +399,24 @@ class Resolution(Generic[S]):
         """
         server = self.server
         assert server is not None
-        server.latency.observe(now - self.started)
+        # LatencyHistogram.observe inlined: this runs for every miss.
+        latency = server.latency
+        seconds = now - self.started
+        latency.counts[_bucket(latency.bounds, seconds)] += 1
+        latency.total_s += seconds
         # The upstream checked that the reply's question is ours.
-        info = wire.inspect_response(reply, wire.HEADER_LEN + len(self.question))
+        info = wire.walk_response(reply, wire.HEADER_LEN + len(self.question))
         # Well formed, whatever the rcode: the server is serving.
         server.last_reply = now
         if server.fails:
             server.succeeded(now)
-        server.rcodes[info.rcode] += 1
-        if info.rcode in TRY_NEXT_RCODES:
+        rcode = info[1]  # ResponseInfo.rcode
+        server.rcodes[rcode] += 1
+        if rcode in TRY_NEXT_RCODES:
             # Another server of the group may do better; keep this one as a fallback.
             self.last = info
             return None
-        return make_entry(info, self.zone.config.cache, now)
+        return make_entry(info, self.zone.cache_policy, now)
 
     def failure(self, now: float) -> tuple[Entry, bool]:
         """The answer when no server gave a usable one: the stale entry if there is one
@@ -406,9 +431,9 @@ class Resolution(Generic[S]):
         if stale is not None:
             stale.failed_at = now
             return stale.stale_copy(now, self.zone.stale.ede), False
-        policy = self.zone.config.cache
+        policy = self.zone.cache_policy
         last = self.last
-        if last is not None and last.rcode in (wire.SERVFAIL, wire.REFUSED):
+        if last is not None and last[1] in (wire.SERVFAIL, wire.REFUSED):  # its rcode
             return make_entry(last, policy, now)
         cd = wire.key_flags(self.key)[1]
         body = wire.synth_body(self.question, wire.SERVFAIL, cd)

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -51,6 +51,7 @@ from .pipeline import (
     ConnectionLost,
     PendingQuery,
     PipelinedConnection,
+    Request,
     UpstreamBusy,
     UpstreamError,
     UpstreamStats,
@@ -61,7 +62,9 @@ from .wire import HEADER_LEN, WireError, question_end, reply_matches
 
 __all__ = [
     "AutoUpstream",
+    "Callback",
     "Done",
+    "PendingQuery",
     "Request",
     "TcpUpstream",
     "TlsStats",
@@ -119,10 +122,24 @@ _GAUGES = (
 )
 
 
-# Called exactly once per request: ``(reply, None)`` with the validated reply, or
-# ``(None, error)``. The reply's ID is whatever went on the wire (:meth:`Upstream.query`
-# restores the caller's); everything after the ID is the server's.
+# A function told the outcome of a query (see Callback). The reply's ID is whatever went
+# on the wire (:meth:`Upstream.query` restores the caller's); everything after the ID is
+# the server's.
 Done = Callable[[bytes | None, UpstreamError | None], None]
+
+
+class Callback(PendingQuery):
+    """The query ``wire`` (its ``question`` when the caller has it), whose outcome is
+    handed to ``done`` (without the time)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, wire: bytes, done: Done, question: bytes = b"") -> None:
+        PendingQuery.__init__(self, wire, question, NEVER)
+        self.done = done
+
+    def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
+        self.done(reply, error)
 
 
 class UpstreamDown(UpstreamError):
@@ -131,12 +148,6 @@ class UpstreamDown(UpstreamError):
     Unlike :class:`UpstreamBusy` this says something about the server: it counts as a
     failed try.
     """
-
-
-class Request(Protocol):
-    """A query handed to :meth:`Upstream.send`; ``cancel()`` forgets it."""
-
-    def cancel(self) -> None: ...
 
 
 class _Finished:
@@ -164,25 +175,25 @@ class Upstream:
         self.label = label or config.label
         self.stats = stats if stats is not None else UpstreamStats()
 
-    def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
-    ) -> Request:
-        """Send the query ``wire``; ``done`` is called once with the outcome.
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
+        """Send ``query`` (its ``wire``, within ``timeout_s``); its
+        :meth:`~PendingQuery.upstream_done` is told the outcome once. Returns what
+        cancels it (over TCP, ``query`` itself: a miss costs no object here).
 
         The callback form is what the forwarder uses: a miss then costs no task and no
         coroutine, and the answer goes to the clients from ``data_received`` directly.
-        ``done`` may be called before ``send`` returns (closed upstream, full pool).
-        ``question``, when given, must be ``wire``'s question section (the caller has
-        it already; otherwise it is found by walking ``wire``). ``now``: the monotonic
+        The outcome may be told before ``send`` returns (closed upstream, full pool).
+        ``query.question``, when not empty, must be ``wire``'s question section (the
+        caller has it already; otherwise it is found by walking ``wire``). A query is
+        sent again (its next try) only once its outcome was told. ``now``: the monotonic
         clock when the caller has just read it (the loop's clock otherwise).
         """
         raise NotImplementedError
 
-    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
-        """Send the health probe ``wire`` as :meth:`send` does, but never held behind a
-        reconnect backoff: the probe is how a server that comes back is seen at once.
-        ``done`` is called once with the outcome."""
-        return self.send(wire, timeout_s, done)
+    def probe(self, query: PendingQuery, timeout_s: float) -> Request:
+        """Send the health probe ``query`` as :meth:`send` does, but never held behind a
+        reconnect backoff: the probe is how a server that comes back is seen at once."""
+        return self.send(query, timeout_s)
 
     async def query(self, wire: bytes, timeout_s: float) -> bytes:
         """Send the query ``wire``; return the validated reply carrying ``wire``'s ID."""
@@ -197,7 +208,7 @@ class Upstream:
                 assert reply is not None
                 future.set_result(wire[:2] + reply[2:])
 
-        request = self.send(wire, timeout_s, done)
+        request = self.send(Callback(wire, done), timeout_s)
         try:
             return await future
         except asyncio.CancelledError:
@@ -280,30 +291,6 @@ def _question(wire: bytes) -> bytes:
 # TCP
 
 
-class _TcpRequest(PendingQuery):
-    """One query through a TCP pool: the pipeline's record plus who to tell; ``then``, the
-    request that took over when its connection failed (see ``TcpUpstream.fallback``)."""
-
-    __slots__ = ("done", "finished", "owner", "then")
-
-    def __init__(
-        self, owner: TcpUpstream, wire: bytes, question: bytes, deadline: float, done: Done
-    ) -> None:
-        PendingQuery.__init__(self, wire, question, deadline)
-        self.owner = owner
-        self.done = done
-        self.finished = False
-        self.then: Request | None = None
-
-    def cancel(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.conn is not None:
-                self.owner._cancel(self)
-        elif self.then is not None:
-            self.then.cancel()
-
-
 class TcpUpstream(Upstream):
     """A pool of pipelined TCP connections to one server.
 
@@ -347,13 +334,11 @@ class TcpUpstream(Upstream):
         self.failure = ""  # how the last connection failed, for logs
         self._retry_at = 0.0  # no new connection before this (loop time)
         # Given a request whose connection failed (neither a timeout nor our own limits)
-        # and the time, another way to send it, which calls its ``done``; or None. Auto's
+        # and the time, another way to send it, which tells it the outcome; or None. Auto's
         # way to UDP; the success path never looks at it.
-        self.fallback: Callable[[_TcpRequest, float], Request | None] | None = None
+        self.fallback: Callable[[PendingQuery, float], Request | None] | None = None
 
-    def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
-    ) -> Request:
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
         self.stats.queries += 1
         loop = self._loop
         if loop is None:
@@ -361,28 +346,35 @@ class TcpUpstream(Upstream):
             loop = self._loop = asyncio.get_running_loop()
         if now < 0:
             now = loop.time()
-        if not question:
+        if not query.question:
             try:
-                question = _question(wire)
+                query.question = _question(query.wire)
             except UpstreamError as exc:
                 self.stats.failures += 1
-                done(None, exc)
+                query.upstream_done(None, exc, now)
                 return _Finished()
-        request = _TcpRequest(self, wire, question, now + timeout_s, done)
-        self._dispatch(request, now)
-        return request
+        # A new try of the query: what the last one left is reset.
+        query.deadline = now + timeout_s
+        query.owner = self
+        query.conn = None
+        query.error = None
+        query.retried = False
+        query.finished = False
+        query.then = None
+        self._dispatch(query, now)
+        return query
 
-    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def probe(self, query: PendingQuery, timeout_s: float) -> Request:
         # The backoff is lifted for this one send only: the probe opens a connection
         # now if it needs one; queries meanwhile share that connection, and its outcome
         # (a reply ends the backoff, a failure extends it) decides what comes next.
         retry_at, self._retry_at = self._retry_at, 0.0
         try:
-            return self.send(wire, timeout_s, done)
+            return self.send(query, timeout_s)
         finally:
             self._retry_at = retry_at
 
-    def _dispatch(self, request: _TcpRequest, now: float) -> None:
+    def _dispatch(self, request: PendingQuery, now: float) -> None:
         if self._closed:
             self._fail(request, UpstreamBusy(f"{self.label}: upstream closed"), now)
             return
@@ -401,7 +393,7 @@ class TcpUpstream(Upstream):
             return
         conn.send(request, now)
 
-    def _complete(self, request: _TcpRequest, now: float) -> None:
+    def _complete(self, request: PendingQuery, now: float) -> None:
         """A connection is done with ``request``: its reply, or an error."""
         if request.finished:
             return  # cancelled meanwhile
@@ -411,14 +403,14 @@ class TcpUpstream(Upstream):
             self.stats.replies += 1
             if self.failed_connections:
                 self._connection_worked()
-            request.done(request.reply, None)
+            request.upstream_done(request.reply, None, now)
         elif type(error) is ConnectionLost and request.retry(now):
             self.stats.retries += 1
             self._dispatch(request, now)
         else:
             self._fail(request, error, now)
 
-    def _fail(self, request: _TcpRequest, error: UpstreamError, now: float) -> None:
+    def _fail(self, request: PendingQuery, error: UpstreamError, now: float) -> None:
         if request.finished:
             return
         request.finished = True
@@ -430,10 +422,11 @@ class TcpUpstream(Upstream):
             if fallback is not None and not isinstance(error, UpstreamBusy):
                 request.then = fallback(request, now)
                 if request.then is not None:
-                    return  # the fallback calls request.done
-        request.done(None, error)
+                    return  # the fallback tells request
+        request.upstream_done(None, error, now)
 
-    def _cancel(self, request: _TcpRequest) -> None:
+    def cancel_query(self, request: PendingQuery) -> None:
+        """Forget ``request`` (cancelled) on the connection that has it."""
         pipeline = request.conn
         for conn in (*self._active, *self._draining):
             if conn.pipeline is pipeline:
@@ -552,7 +545,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self.stats = owner.stats
         pool = owner.pool
-        self.pipeline: PipelinedConnection[_TcpRequest] = PipelinedConnection(
+        self.pipeline: PipelinedConnection[PendingQuery] = PipelinedConnection(
             now,
             label=owner.label,
             stats=owner.stats,
@@ -572,7 +565,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     # -- from the pool
 
-    def send(self, request: _TcpRequest, now: float) -> None:
+    def send(self, request: PendingQuery, now: float) -> None:
         self.pipeline.send(request, now)
         if self._transport is not None and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
@@ -580,7 +573,7 @@ class _UpstreamConnection(asyncio.Protocol):
             # A new query can only bring the pipeline's timer forward to its deadline.
             self._arm_at(request.deadline)
 
-    def cancel(self, request: _TcpRequest) -> None:
+    def cancel(self, request: PendingQuery) -> None:
         self.pipeline.cancel(request, self.loop.time())
         self._settle()
 
@@ -595,7 +588,15 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def _arm(self) -> None:
         when = self.pipeline.timer()
-        self._arm_at(NEVER if when is None else when)
+        if when is None:
+            self._arm_at(NEVER)  # closed
+        elif when < self._timer_at:
+            self._arm_at(when)
+        # Else the timer armed fires no later than needed: it is left as it is, finds
+        # nothing due and is armed again then. Moving it later at once would cost a
+        # cancel and a new loop timer each time the connection drains, which below
+        # saturation is once per miss, and again at the next query (its deadline is
+        # sooner than the idle timeout).
 
     def _arm_at(self, when: float) -> None:
         if when == self._timer_at:
@@ -626,7 +627,7 @@ class _UpstreamConnection(asyncio.Protocol):
             self.owner._retire(self)
         self._arm()
 
-    def _finish(self, requests: list[_TcpRequest]) -> None:
+    def _finish(self, requests: list[PendingQuery]) -> None:
         # After _settle: a retry or a new query from a callback must see the pool as it
         # now is, without this connection if it is retired or closed.
         if requests:
@@ -684,9 +685,9 @@ class _UpstreamConnection(asyncio.Protocol):
         if not pipeline.pending or pipeline.state != OPEN:
             # Drained (the idle timer may be due sooner), retired or closed.
             self._settle()
-        complete = self.owner._complete
+        owner = self.owner  # its method called directly: compiled, a native call
         for request in done:
-            complete(request, now)
+            owner._complete(request, now)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost fails what is in flight
@@ -903,11 +904,13 @@ def _expire(future: asyncio.Future[bytes], label: str) -> None:
 class _UdpRequest:
     """One query through a UDP upstream: a task of its own."""
 
-    __slots__ = ("done", "finished", "task")
+    __slots__ = ("finished", "task", "waiter")
 
-    def __init__(self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], done: Done) -> None:
+    def __init__(
+        self, owner: UdpUpstream, coro: Coroutine[Any, Any, bytes], waiter: PendingQuery
+    ) -> None:
         self.finished = False
-        self.done = done
+        self.waiter = waiter
         self.task = asyncio.get_running_loop().create_task(coro)
         owner._tasks.add(self.task)
         self.task.add_done_callback(owner._tasks.discard)
@@ -918,12 +921,14 @@ class _UdpRequest:
             return
         self.finished = True
         error = task.exception()
+        now = task.get_loop().time()
         if error is None:
-            self.done(task.result(), None)
+            self.waiter.upstream_done(task.result(), None, now)
         elif isinstance(error, UpstreamError):
-            self.done(None, error)
+            self.waiter.upstream_done(None, error, now)
         else:
-            self.done(None, UpstreamError(f"UDP query failed: {error!r}"))
+            failed = UpstreamError(f"UDP query failed: {error!r}")
+            self.waiter.upstream_done(None, failed, now)
 
     def cancel(self) -> None:
         self.finished = True
@@ -947,11 +952,9 @@ class UdpUpstream(Upstream):
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
 
-    def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
-    ) -> Request:
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
         # UDP is opt-in and not the hot path: one task per query keeps it simple.
-        return _UdpRequest(self, self._query(wire, timeout_s), done)
+        return _UdpRequest(self, self._query(query.wire, timeout_s), query)
 
     async def _query(self, wire: bytes, timeout_s: float) -> bytes:
         stats = self.stats
@@ -1073,38 +1076,38 @@ class AutoUpstream(Upstream):
             loop = self._loop = asyncio.get_running_loop()
         return loop.time()
 
-    def send(
-        self, wire: bytes, timeout_s: float, done: Done, question: bytes = b"", now: float = -1.0
-    ) -> Request:
+    def send(self, query: PendingQuery, timeout_s: float, now: float = -1.0) -> Request:
         if not self.using_udp:
-            return self.tcp.send(wire, timeout_s, done, question, now)
+            return self.tcp.send(query, timeout_s, now)
         if now < 0:
             now = self.time()
         if now >= self._recheck_at and not self._rechecking:
             self._recheck_tcp(now)
-        return self.udp.send(wire, timeout_s, done, question, now)
+        return self.udp.send(query, timeout_s, now)
 
-    def probe(self, wire: bytes, timeout_s: float, done: Done) -> Request:
+    def probe(self, query: PendingQuery, timeout_s: float) -> Request:
         if not self.using_udp:
-            return self.tcp.probe(wire, timeout_s, done)
-        return self.send(wire, timeout_s, done)
+            return self.tcp.probe(query, timeout_s)
+        return self.send(query, timeout_s)
 
     def transports(self) -> dict[str, int]:
         return {"tcp": 0, "udp": 1} if self.using_udp else {"tcp": 1, "udp": 0}
 
-    def _udp_instead(self, request: _TcpRequest, now: float) -> Request | None:
+    def _udp_instead(self, request: PendingQuery, now: float) -> Request | None:
         """The TCP connection of ``request`` failed: send it over UDP with the time left.
         Not once on UDP: then the TCP pool carries only the probe, which must fail."""
         remaining = request.deadline - now
         if self.using_udp or remaining <= 0:
             return None
-        done = partial(self._over_udp, request.done)
-        return self.udp.send(request.wire, remaining, done, request.question, now)
+        over_udp = Callback(request.wire, partial(self._over_udp, request), request.question)
+        return self.udp.send(over_udp, remaining, now)
 
-    def _over_udp(self, done: Done, reply: bytes | None, error: UpstreamError | None) -> None:
+    def _over_udp(
+        self, waiter: PendingQuery, reply: bytes | None, error: UpstreamError | None
+    ) -> None:
         if reply is not None:
             self._answered_over_udp()
-        done(reply, error)
+        waiter.upstream_done(reply, error, self.time())
 
     def _answered_over_udp(self) -> None:
         """A query that failed over TCP was answered over UDP."""
@@ -1126,7 +1129,7 @@ class AutoUpstream(Upstream):
     def _recheck_tcp(self, now: float) -> None:
         self._recheck_at = now + TCP_RECHECK_S
         self._rechecking = True
-        request = self.tcp.probe(PROBE_QUERY, PROBE_TIMEOUT_S, self._rechecked)
+        request = self.tcp.probe(Callback(PROBE_QUERY, self._rechecked), PROBE_TIMEOUT_S)
         if self._rechecking:  # else it already failed
             self._recheck = request
 

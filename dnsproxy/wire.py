@@ -39,6 +39,7 @@ CLASS_IN: Final = 1
 # Header flag bits (byte 2 and byte 3 of the header).
 _QR: Final = 0x80
 _AA: Final = 0x04
+_NOT_AA: Final = ~_AA & 0xFF
 _TC: Final = 0x02
 _RD: Final = 0x01
 _RA: Final = 0x80
@@ -60,6 +61,7 @@ _unpack_rr: Final[Callable[[bytes, int], tuple[int, int, int, int]]] = _RR_FIXED
 _COUNTS: Final[Callable[[bytes, int], tuple[int, int, int, int]]] = _COUNTS_FIXED.unpack_from
 _COUNTS_PACK: Final = struct.Struct(">HHH").pack_into  # ANCOUNT, NSCOUNT, ARCOUNT
 _new_tuple: Final = tuple.__new__
+_BYTE: Final = tuple(bytes((i,)) for i in range(256))  # each one-octet bytes object
 
 # Cache-key suffix bytes, indexed by (DO | CD << 1).
 _KEY_FLAGS: Final = (b"\x00", b"\x01", b"\x02", b"\x03")
@@ -427,6 +429,14 @@ def name_end(data: bytes, off: int) -> int:
         off += length + 1
 
 
+# ResponseInfo's fields as a plain tuple, in its order. Compiled, a function returns a
+# tuple of fixed length unboxed (no object at all) and its caller takes it apart
+# natively, where a NamedTuple is built by a generic call and unpacked item by item.
+ResponseFields = tuple[
+    bytes, int, bool, int, tuple[int, ...], tuple[int, ...], int, int, int, bool, int, int, int
+]
+
+
 def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
     """Walk an upstream reply once; raise :class:`WireError` when it is malformed.
 
@@ -434,6 +444,11 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
     against the query we sent (:func:`reply_matches`), so the walk starts after it.
     ``data`` must be ``bytes``: the returned body may be ``data`` itself.
     """
+    return _new_tuple(ResponseInfo, walk_response(data, qend))
+
+
+def walk_response(data: bytes, qend: int = 0) -> ResponseFields:
+    """:func:`inspect_response` with its result as a plain tuple, for the miss path."""
     n = len(data)
     if n < HEADER_LEN:
         raise WireError("reply shorter than a header")
@@ -472,6 +487,16 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
                 off += 2
             elif c == 0:
                 off += 1
+                if data[off + 1] == TYPE_OPT and data[off] == 0:
+                    # The OPT record (every upstream reply has ours): only its place and
+                    # length matter, so no unpacking of its fixed fields.
+                    if index < answer_authority or opt_start >= 0:
+                        raise WireError("misplaced or repeated OPT record")
+                    opt_start = start
+                    off = opt_end = off + 10 + ((data[off + 8] << 8) | data[off + 9])
+                    if off > n:
+                        raise WireError("record data runs past the end of the message")
+                    continue
             else:
                 off = name_end(data, off)
             rtype, _rclass, ttl, rdlen = _unpack_rr(data, off)
@@ -514,38 +539,39 @@ def inspect_response(data: bytes, qend: int = 0) -> ResponseInfo:
             # OPT before other records: cutting it out would shift the targets of later
             # compression pointers, so re-encode the message without it (rare; off the
             # hot path).
-            return inspect_response(_without_opt(data))
-        edit = bytearray(data[:opt_start])
-        _U16.pack_into(edit, 10, arcount - 1)
-    elif top_bit or data[2] & _AA:
-        edit = bytearray(data)
+            return walk_response(_without_opt(data))
+        # Cut off at the OPT record, ARCOUNT one less (a record was there, so no borrow
+        # past 0) and AA cleared, in one join of slices and one-octet objects: no
+        # bytearray to make, edit and copy again.
+        arcount -= 1
+        flags = data[2] & _NOT_AA
+        a_hi = _BYTE[arcount >> 8]
+        a_lo = _BYTE[arcount & 0xFF]
+        body = b"".join((data[:2], _BYTE[flags], data[3:10], a_hi, a_lo, data[12:opt_start]))
+    elif data[2] & _AA:
+        body = b"".join((data[:2], _BYTE[data[2] & _NOT_AA], data[3:]))
     else:
-        edit = None
-    body = data
-    if edit is not None:
+        body = data
+    if top_bit:
+        # The offsets are the same in body: only an OPT record at the very end was cut.
+        edit = bytearray(body)
         for off in top_bit:
             _pack_u32_into(edit, off, 0)
-        edit[2] &= ~_AA & 0xFF
         body = bytes(edit)
-    # tuple.__new__ rather than ResponseInfo(...): the generated __new__ is a Python
-    # call with ten arguments, and one of these is built per upstream reply.
-    return _new_tuple(
-        ResponseInfo,
-        (
-            body,
-            data[3] & 0x0F,
-            bool(data[2] & _TC),
-            ancount,
-            tuple(offsets),
-            tuple(ttls),
-            authority_end,
-            soa_index,
-            soa_minimum,
-            answers_qtype,
-            span_min if authority_end else 0,
-            low if high >= 0 else 0,
-            high if high >= 0 else 0,
-        ),
+    return (
+        body,
+        data[3] & 0x0F,
+        bool(data[2] & _TC),
+        ancount,
+        tuple(offsets),
+        tuple(ttls),
+        authority_end,
+        soa_index,
+        soa_minimum,
+        answers_qtype,
+        span_min if authority_end else 0,
+        low if high >= 0 else 0,
+        high if high >= 0 else 0,
     )
 
 
@@ -576,11 +602,11 @@ def reply_matches(reply: bytes, query_id: bytes, question: bytes) -> bool:
     """
     if len(reply) < HEADER_LEN + len(question) or not reply[2] & _QR:
         return False
-    if reply[4] or reply[5] != 1 or not reply.startswith(query_id):
+    if reply[4] or reply[5] != 1 or (query_id and not reply.startswith(query_id)):
         return False
-    if reply.startswith(question, HEADER_LEN):
-        return True  # the question echoed byte for byte, as servers do
     name_end_ = HEADER_LEN + len(question) - 4
+    if reply[HEADER_LEN : name_end_ + 4] == question:
+        return True  # the question echoed byte for byte, as servers do
     return (
         reply[HEADER_LEN:name_end_].lower() == question[:-4].lower()
         and reply[name_end_ : name_end_ + 4] == question[-4:]

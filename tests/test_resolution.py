@@ -54,7 +54,7 @@ def resolution(z: Zone[ServerState], now: float = 0.0) -> Resolution[ServerState
 
 def reply(r: Resolution[ServerState], rcode: int = dns.rcode.NOERROR) -> bytes:
     """The server's reply to the query ``r`` sends upstream."""
-    query = dns.message.from_wire(r.query)
+    query = dns.message.from_wire(r.wire)
     if rcode == dns.rcode.NOERROR:
         answer = [rrset("www.example.", 300, "A", "169.254.1.1")]
         return reply_to(query, answer).to_wire()
@@ -112,7 +112,7 @@ def test_servers_marked_down_go_last_under_every_policy(policy: Policy) -> None:
 
 def test_each_try_is_bounded_by_the_try_timeout_and_the_deadline() -> None:
     r = resolution(zone(3, try_timeout_s=1.0, deadline_s=2.5), now=10.0)
-    assert r.deadline == 12.5
+    assert r.ends_at == 12.5
     assert r.next_try(10.0) is not None and r.timeout_s == 1.0
     r.failed(False, 11.0)
     assert r.next_try(11.0) is not None and r.timeout_s == 1.0
@@ -145,7 +145,7 @@ def test_an_answer_ends_the_resolution_with_a_cacheable_entry() -> None:
 def test_nxdomain_is_an_answer_too() -> None:
     r = resolution(zone(2))
     r.next_try(0.0)
-    query = dns.message.from_wire(r.query)
+    query = dns.message.from_wire(r.wire)
     soa = rrset("example.", 300, "SOA", "ns.example. h.example. 1 2 3 4 60")
     nx = reply_to(query, authority=[soa], rcode=dns.rcode.NXDOMAIN).to_wire()
     outcome = r.answered(nx, 0.1)

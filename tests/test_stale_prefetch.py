@@ -235,7 +235,7 @@ def test_the_client_response_timer_hands_out_the_stale_answer_and_tries_go_on() 
     assert stale is not None and stale.ttls == (STALE_TTL_S,)
     assert r.timer() is None and r.handle_timer(NOW + 62) is None, "once"
     # The refresh still counts: a fresh answer ends the resolution as usual.
-    upstream = dns.message.from_wire(r.query)
+    upstream = dns.message.from_wire(r.wire)
     fresh = reply_to(upstream, [rrset("www.example.", 5, "A", "169.254.1.2")]).to_wire()
     outcome = r.answered(fresh, NOW + 62.5)
     assert outcome is not None and outcome[1] and outcome[0].kind == POSITIVE
@@ -261,7 +261,7 @@ def test_an_upstream_servfail_gives_way_to_the_stale_answer() -> None:
     z = zone()
     r = resolution(z, entry_for(5), NOW + 60)
     r.next_try(NOW + 60)
-    upstream = dns.message.from_wire(r.query)
+    upstream = dns.message.from_wire(r.wire)
     servfail = reply_to(upstream, rcode=dns.rcode.SERVFAIL).to_wire()
     assert r.answered(servfail, NOW + 60.1) is None
     r.next_try(NOW + 60.1)

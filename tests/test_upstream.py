@@ -33,6 +33,7 @@ from fakeupstream import (
 from dnsproxy.config import Transport, UpstreamConfig, UpstreamPoolConfig
 from dnsproxy.upstream import (
     AutoUpstream,
+    Callback,
     TcpUpstream,
     UdpUpstream,
     Upstream,
@@ -635,7 +636,7 @@ async def test_a_probe_connects_during_the_backoff_and_its_reply_lets_queries_co
             await up.query(query("www.example."), 2.0)  # the pool backs off ...
         outcome: asyncio.Future[tuple[bytes | None, UpstreamError | None]]
         outcome = asyncio.get_running_loop().create_future()
-        up.probe(query("."), 2.0, lambda reply, error: outcome.set_result((reply, error)))
+        up.probe(Callback(query("."), lambda reply, error: outcome.set_result((reply, error))), 2.0)
         reply, error = await outcome  # ... but the probe connects at once
         assert error is None and reply is not None
         assert server.tcp_connections == 3 and up.failed_connections == 0
