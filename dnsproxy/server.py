@@ -37,6 +37,7 @@ from dnsproxy.forwarder import Forwarder
 from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
 from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
 from dnsproxy.resolution import LatencyHistogram
+from dnsproxy.upstream import hold_writes, release_writes
 
 log: Final = logging.getLogger(__name__)
 qlog: Final = logging.getLogger("dnsproxy.query")
@@ -461,48 +462,57 @@ class _UdpListener:
         # the end, each with the whole batch's duration: an upper bound on its own time in
         # dnsproxy, for one more clock read per batch instead of two per query.
         answered = stats.udp_requests - stats.misses
-        # The hits' replies, sent together once the batch is read.
+        # The hits' replies, sent together once the batch is read; the misses' queries
+        # go upstream then too (one write per connection: upstream.hold_writes).
         replies: list[bytes] = []
         to: list[Any] = []
-        for data, addr in batch:
-            parsed = memo_get(data[2:])
-            if parsed is not None:
-                key, qend, edns, limit, hi, ti, mode, qtype = parsed
-                entry = store_get(key)
-                if entry is not None and entry.expires_at > now and (acl is None or acl[addr[0]]):
-                    touch(key)
-                    stats.udp_requests += 1
-                    hits[entry.kind] += 1
-                    entry.hits += 1
-                    qtypes[qtype] += 1
-                    rcodes[entry.rcode] += 1
-                    age = int(now - entry.stored_at)
-                    prepared = (
-                        entry.prepared if entry.age == age else entry.prepare(age, qend, h.opts)
-                    )
-                    head = prepared[hi]
-                    if mode == 0 or (mode == 1 and not head[1] & 0x20):
-                        if splice is not None:
-                            reply = splice(data, head, qend, prepared[ti])
+        hold_writes()
+        try:
+            for data, addr in batch:
+                parsed = memo_get(data[2:])
+                if parsed is not None:
+                    key, qend, edns, limit, hi, ti, mode, qtype = parsed
+                    entry = store_get(key)
+                    if (
+                        entry is not None
+                        and entry.expires_at > now
+                        and (acl is None or acl[addr[0]])
+                    ):
+                        touch(key)
+                        stats.udp_requests += 1
+                        hits[entry.kind] += 1
+                        entry.hits += 1
+                        qtypes[qtype] += 1
+                        rcodes[entry.rcode] += 1
+                        age = int(now - entry.stored_at)
+                        prepared = (
+                            entry.prepared if entry.age == age else entry.prepare(age, qend, h.opts)
+                        )
+                        head = prepared[hi]
+                        if mode == 0 or (mode == 1 and not head[1] & 0x20):
+                            if splice is not None:
+                                reply = splice(data, head, qend, prepared[ti])
+                            else:
+                                reply = join((data[:2], head, data[12:qend], prepared[ti]))
+                            if len(reply) > limit:
+                                reply = entry.truncate(reply, qend, edns, limit)
                         else:
-                            reply = join((data[:2], head, data[12:qend], prepared[ti]))
-                        if len(reply) > limit:
-                            reply = entry.truncate(reply, qend, edns, limit)
-                    else:
-                        reply = wire.splice(prepared, data, qend, edns)
-                        if len(reply) > limit:
-                            reply = entry.truncate(reply, qend, edns, limit)
-                    replies.append(reply)
-                    to.append(addr)
-                    if h.log_queries:
-                        h.log_query(addr, "udp", key, entry.rcode, monotonic() - now)
-                    continue
-            try:
-                h.serve(data, parsed, addr, False, self.send, self._deliver)
-            except Exception:
-                # A bug must cost one query, not the rest of the batch or the listener.
-                _count(stats.dropped, "internal_error")
-                log.exception("query from %s failed", addr)
+                            reply = wire.splice(prepared, data, qend, edns)
+                            if len(reply) > limit:
+                                reply = entry.truncate(reply, qend, edns, limit)
+                        replies.append(reply)
+                        to.append(addr)
+                        if h.log_queries:
+                            h.log_query(addr, "udp", key, entry.rcode, monotonic() - now)
+                        continue
+                try:
+                    h.serve(data, parsed, addr, False, self.send, self._deliver)
+                except Exception:
+                    # A bug must cost one query, not the rest of the batch or the listener.
+                    _count(stats.dropped, "internal_error")
+                    log.exception("query from %s failed", addr)
+        finally:
+            release_writes()
         if replies:
             failed = self.send_many(replies, to)
             if failed is not None:

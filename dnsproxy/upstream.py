@@ -532,12 +532,42 @@ class TcpUpstream(Upstream):
             await asyncio.wait(lost, timeout=1.0)
 
 
+class _WriteBatch:
+    """Upstream connections with frames queued while a client read batch runs (see
+    :func:`hold_writes`): written when it ends instead of from a loop callback each."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.connections: list[_UpstreamConnection] = []
+
+
+_WRITES: Final = _WriteBatch()
+
+
+def hold_writes() -> None:
+    """Queue upstream writes until :func:`release_writes`, which the caller must call
+    (a UDP listener around one read batch). Below saturation a batch holds one or two
+    misses, and a loop callback per miss to write its query costs more than the write."""
+    _WRITES.open = True
+
+
+def release_writes() -> None:
+    """Write what was queued since :func:`hold_writes`, one write per connection."""
+    batch = _WRITES
+    batch.open = False
+    if batch.connections:
+        connections = batch.connections
+        batch.connections = []
+        for conn in connections:
+            conn._flush()
+
+
 class _UpstreamConnection(asyncio.Protocol):
     """The asyncio side of one pipelined upstream connection.
 
     Moves bytes between a transport and its :class:`PipelinedConnection`, arms the one
     timer the pipeline asks for, and tells the pool about what the pipeline finished.
-    Frames queued in one loop iteration go out in one write.
+    Frames queued in one loop iteration (or one client read batch) go out in one write.
     """
 
     def __init__(self, owner: TcpUpstream, loop: asyncio.AbstractEventLoop, now: float) -> None:
@@ -558,6 +588,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None
+        self._held = False  # in _WRITES.connections: written when the read batch ends
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = NEVER  # when _timer fires; never later than pipeline.timer()
         self._down = False  # forgotten by the pool; the transport is closing or gone
@@ -567,8 +598,12 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def send(self, request: PendingQuery, now: float) -> None:
         self.pipeline.send(request, now)
-        if self._transport is not None and self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self._flush)
+        if self._transport is not None and self._flush_handle is None and not self._held:
+            if _WRITES.open:
+                self._held = True
+                _WRITES.connections.append(self)
+            else:
+                self._flush_handle = self.loop.call_soon(self._flush)
         if request.deadline < self._timer_at:
             # A new query can only bring the pipeline's timer forward to its deadline.
             self._arm_at(request.deadline)
@@ -673,6 +708,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._held = False
         if self._transport is not None and not self._down:
             data = self.pipeline.data_to_send()
             if data:
