@@ -16,7 +16,6 @@ import os
 import socket
 import struct
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
 from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
-from dnsproxy.resolution import LatencyHistogram
+from dnsproxy.resolution import LatencyHistogram, bucket
 from dnsproxy.upstream import hold_writes, release_writes
 
 log: Final = logging.getLogger(__name__)
@@ -315,7 +314,7 @@ class _Handler:
         reply = entry.answer_once(data, qend, edns, now, limit, self.opts)
         # LatencyHistogram.observe inlined: this runs for every miss.
         durations = self.durations
-        durations.counts[bisect_left(durations.bounds, now - started)] += 1
+        durations.counts[bucket(durations.bounds, now - started)] += 1
         durations.total_s += now - started
         if self.log_queries:
             upstream = self.forwarder.answering
