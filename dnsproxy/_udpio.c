@@ -1,4 +1,5 @@
-/* dnsproxy._udpio: batched UDP reads and writes for the listeners (Linux).
+/* dnsproxy._udpio: batched UDP reads and writes for the listeners (Linux), and the two
+ * byte-copying steps of a cache hit (splice, aged_prepare).
  *
  * Python's socket module reads and writes one datagram per system call and builds a
  * new address tuple for every datagram read; on a cache hit those two calls and their
@@ -28,6 +29,11 @@
  *       lists are not lists of bytes.
  *   send_to(fd, reply, address) -> int
  *       One reply: 0 when sent, else the errno.
+ *   splice(query, head, qend, tail) -> bytes
+ *       query[:2] + head + query[12:qend] + tail, in one allocation.
+ *   aged_prepare(body, offsets, ttls, age, qend, plain_opt, do_opt) -> tuple
+ *       dnsproxy.wire.prepare(dnsproxy.wire.aged(...)) in one pass: a stored reply cut
+ *       for splicing, its TTLs lowered by age.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -493,11 +499,126 @@ splice(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* A new bytes of a + b. */
+static PyObject *
+concat(const char *a, Py_ssize_t alen, PyObject *b)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, alen + PyBytes_GET_SIZE(b));
+    if (out == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(out), a, (size_t)alen);
+    memcpy(PyBytes_AS_STRING(out) + alen, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+    return out;
+}
+
+static PyObject *
+aged_prepare(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *body, *offsets, *ttls, *plain, *dobit, *head = NULL, *head_opt = NULL;
+    PyObject *tail = NULL, *tail_plain = NULL, *tail_do = NULL, *result;
+    Py_ssize_t blen, qend, n, i;
+    long age;
+    unsigned char *t;
+    unsigned arcount;
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "aged_prepare(body, offsets, ttls, age, qend, plain_opt, do_opt)");
+        return NULL;
+    }
+    body = args[0];
+    offsets = args[1];
+    ttls = args[2];
+    plain = args[5];
+    dobit = args[6];
+    if (!PyBytes_CheckExact(body) || !PyBytes_CheckExact(plain) || !PyBytes_CheckExact(dobit) ||
+        !PyTuple_CheckExact(offsets) || !PyTuple_CheckExact(ttls) ||
+        !PyLong_CheckExact(args[3]) || !PyLong_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "aged_prepare: bytes, tuple, tuple, int, int, bytes, bytes");
+        return NULL;
+    }
+    age = PyLong_AsLong(args[3]);
+    qend = PyLong_AsSsize_t(args[4]);
+    if ((age == -1 || qend == -1) && PyErr_Occurred())
+        return NULL;
+    blen = PyBytes_GET_SIZE(body);
+    n = PyTuple_GET_SIZE(offsets);
+    if (qend < 12 || qend > blen || PyTuple_GET_SIZE(ttls) != n) {
+        PyErr_SetString(PyExc_ValueError, "aged_prepare: qend or TTL offsets do not fit the reply");
+        return NULL;
+    }
+    head = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + 2, 10);
+    if (head == NULL)
+        goto fail;
+    head_opt = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + 2, 10);
+    if (head_opt == NULL)
+        goto fail;
+    /* ARCOUNT (octets 10-11 of the header, 8-9 of head) counts our OPT record too. */
+    t = (unsigned char *)PyBytes_AS_STRING(head_opt);
+    arcount = (((unsigned)t[8] << 8) | t[9]) + 1;
+    t[8] = (unsigned char)((arcount >> 8) & 0xFF);
+    t[9] = (unsigned char)(arcount & 0xFF);
+    tail = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + qend, blen - qend);
+    if (tail == NULL)
+        goto fail;
+    if (age > 0) {
+        t = (unsigned char *)PyBytes_AS_STRING(tail);
+        for (i = 0; i < n; i++) {
+            PyObject *o = PyTuple_GET_ITEM(offsets, i), *v = PyTuple_GET_ITEM(ttls, i);
+            Py_ssize_t off;
+            long ttl;
+            if (!PyLong_CheckExact(o) || !PyLong_CheckExact(v)) {
+                PyErr_SetString(PyExc_TypeError, "aged_prepare: offsets and TTLs are ints");
+                goto fail;
+            }
+            off = PyLong_AsSsize_t(o);
+            ttl = PyLong_AsLong(v);
+            if ((off == -1 || ttl == -1) && PyErr_Occurred())
+                goto fail;
+            if (off < qend || off > blen - 4) {
+                PyErr_SetString(PyExc_ValueError, "aged_prepare: a TTL offset outside the answer");
+                goto fail;
+            }
+            ttl = ttl > age ? ttl - age : 0;
+            off -= qend;
+            t[off] = (unsigned char)((ttl >> 24) & 0xFF);
+            t[off + 1] = (unsigned char)((ttl >> 16) & 0xFF);
+            t[off + 2] = (unsigned char)((ttl >> 8) & 0xFF);
+            t[off + 3] = (unsigned char)(ttl & 0xFF);
+        }
+    }
+    tail_plain = concat(PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail), plain);
+    if (tail_plain == NULL)
+        goto fail;
+    tail_do = concat(PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail), dobit);
+    if (tail_do == NULL)
+        goto fail;
+    result = PyTuple_New(5);
+    if (result == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(result, 0, head); /* each reference moves into the tuple */
+    PyTuple_SET_ITEM(result, 1, head_opt);
+    PyTuple_SET_ITEM(result, 2, tail);
+    PyTuple_SET_ITEM(result, 3, tail_plain);
+    PyTuple_SET_ITEM(result, 4, tail_do);
+    return result;
+fail:
+    Py_XDECREF(head);
+    Py_XDECREF(head_opt);
+    Py_XDECREF(tail);
+    Py_XDECREF(tail_plain);
+    Py_XDECREF(tail_do);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,
      "recv_batch(fd, count) -> list of (data, address): up to count datagrams, [] if none."},
     {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL,
      "send_batch(fd, replies, addresses) -> None, or (buffer_full, failed) counts."},
+    {"aged_prepare", (PyCFunction)(void (*)(void))aged_prepare, METH_FASTCALL,
+     "aged_prepare(body, offsets, ttls, age, qend, plain_opt, do_opt) -> the 5 parts of "
+     "dnsproxy.wire.prepare(dnsproxy.wire.aged(body, offsets, ttls, age), qend, opts)."},
     {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
      "splice(query, head, qend, tail) -> query[:2] + head + query[12:qend] + tail."},
     {"send_to", (PyCFunction)(void (*)(void))send_to, METH_FASTCALL,

@@ -10,3 +10,13 @@ def send_batch(
 ) -> tuple[int, int] | None: ...
 def send_to(fd: int, reply: bytes, address: Any, /) -> int: ...
 def splice(query: bytes, head: bytes, qend: int, tail: bytes, /) -> bytes: ...
+def aged_prepare(
+    body: bytes,
+    offsets: tuple[int, ...],
+    ttls: tuple[int, ...],
+    age: int,
+    qend: int,
+    plain_opt: bytes,
+    do_opt: bytes,
+    /,
+) -> tuple[bytes, bytes, bytes, bytes, bytes]: ...

@@ -110,7 +110,7 @@ class Entry:
         records ``opts``; kept until the age changes (the hit path does this once a second
         at most). Entering the last tenth of the TTL, see whether a refresh is due."""
         self.age = age
-        self.prepared = wire.prepare(wire.aged(self.body, self.offsets, self.ttls, age), qend, opts)
+        self.prepared = wire.aged_prepare(self.body, self.offsets, self.ttls, age, qend, opts)
         if age >= self.refresh_age:
             self._refresh_due()
         return self.prepared

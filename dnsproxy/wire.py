@@ -693,6 +693,31 @@ def prepare(body: bytes, qend: int, opts: Opts) -> Prepared:
     return head, head_opt, tail, tail + plain, tail + do
 
 
+def _native_aged_prepare() -> Callable[..., Prepared] | None:
+    """The compiled build's C version of :func:`aged_prepare` (``dnsproxy._udpio``)."""
+    try:
+        from dnsproxy._udpio import aged_prepare as native
+    except ImportError:
+        return None
+    return native
+
+
+_NATIVE_AGED_PREPARE: Final = _native_aged_prepare()
+
+
+def aged_prepare(
+    body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...], age: int, qend: int, opts: Opts
+) -> Prepared:
+    """``prepare(aged(body, offsets, ttls, age), qend, opts)``: in C, in one pass and with
+    no intermediate copy, where the compiled build has it (each cached entry asked for is
+    re-cut once a second it is asked; in the Kubernetes mix, with its 5 s TTLs, that was
+    9 % of a query)."""
+    native = _NATIVE_AGED_PREPARE
+    if native is not None:
+        return native(body, offsets, ttls, age, qend, opts[0], opts[1])
+    return prepare(aged(body, offsets, ttls, age), qend, opts)
+
+
 def splice(prepared: Prepared, query: bytes, qend: int, edns: int) -> bytes:
     """A prepared reply answered to ``query``, whole (the caller cuts it to the client's
     size: :func:`truncate`).

@@ -25,7 +25,7 @@ from conftest import proxy_with
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dnsproxy import server
+from dnsproxy import server, wire
 
 
 @dataclass
@@ -299,6 +299,52 @@ def test_c_splice_is_the_join_it_replaces(
     qend = data.draw(st.integers(12, len(query)))
     expected = b"".join((query[:2], head, query[12:qend], tail))
     assert module.splice(query, head, qend, tail) == expected
+
+
+@given(
+    records=st.lists(st.tuples(st.binary(max_size=12), st.integers(0, 2**31 - 1)), max_size=8),
+    question=st.binary(max_size=40),
+    header=st.binary(min_size=12, max_size=12),
+    age=st.integers(-5, 2**31),
+    opts=st.tuples(st.binary(max_size=11), st.binary(max_size=11)),
+)
+def test_c_aged_prepare_is_the_python_it_replaces(
+    records: list[tuple[bytes, int]],
+    question: bytes,
+    header: bytes,
+    age: int,
+    opts: tuple[bytes, bytes],
+) -> None:
+    # A stored reply: header, question, then records whose TTL fields are at known
+    # offsets, each after some bytes of its own (name, type, class).
+    module = _c_module()
+    if module is None:
+        pytest.skip("dnsproxy._udpio is not built (the compiled build: make compiled)")
+    body = bytearray(header + question)
+    qend = len(body)
+    offsets, ttls = [], []
+    for prefix, ttl in records:
+        body += prefix
+        offsets.append(len(body))
+        body += ttl.to_bytes(4, "big") + b"\x00\x04\xa9\xfe\x01\x01"
+        ttls.append(ttl)
+    stored = bytes(body)
+    expected = wire.prepare(wire.aged(stored, tuple(offsets), tuple(ttls), age), qend, opts)
+    got = module.aged_prepare(stored, tuple(offsets), tuple(ttls), age, qend, *opts)
+    assert got == expected
+
+
+def test_c_aged_prepare_refuses_offsets_outside_the_answer() -> None:
+    module = _c_module()
+    if module is None:
+        pytest.skip("dnsproxy._udpio is not built (the compiled build: make compiled)")
+    body = bytes(12) + b"q" * 5 + bytes(10)
+    with pytest.raises(ValueError, match="offset"):
+        module.aged_prepare(body, (14,), (60,), 1, 17, b"", b"")  # inside the question
+    with pytest.raises(ValueError, match="offset"):
+        module.aged_prepare(body, (25,), (60,), 1, 17, b"", b"")  # past the end
+    with pytest.raises(ValueError):
+        module.aged_prepare(body, (17,), (), 1, 17, b"", b"")
 
 
 def test_c_splice_refuses_what_is_not_a_query() -> None:
