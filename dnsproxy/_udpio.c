@@ -543,30 +543,28 @@ aged_prepare(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     blen = PyBytes_GET_SIZE(body);
     n = PyTuple_GET_SIZE(offsets);
-    if (qend < 12 || qend > blen || PyTuple_GET_SIZE(ttls) != n) {
+    if (qend < 12 || blen < 12 || PyTuple_GET_SIZE(ttls) != n) {
         PyErr_SetString(PyExc_ValueError, "aged_prepare: qend or TTL offsets do not fit the reply");
         return NULL;
     }
     head = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + 2, 10);
     if (head == NULL)
         goto fail;
-    head_opt = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + 2, 10);
-    if (head_opt == NULL)
-        goto fail;
-    /* ARCOUNT (octets 10-11 of the header, 8-9 of head) counts our OPT record too. */
-    t = (unsigned char *)PyBytes_AS_STRING(head_opt);
-    arcount = (((unsigned)t[8] << 8) | t[9]) + 1;
-    t[8] = (unsigned char)((arcount >> 8) & 0xFF);
-    t[9] = (unsigned char)(arcount & 0xFF);
-    tail = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + qend, blen - qend);
+    /* body[qend:], empty when qend is past the end (as Python slices). */
+    tail = PyBytes_FromStringAndSize(PyBytes_AS_STRING(body) + (qend < blen ? qend : blen),
+                                     qend < blen ? blen - qend : 0);
     if (tail == NULL)
         goto fail;
     if (age > 0) {
+        /* As wire.aged on the whole body, then cut: a TTL field lands in the tail (where
+         * every record's is) or in the header octets the head keeps. */
+        unsigned char *h = (unsigned char *)PyBytes_AS_STRING(head);
         t = (unsigned char *)PyBytes_AS_STRING(tail);
         for (i = 0; i < n; i++) {
             PyObject *o = PyTuple_GET_ITEM(offsets, i), *v = PyTuple_GET_ITEM(ttls, i);
-            Py_ssize_t off;
+            Py_ssize_t off, p;
             long ttl;
+            int k;
             if (!PyLong_CheckExact(o) || !PyLong_CheckExact(v)) {
                 PyErr_SetString(PyExc_TypeError, "aged_prepare: offsets and TTLs are ints");
                 goto fail;
@@ -575,18 +573,29 @@ aged_prepare(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             ttl = PyLong_AsLong(v);
             if ((off == -1 || ttl == -1) && PyErr_Occurred())
                 goto fail;
-            if (off < qend || off > blen - 4) {
-                PyErr_SetString(PyExc_ValueError, "aged_prepare: a TTL offset outside the answer");
+            if (off < 0 || off > blen - 4) {
+                PyErr_SetString(PyExc_ValueError, "aged_prepare: a TTL offset outside the reply");
                 goto fail;
             }
             ttl = ttl > age ? ttl - age : 0;
-            off -= qend;
-            t[off] = (unsigned char)((ttl >> 24) & 0xFF);
-            t[off + 1] = (unsigned char)((ttl >> 16) & 0xFF);
-            t[off + 2] = (unsigned char)((ttl >> 8) & 0xFF);
-            t[off + 3] = (unsigned char)(ttl & 0xFF);
+            for (k = 0; k < 4; k++) {
+                unsigned char octet = (unsigned char)((ttl >> (24 - 8 * k)) & 0xFF);
+                p = off + k;
+                if (p >= qend)
+                    t[p - qend] = octet;
+                else if (p >= 2 && p < 12)
+                    h[p - 2] = octet;
+            }
         }
     }
+    head_opt = PyBytes_FromStringAndSize(PyBytes_AS_STRING(head), 10);
+    if (head_opt == NULL)
+        goto fail;
+    /* ARCOUNT (octets 10-11 of the header, 8-9 of head) counts our OPT record too. */
+    t = (unsigned char *)PyBytes_AS_STRING(head_opt);
+    arcount = (((unsigned)t[8] << 8) | t[9]) + 1;
+    t[8] = (unsigned char)((arcount >> 8) & 0xFF);
+    t[9] = (unsigned char)(arcount & 0xFF);
     tail_plain = concat(PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail), plain);
     if (tail_plain == NULL)
         goto fail;
