@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from importlib.machinery import ExtensionFileLoader
+import importlib.util
+import sys
+from importlib.machinery import ExtensionFileLoader, PathFinder
+from types import ModuleType
 
 # The one place the version is written: pyproject.toml reads it for the package metadata,
 # and `dnsproxy --version` and the dnsproxy_build_info metric show it.
@@ -25,8 +28,28 @@ NATIVE_MODULES = (
 NATIVE_EXTENSIONS = ("_udpio",)
 
 
+def native_extension(name: str) -> ModuleType | None:
+    """The C extension ``dnsproxy.<name>`` from this package's own directory, or None.
+
+    Looked up in the package's directory only: an editable install's import hook would
+    otherwise hand a copy of the pure-Python sources (a benchmark's, say) the checkout's
+    compiled extension."""
+    full = f"{__name__}.{name}"
+    module = sys.modules.get(full)
+    if module is None:
+        spec = PathFinder.find_spec(full, __path__)
+        if spec is None or not isinstance(spec.loader, ExtensionFileLoader):
+            return None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+    return module
+
+
 def _extension(name: str) -> bool:
     """Whether ``dnsproxy.<name>`` is importable and loaded from a compiled extension."""
+    if name in NATIVE_EXTENSIONS:
+        return native_extension(name) is not None
     try:
         module = importlib.import_module(f"dnsproxy.{name}")
     except ImportError:

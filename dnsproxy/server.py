@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import ipaddress
 import logging
 import os
@@ -29,7 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dnsproxy import wire
+from dnsproxy import native_extension, wire
 from dnsproxy.cache import Cache, Entry
 from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
@@ -583,9 +582,8 @@ class _UdpListener:
 def _load_udpio() -> Any:
     """The compiled build's ``dnsproxy._udpio`` (batched reads and writes), or None (also
     when it was built for other batch limits than this module's)."""
-    try:
-        module = importlib.import_module("dnsproxy._udpio")
-    except ImportError:
+    module: Any = native_extension("_udpio")
+    if module is None:
         return None
     if module.SIZE_MAX != _UDP_MAX_QUERY or module.BATCH_MAX < _UDP_BATCH:
         log.warning("dnsproxy._udpio does not match this build; reading with recvfrom")

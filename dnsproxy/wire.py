@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import dnslib
 
@@ -695,10 +695,12 @@ def prepare(body: bytes, qend: int, opts: Opts) -> Prepared:
 
 def _native_aged_prepare() -> Callable[..., Prepared] | None:
     """The compiled build's C version of :func:`aged_prepare` (``dnsproxy._udpio``)."""
-    try:
-        from dnsproxy._udpio import aged_prepare as native
-    except ImportError:
+    from dnsproxy import native_extension  # the package's __init__, loaded before wire
+
+    module: Any = native_extension("_udpio")
+    if module is None:
         return None
+    native: Callable[..., Prepared] = module.aged_prepare
     return native
 
 

@@ -25,6 +25,7 @@ from conftest import proxy_with
 from hypothesis import given
 from hypothesis import strategies as st
 
+import dnsproxy
 from dnsproxy import server, wire
 
 
@@ -55,11 +56,7 @@ class Impl:
 
 
 def _c_module() -> Any:
-    try:
-        from dnsproxy import _udpio
-    except ImportError:
-        return None
-    return _udpio
+    return dnsproxy.native_extension("_udpio")
 
 
 @pytest.fixture(params=["c", "python"])
