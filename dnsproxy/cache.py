@@ -319,7 +319,7 @@ class Cache:
 
     def get_nxdomain(self, key: bytes, now: float) -> Entry | None:
         """A live bare NXDOMAIN for the name of question ``key``, whatever its type."""
-        return self.get(key[:-5] + key[-3:], now)  # nxdomain_key, inlined: every miss
+        return self.get(nxdomain_key(key), now)
 
     def put(self, key: bytes, entry: Entry, now: float) -> bool:
         """Store ``entry``; a SERVFAIL never replaces a live answer. True if stored."""

@@ -167,6 +167,26 @@ class _Question(Resolution[_Server]):
     prefetch: bool  # a refresh nobody waits for
     stale_answer: Entry | None  # sent at the client-response timer; later joiners get it too
 
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        key: bytes,
+        question: bytes,
+        zone: Zone[_Server],
+        now: float,
+        waiters: list[Deliver],
+        *,
+        prefetch: bool = False,
+        stale: Entry | None = None,
+    ) -> None:
+        Resolution.__init__(self, key, question, zone, now, stale)
+        self.forwarder = forwarder
+        self.waiters = waiters
+        self.request = None
+        self.done = False
+        self.prefetch = prefetch
+        self.stale_answer = None
+
     def upstream_done(self, reply: bytes | None, error: UpstreamError | None, now: float) -> None:
         """The outcome of the try in flight: the answer for the waiters (cached when it
         may be), or the next try. Here rather than in the forwarder: one call less per
@@ -419,13 +439,7 @@ class Forwarder:
             return
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        q = _Question(key, query[wire.HEADER_LEN : qend], zone, now, stale)
-        q.forwarder = self
-        q.waiters = [deliver]
-        q.request = None
-        q.done = False
-        q.prefetch = False
-        q.stale_answer = None
+        q = _Question(self, key, query[wire.HEADER_LEN : qend], zone, now, [deliver], stale=stale)
         self._inflight[key] = q
         if stale is not None:
             self._stale_due[key] = q
@@ -615,13 +629,7 @@ class Forwarder:
                 question = body[wire.HEADER_LEN : wire.question_end(body)]
             except wire.WireError:
                 continue
-            q = _Question(key, question, zone, now)
-            q.forwarder = self
-            q.waiters = []
-            q.request = None
-            q.done = False
-            q.prefetch = True
-            q.stale_answer = None
+            q = _Question(self, key, question, zone, now, [], prefetch=True)
             self._inflight[key] = q
             self._prefetching += 1
             self.stats.prefetches += 1

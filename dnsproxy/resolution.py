@@ -66,7 +66,7 @@ TRY_NEXT_RCODES: Final = frozenset((wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wi
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def bucket(bounds: tuple[float, ...], seconds: float) -> int:
+def _bucket(bounds: tuple[float, ...], seconds: float) -> int:
     """``bisect_left(bounds, seconds)``, by hand: most durations fall in the first bucket
     or two, and the compiled build runs this loop on unboxed floats, where bisect is a
     generic call with an object comparison per step (1,300 instructions a call)."""
@@ -93,12 +93,12 @@ class LatencyHistogram:
         self.total_s = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bucket(self.bounds, seconds)] += 1
+        self.counts[_bucket(self.bounds, seconds)] += 1
         self.total_s += seconds
 
     def observe_many(self, seconds: float, n: int) -> None:
         """Record ``n`` observations of the same duration (one batch of queries)."""
-        self.counts[bucket(self.bounds, seconds)] += n
+        self.counts[_bucket(self.bounds, seconds)] += n
         self.total_s += seconds * n
 
 
@@ -399,11 +399,7 @@ class Resolution(PendingQuery, Generic[S]):
         """
         server = self.server
         assert server is not None
-        # LatencyHistogram.observe inlined: this runs for every miss.
-        latency = server.latency
-        seconds = now - self.started
-        latency.counts[bucket(latency.bounds, seconds)] += 1
-        latency.total_s += seconds
+        server.latency.observe(now - self.started)
         # The upstream checked that the reply's question is ours.
         info = wire.walk_response(reply, wire.HEADER_LEN + len(self.question))
         # Well formed, whatever the rcode: the server is serving.

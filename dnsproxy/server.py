@@ -34,7 +34,7 @@ from dnsproxy.config_types import Config, HostPort, IPNetwork
 from dnsproxy.forwarder import Forwarder
 from dnsproxy.framing import NEVER, FrameError, FrameReader, frame
 from dnsproxy.metrics import buckets, by_reason, qtype_name, rcode_name
-from dnsproxy.resolution import LatencyHistogram, bucket
+from dnsproxy.resolution import LatencyHistogram
 from dnsproxy.upstream import hold_writes, release_writes
 
 log: Final = logging.getLogger(__name__)
@@ -311,10 +311,7 @@ class _Handler:
         limit = _TCP_MAX_REPLY if tcp else wire.udp_limit(edns, self.max_udp)
         now = self.clock()
         reply = entry.answer_once(data, qend, edns, now, limit, self.opts)
-        # LatencyHistogram.observe inlined: this runs for every miss.
-        durations = self.durations
-        durations.counts[bucket(durations.bounds, now - started)] += 1
-        durations.total_s += now - started
+        self.durations.observe(now - started)
         if self.log_queries:
             upstream = self.forwarder.answering
             proto = "tcp" if tcp else "udp"

@@ -15,6 +15,7 @@ from typing import Any, Final, NamedTuple
 
 import dnslib
 
+from dnsproxy import native_extension
 from dnsproxy.errors import DnsproxyError
 
 HEADER_LEN: Final = 12
@@ -693,18 +694,11 @@ def prepare(body: bytes, qend: int, opts: Opts) -> Prepared:
     return head, head_opt, tail, tail + plain, tail + do
 
 
-def _native_aged_prepare() -> Callable[..., Prepared] | None:
-    """The compiled build's C version of :func:`aged_prepare` (``dnsproxy._udpio``)."""
-    from dnsproxy import native_extension  # the package's __init__, loaded before wire
-
-    module: Any = native_extension("_udpio")
-    if module is None:
-        return None
-    native: Callable[..., Prepared] = module.aged_prepare
-    return native
-
-
-_NATIVE_AGED_PREPARE: Final = _native_aged_prepare()
+# The compiled build's C extension (its aged_prepare), or None.
+_UDPIO: Final[Any] = native_extension("_udpio")
+_NATIVE_AGED_PREPARE: Final[Callable[..., Prepared] | None] = (
+    None if _UDPIO is None else _UDPIO.aged_prepare
+)
 
 
 def aged_prepare(
